@@ -1,0 +1,5 @@
+//! flow-opd: post-training of flow-matching text-to-image models (SD3.5-Medium's MMDiT first)
+//! with Flow-OPD, on Burn. See `README.md` for the map.
+
+pub mod device;
+pub mod model;

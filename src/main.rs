@@ -1,0 +1,179 @@
+//! The `flow-opd` command line.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use burn::tensor::backend::Backend;
+use clap::{Args, Parser, Subcommand};
+
+use flow_opd::device::{BackendTask, DeviceSpec, dispatch};
+use flow_opd::model::MmditConfig;
+use flow_opd::model::forward_io::forward_file;
+use flow_opd::model::weights::{Layout, ModelSource, SaveDtype, manifest, save_diffusers};
+
+#[derive(Parser)]
+#[command(name = "flow-opd", version, about = "Flow-OPD post-training for flow-matching text-to-image models")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Inspect, run and convert MMDiT transformers.
+    #[command(subcommand)]
+    Model(ModelCommand),
+}
+
+#[derive(Args, Clone)]
+struct ModelArgs {
+    /// A diffusers transformer folder (config.json + safetensors, single or sharded), a
+    /// pipeline folder with transformer/, or a single .safetensors file (Stability layout).
+    #[arg(long = "model", value_name = "PATH")]
+    path: PathBuf,
+    /// A config.json or a preset (sd3_medium, sd35_medium, tiny) overriding the model's own;
+    /// Stability single files get a config inferred from their shapes otherwise.
+    #[arg(long)]
+    config: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum ModelCommand {
+    /// Print the config, the parameter count and the stored dtypes of a model.
+    Info {
+        /// Model folder or file.
+        path: PathBuf,
+        /// A config.json or preset overriding the model's own.
+        #[arg(long)]
+        config: Option<String>,
+    },
+    /// Run one transformer forward: IN holds hidden_states, encoder_hidden_states,
+    /// pooled_projections and timestep (= 1000 sigma); OUT gets `sample`.
+    Forward {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long, value_name = "IN.safetensors")]
+        inputs: PathBuf,
+        #[arg(long, value_name = "OUT.safetensors")]
+        output: PathBuf,
+        /// cpu, wgpu[:N] or cuda[:N].
+        #[arg(long, default_value = "cpu")]
+        device: DeviceSpec,
+    },
+    /// Save a model as a diffusers transformer folder (config.json + safetensors) that
+    /// `SD3Transformer2DModel.from_pretrained` loads; converts Stability single files.
+    Export {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Output folder.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Storage dtype: f32, f16 or bf16.
+        #[arg(long, default_value = "f32")]
+        dtype: SaveDtype,
+    },
+}
+
+fn resolve_config(config: &Option<String>) -> Result<Option<MmditConfig>> {
+    let Some(config) = config else { return Ok(None) };
+    let path = Path::new(config);
+    if path.exists() {
+        Ok(Some(MmditConfig::from_file(path)?))
+    } else {
+        Ok(Some(MmditConfig::preset(config).with_context(|| format!("`{config}` is neither a file nor a preset"))?))
+    }
+}
+
+fn open(args: &ModelArgs) -> Result<ModelSource> {
+    Ok(ModelSource::open(&args.path, resolve_config(&args.config)?)?)
+}
+
+struct ForwardTask {
+    source: ModelSource,
+    inputs: PathBuf,
+    output: PathBuf,
+}
+
+impl BackendTask for ForwardTask {
+    type Output = Result<Vec<usize>>;
+    fn run<B: Backend>(self, device: B::Device) -> Self::Output {
+        let model = self.source.load::<B>(&device)?;
+        Ok(forward_file(&model, &self.inputs, &self.output, &device)?)
+    }
+}
+
+struct ExportTask {
+    source: ModelSource,
+    out: PathBuf,
+    dtype: SaveDtype,
+}
+
+impl BackendTask for ExportTask {
+    type Output = Result<()>;
+    fn run<B: Backend>(self, device: B::Device) -> Self::Output {
+        let model = self.source.load::<B>(&device)?;
+        Ok(save_diffusers(&model, &self.source.config, &self.out, self.dtype)?)
+    }
+}
+
+/// Counts the parameters of the model the config describes (built lazily: nothing is allocated).
+struct ManifestTask(MmditConfig);
+
+impl BackendTask for ManifestTask {
+    type Output = Vec<flow_opd::model::weights::ParamSpec>;
+    fn run<B: Backend>(self, device: B::Device) -> Self::Output {
+        manifest::<B, _>(&self.0.init::<B>(&device))
+    }
+}
+
+fn info(path: &Path, config: &Option<String>) -> Result<()> {
+    let source = ModelSource::open(path, resolve_config(config)?)?;
+    let specs = dispatch(first_compiled_device(), ManifestTask(source.config.clone()))?;
+    source.check_against(&specs)?;
+    let params: usize = specs.iter().map(|s| s.numel()).sum();
+    let layout = match source.layout {
+        Layout::Diffusers => "diffusers",
+        Layout::Stability => "Stability single file",
+    };
+    println!("model:      {}", source.origin.display());
+    println!("layout:     {layout} ({} file(s))", source.files.len());
+    println!("parameters: {params} values in {} tensors", specs.len());
+    for (dtype, count) in source.dtype_counts() {
+        println!("dtype:      {dtype} ({count} values)");
+    }
+    println!("config:\n{}", serde_json::to_string_pretty(&source.config)?);
+    Ok(())
+}
+
+fn first_compiled_device() -> DeviceSpec {
+    if cfg!(feature = "flex") {
+        DeviceSpec::Cpu
+    } else if cfg!(feature = "wgpu") {
+        DeviceSpec::Wgpu(None)
+    } else {
+        DeviceSpec::Cuda(0)
+    }
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Model(ModelCommand::Info { path, config }) => info(&path, &config),
+        Command::Model(ModelCommand::Forward { model, inputs, output, device }) => {
+            let source = open(&model)?;
+            let shape = dispatch(device, ForwardTask { source, inputs, output: output.clone() })??;
+            println!("wrote sample {shape:?} to {}", output.display());
+            Ok(())
+        }
+        Command::Model(ModelCommand::Export { model, out, dtype }) => {
+            let source = open(&model)?;
+            dispatch(first_compiled_device(), ExportTask { source, out: out.clone(), dtype })??;
+            println!("wrote {}", out.display());
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,161 @@
+//! The joint transformer block (with SD3.5's dual-attention variant and the context-pre-only
+//! last block), its adaptive LayerNorm modulations and the feed-forward.
+
+use burn::module::Module;
+use burn::nn::{Linear, LinearConfig};
+use burn::tensor::Tensor;
+use burn::tensor::activation::{gelu_approximate, silu};
+use burn::tensor::backend::Backend;
+
+use super::attention::{JointAttention, NORM_EPS, SelfAttention};
+
+/// LayerNorm over the last axis without affine parameters: `(x - mean) / sqrt(var + eps)`
+/// with the biased variance (PyTorch `LayerNorm(elementwise_affine=False)`).
+pub fn layer_norm<B: Backend>(x: Tensor<B, 3>, eps: f64) -> Tensor<B, 3> {
+    let (var, mean) = x.clone().var_mean_bias(2);
+    (x - mean) / (var + eps).sqrt()
+}
+
+/// `x * (1 + scale) + shift`, with `[B, D]` modulation broadcast over the tokens.
+pub fn modulate<B: Backend>(x: Tensor<B, 3>, shift: Tensor<B, 2>, scale: Tensor<B, 2>) -> Tensor<B, 3> {
+    x * (scale.unsqueeze_dim::<3>(1) + 1.0) + shift.unsqueeze_dim(1)
+}
+
+/// `gate * x` with a `[B, D]` gate broadcast over the tokens.
+fn gated<B: Backend>(gate: Tensor<B, 2>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    x * gate.unsqueeze_dim(1)
+}
+
+/// Adaptive modulation `Linear(SiLU(temb))` split into `chunks` vectors of width `D`.
+/// Chunk orders: AdaLN-Zero (6) `shift, scale, gate` for msa then mlp; SD3.5's
+/// `SD35AdaLayerNormZeroX` (9) adds `shift, scale, gate` for msa2; `AdaLayerNormContinuous`
+/// (2) is `scale, shift`.
+#[derive(Module, Debug)]
+pub struct AdaLnModulation<B: Backend> {
+    pub linear: Linear<B>,
+    pub chunks: usize,
+}
+
+impl<B: Backend> AdaLnModulation<B> {
+    pub fn new(dim: usize, chunks: usize, device: &B::Device) -> Self {
+        Self { linear: LinearConfig::new(dim, chunks * dim).init(device), chunks }
+    }
+
+    pub fn forward(&self, temb: Tensor<B, 2>) -> Vec<Tensor<B, 2>> {
+        self.linear.forward(silu(temb)).chunk(self.chunks, 1)
+    }
+
+    /// `AdaLayerNormContinuous`: `LayerNorm(x) * (1 + scale) + shift`, chunks `(scale, shift)`.
+    pub fn continuous(&self, x: Tensor<B, 3>, temb: Tensor<B, 2>) -> Tensor<B, 3> {
+        let mut chunks = self.forward(temb).into_iter();
+        let (scale, shift) = (chunks.next().unwrap(), chunks.next().unwrap());
+        modulate(layer_norm(x, NORM_EPS), shift, scale)
+    }
+}
+
+/// `net.2(GELU_tanh(net.0.proj(x)))`, hidden width `4 D` (diffusers `FeedForward` with
+/// `gelu-approximate`).
+#[derive(Module, Debug)]
+pub struct FeedForward<B: Backend> {
+    /// diffusers `net.0.proj`.
+    pub linear_in: Linear<B>,
+    /// diffusers `net.2`.
+    pub linear_out: Linear<B>,
+}
+
+impl<B: Backend> FeedForward<B> {
+    pub fn new(dim: usize, device: &B::Device) -> Self {
+        Self {
+            linear_in: LinearConfig::new(dim, 4 * dim).init(device),
+            linear_out: LinearConfig::new(4 * dim, dim).init(device),
+        }
+    }
+
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.linear_out.forward(gelu_approximate(self.linear_in.forward(x)))
+    }
+}
+
+/// One MMDiT block (diffusers `JointTransformerBlock`).
+///
+/// Image stream: `x += g_msa * Attn(mod(LN(x)))`, for dual blocks also
+/// `x += g_msa2 * Attn2(mod2(LN(x_in)))`, then `x += g_mlp * FF(mod(LN(x)))`. The text stream
+/// does the same with its own modulation and feed-forward, except in the last block
+/// (`context_pre_only`), which only contributes keys and values and returns no text.
+#[derive(Module, Debug)]
+pub struct JointBlock<B: Backend> {
+    /// Image-stream modulation: 6 chunks, or 9 for dual-attention blocks.
+    pub norm1: AdaLnModulation<B>,
+    /// Text-stream modulation: 6 chunks, or 2 (`AdaLayerNormContinuous`) if context-pre-only.
+    pub norm1_context: AdaLnModulation<B>,
+    pub attn: JointAttention<B>,
+    pub attn2: Option<SelfAttention<B>>,
+    pub ff: FeedForward<B>,
+    pub ff_context: Option<FeedForward<B>>,
+}
+
+impl<B: Backend> JointBlock<B> {
+    pub fn new(
+        heads: usize,
+        head_dim: usize,
+        qk_norm: bool,
+        dual_attention: bool,
+        context_pre_only: bool,
+        device: &B::Device,
+    ) -> Self {
+        let dim = heads * head_dim;
+        Self {
+            norm1: AdaLnModulation::new(dim, if dual_attention { 9 } else { 6 }, device),
+            norm1_context: AdaLnModulation::new(dim, if context_pre_only { 2 } else { 6 }, device),
+            attn: JointAttention::new(heads, head_dim, qk_norm, context_pre_only, device),
+            attn2: dual_attention.then(|| SelfAttention::new(heads, head_dim, qk_norm, device)),
+            ff: FeedForward::new(dim, device),
+            ff_context: (!context_pre_only).then(|| FeedForward::new(dim, device)),
+        }
+    }
+
+    /// Whether this block drops the text stream after attention.
+    pub fn context_pre_only(&self) -> bool {
+        self.ff_context.is_none()
+    }
+
+    /// `x`: image tokens `[B, N, D]`, `c`: text tokens `[B, L, D]`, `temb`: `[B, D]`.
+    /// Returns the new image tokens and, unless context-pre-only, the new text tokens.
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        c: Tensor<B, 3>,
+        temb: Tensor<B, 2>,
+    ) -> (Tensor<B, 3>, Option<Tensor<B, 3>>) {
+        let m = self.norm1.forward(temb.clone());
+        let x_norm = layer_norm(x.clone(), NORM_EPS);
+        let attn_in = modulate(x_norm.clone(), m[0].clone(), m[1].clone());
+
+        let (c_attn_in, c_mod) = if self.context_pre_only() {
+            (self.norm1_context.continuous(c.clone(), temb), None)
+        } else {
+            let cm = self.norm1_context.forward(temb);
+            let c_in = modulate(layer_norm(c.clone(), NORM_EPS), cm[0].clone(), cm[1].clone());
+            (c_in, Some(cm))
+        };
+
+        let (attn_out, c_attn_out) = self.attn.forward(attn_in, c_attn_in);
+        let mut x = x + gated(m[2].clone(), attn_out);
+        if let Some(attn2) = &self.attn2 {
+            let attn2_in = modulate(x_norm, m[6].clone(), m[7].clone());
+            x = x + gated(m[8].clone(), attn2.forward(attn2_in));
+        }
+        let ff_in = modulate(layer_norm(x.clone(), NORM_EPS), m[3].clone(), m[4].clone());
+        let x = x.clone() + gated(m[5].clone(), self.ff.forward(ff_in));
+
+        let c = match (c_mod, c_attn_out, &self.ff_context) {
+            (Some(cm), Some(c_attn_out), Some(ff_context)) => {
+                let c = c + gated(cm[2].clone(), c_attn_out);
+                let ff_in = modulate(layer_norm(c.clone(), NORM_EPS), cm[3].clone(), cm[4].clone());
+                Some(c.clone() + gated(cm[5].clone(), ff_context.forward(ff_in)))
+            }
+            _ => None,
+        };
+        (x, c)
+    }
+}

@@ -1,0 +1,9 @@
+//! Models: the SD3-family MMDiT and its weight files.
+
+pub mod error;
+pub mod forward_io;
+pub mod mmdit;
+pub mod weights;
+
+pub use error::ModelError;
+pub use mmdit::{Mmdit, MmditConfig, QkNorm};
