@@ -1,7 +1,7 @@
 //! Input embedders of the MMDiT: patches with the cropped position table, the timestep
 //! sinusoid, and the two-layer MLPs for the timestep and the pooled text vector.
 
-use burn::module::{Module, Param};
+use burn::module::{Module, Param, ParamId};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::activation::silu;
@@ -36,8 +36,20 @@ impl<B: Backend> PatchEmbed<B> {
             .with_stride([patch, patch])
             .init(device);
         let base_size = (sample_size / patch).max(1);
-        let table = sincos_2d_table(dim, max_size, base_size);
-        let pos_embed = Param::from_data(TensorData::new(table, [1, max_size * max_size, dim]), device);
+        let shape = [1, max_size * max_size, dim];
+        // Lazy like every other parameter: a table of 384 x 384 x 1536 values is only computed
+        // if no checkpoint replaces it.
+        let pos_embed = Param::uninitialized(
+            ParamId::new(),
+            move |device, require_grad| {
+                let table = sincos_2d_table(dim, max_size, base_size);
+                let tensor = Tensor::from_data(TensorData::new(table, shape), device);
+                if require_grad { tensor.require_grad() } else { tensor }
+            },
+            device.clone(),
+            true,
+            shape.into(),
+        );
         Self { proj, pos_embed, max_size }
     }
 

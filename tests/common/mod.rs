@@ -1,0 +1,66 @@
+//! Helpers shared by the integration tests: fixture paths, tensor files, error norms.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use flow_opd::model::weights::{MappedFile, NamedTensor, SaveDtype, write_safetensors};
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mmdit")
+}
+
+/// One forward case made by `tools/make_mmdit_fixtures.py`.
+#[derive(Debug, serde::Deserialize)]
+pub struct Case {
+    pub case: String,
+    pub model: String,
+    pub batch: usize,
+    pub height: usize,
+    pub width: usize,
+}
+
+impl Case {
+    pub fn inputs(&self) -> PathBuf {
+        fixtures().join("cases").join(format!("{}.inputs.safetensors", self.case))
+    }
+    pub fn expected(&self) -> PathBuf {
+        fixtures().join("cases").join(format!("{}.expected.safetensors", self.case))
+    }
+    pub fn model_dir(&self) -> PathBuf {
+        fixtures().join(&self.model)
+    }
+}
+
+pub fn cases() -> Vec<Case> {
+    let text = std::fs::read_to_string(fixtures().join("cases/cases.json")).expect("cases.json");
+    serde_json::from_str(&text).expect("cases.json parses")
+}
+
+pub fn case(name: &str) -> Case {
+    cases().into_iter().find(|c| c.case == name).unwrap_or_else(|| panic!("no fixture case {name}"))
+}
+
+/// Every tensor of a safetensors file as (name, shape, f32 values), sorted by name.
+pub fn read_all(path: &Path) -> Vec<NamedTensor> {
+    let (_, tensors) = MappedFile::open(path).unwrap_or_else(|e| panic!("{e}"));
+    tensors
+        .iter()
+        .map(|t| NamedTensor { name: t.name.clone(), shape: t.shape.clone(), values: t.to_f32() })
+        .collect()
+}
+
+pub fn read_tensor(path: &Path, name: &str) -> NamedTensor {
+    read_all(path).into_iter().find(|t| t.name == name).unwrap_or_else(|| panic!("{}: no {name}", path.display()))
+}
+
+pub fn write(path: &Path, tensors: &[NamedTensor]) {
+    write_safetensors(path, tensors, SaveDtype::F32, None).unwrap();
+}
+
+/// `||a - b|| / ||b||`.
+pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den).sqrt()
+}
