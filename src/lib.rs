@@ -2,4 +2,5 @@
 //! with Flow-OPD, on Burn. See `README.md` for the map.
 
 pub mod device;
+pub mod flow;
 pub mod model;

@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 
 use flow_opd::device::{BackendTask, DeviceSpec, dispatch};
 use flow_opd::model::MmditConfig;
+use flow_opd::model::lora::{ActiveAdapters, load_lora};
 use flow_opd::model::forward_io::forward_file;
 use flow_opd::model::weights::{Layout, ModelSource, SaveDtype, manifest, save_diffusers};
 
@@ -56,6 +57,9 @@ enum ModelCommand {
         inputs: PathBuf,
         #[arg(long, value_name = "OUT.safetensors")]
         output: PathBuf,
+        /// A LoRA adapter (PEFT or diffusers folder, or .safetensors file) to apply.
+        #[arg(long, value_name = "PATH")]
+        adapter: Option<PathBuf>,
         /// cpu, wgpu[:N] or cuda[:N].
         #[arg(long, default_value = "cpu")]
         device: DeviceSpec,
@@ -90,6 +94,7 @@ fn open(args: &ModelArgs) -> Result<ModelSource> {
 
 struct ForwardTask {
     source: ModelSource,
+    adapter: Option<PathBuf>,
     inputs: PathBuf,
     output: PathBuf,
 }
@@ -98,7 +103,15 @@ impl BackendTask for ForwardTask {
     type Output = Result<Vec<usize>>;
     fn run<B: Backend>(self, device: B::Device) -> Self::Output {
         let model = self.source.load::<B>(&device)?;
-        Ok(forward_file(&model, &self.inputs, &self.output, &device)?)
+        let adapter = match &self.adapter {
+            Some(path) => Some(load_lora(path, &model, &device)?),
+            None => None,
+        };
+        let adapters = match &adapter {
+            Some(adapter) => ActiveAdapters::single(adapter),
+            None => ActiveAdapters::none(),
+        };
+        Ok(forward_file(&model, &adapters, &self.inputs, &self.output, &device)?)
     }
 }
 
@@ -163,9 +176,9 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Model(ModelCommand::Info { path, config }) => info(&path, &config),
-        Command::Model(ModelCommand::Forward { model, inputs, output, device }) => {
+        Command::Model(ModelCommand::Forward { model, inputs, output, adapter, device }) => {
             let source = open(&model)?;
-            let shape = dispatch(device, ForwardTask { source, inputs, output: output.clone() })??;
+            let shape = dispatch(device, ForwardTask { source, adapter, inputs, output: output.clone() })??;
             println!("wrote sample {shape:?} to {}", output.display());
             Ok(())
         }

@@ -52,7 +52,6 @@ from another machine / torch build in the last few ulps only.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import shutil

@@ -12,6 +12,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 
 use crate::model::error::ModelError;
+use crate::model::lora::ActiveAdapters;
 use crate::model::mmdit::{InputDims, Mmdit};
 use crate::model::weights::{MappedFile, NamedTensor, SaveDtype, StoredTensor, file, write_safetensors};
 
@@ -72,6 +73,17 @@ impl ForwardInputs {
 
     /// Checks the shapes against `model` (errors name `origin` and the input key) and runs it.
     pub fn run<B: Backend>(&self, model: &Mmdit<B>, origin: &Path, device: &B::Device) -> Result<Tensor<B, 4>, ModelError> {
+        self.run_adapted(model, &ActiveAdapters::none(), origin, device)
+    }
+
+    /// [`ForwardInputs::run`] with LoRA adapters.
+    pub fn run_adapted<B: Backend>(
+        &self,
+        model: &Mmdit<B>,
+        adapters: &ActiveAdapters<'_, B>,
+        origin: &Path,
+        device: &B::Device,
+    ) -> Result<Tensor<B, 4>, ModelError> {
         model.check_inputs(self.dims()).map_err(|(key, message)| ModelError::Input {
             path: origin.to_path_buf(),
             key: key.to_string(),
@@ -80,23 +92,26 @@ impl ForwardInputs {
         fn tensor<B: Backend, const D: usize>(t: &(Vec<usize>, Vec<f32>), device: &B::Device) -> Tensor<B, D> {
             Tensor::from_data(TensorData::new(t.1.clone(), t.0.clone()), device)
         }
-        Ok(model.forward(
+        Ok(model.forward_adapted(
             tensor(&self.hidden_states, device),
             tensor(&self.encoder_hidden_states, device),
             tensor(&self.pooled_projections, device),
             tensor(&self.timestep, device),
+            adapters,
         ))
     }
 }
 
-/// `model forward`: reads `inputs`, runs the model, writes `sample` to `output` (atomically).
+/// `model forward`: reads `inputs`, runs the model (with `adapters`), writes `sample` to
+/// `output` (atomically).
 pub fn forward_file<B: Backend>(
     model: &Mmdit<B>,
+    adapters: &ActiveAdapters<'_, B>,
     inputs: &Path,
     output: &Path,
     device: &B::Device,
 ) -> Result<Vec<usize>, ModelError> {
-    let sample = ForwardInputs::read(inputs)?.run(model, inputs, device)?;
+    let sample = ForwardInputs::read(inputs)?.run_adapted(model, adapters, inputs, device)?;
     let shape = sample.dims().to_vec();
     let values = sample.into_data().convert::<f32>().into_vec::<f32>().expect("f32 output");
     write_safetensors(

@@ -2,6 +2,7 @@
 
 pub mod error;
 pub mod forward_io;
+pub mod lora;
 pub mod mmdit;
 pub mod weights;
 

@@ -8,6 +8,8 @@ use burn::tensor::backend::Backend;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 
+use crate::model::lora::{BlockAdapters, LoraTarget};
+
 /// Epsilon of every LayerNorm and RMSNorm in the SD3 family.
 pub const NORM_EPS: f64 = 1e-6;
 
@@ -95,15 +97,26 @@ impl<B: Backend> JointAttention<B> {
 
     /// `x`: image tokens `[B, N, D]`, `c`: text tokens `[B, L, D]`. Returns the image output
     /// and, unless the block is context-pre-only, the text output.
-    pub fn forward(&self, x: Tensor<B, 3>, c: Tensor<B, 3>) -> (Tensor<B, 3>, Option<Tensor<B, 3>>) {
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        c: Tensor<B, 3>,
+        lora: &BlockAdapters<'_, '_, B>,
+    ) -> (Tensor<B, 3>, Option<Tensor<B, 3>>) {
         let image_tokens = x.dims()[1];
         let h = self.heads;
-        let q = maybe_norm(&self.norm_q, split_heads(self.to_q.forward(x.clone()), h));
-        let k = maybe_norm(&self.norm_k, split_heads(self.to_k.forward(x.clone()), h));
-        let v = split_heads(self.to_v.forward(x), h);
-        let cq = maybe_norm(&self.norm_added_q, split_heads(self.add_q_proj.forward(c.clone()), h));
-        let ck = maybe_norm(&self.norm_added_k, split_heads(self.add_k_proj.forward(c.clone()), h));
-        let cv = split_heads(self.add_v_proj.forward(c), h);
+        let q = maybe_norm(&self.norm_q, split_heads(lora.linear(LoraTarget::ToQ, &self.to_q, x.clone()), h));
+        let k = maybe_norm(&self.norm_k, split_heads(lora.linear(LoraTarget::ToK, &self.to_k, x.clone()), h));
+        let v = split_heads(lora.linear(LoraTarget::ToV, &self.to_v, x), h);
+        let cq = maybe_norm(
+            &self.norm_added_q,
+            split_heads(lora.linear(LoraTarget::AddQProj, &self.add_q_proj, c.clone()), h),
+        );
+        let ck = maybe_norm(
+            &self.norm_added_k,
+            split_heads(lora.linear(LoraTarget::AddKProj, &self.add_k_proj, c.clone()), h),
+        );
+        let cv = split_heads(lora.linear(LoraTarget::AddVProj, &self.add_v_proj, c), h);
 
         let out = scaled_dot_product(
             Tensor::cat(vec![q, cq], 2),
@@ -113,9 +126,9 @@ impl<B: Backend> JointAttention<B> {
         let out = merge_heads(out);
         let [batch, total, dim] = out.dims();
         let image = out.clone().slice([0..batch, 0..image_tokens, 0..dim]);
-        let image = self.to_out.forward(image);
+        let image = lora.linear(LoraTarget::ToOut, &self.to_out, image);
         let context = self.to_add_out.as_ref().map(|to_add_out| {
-            to_add_out.forward(out.slice([0..batch, image_tokens..total, 0..dim]))
+            lora.linear(LoraTarget::ToAddOut, to_add_out, out.slice([0..batch, image_tokens..total, 0..dim]))
         });
         (image, context)
     }
@@ -149,11 +162,11 @@ impl<B: Backend> SelfAttention<B> {
         }
     }
 
-    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    pub fn forward(&self, x: Tensor<B, 3>, lora: &BlockAdapters<'_, '_, B>) -> Tensor<B, 3> {
         let h = self.heads;
-        let q = maybe_norm(&self.norm_q, split_heads(self.to_q.forward(x.clone()), h));
-        let k = maybe_norm(&self.norm_k, split_heads(self.to_k.forward(x.clone()), h));
-        let v = split_heads(self.to_v.forward(x), h);
-        self.to_out.forward(merge_heads(scaled_dot_product(q, k, v)))
+        let q = maybe_norm(&self.norm_q, split_heads(lora.linear(LoraTarget::Attn2ToQ, &self.to_q, x.clone()), h));
+        let k = maybe_norm(&self.norm_k, split_heads(lora.linear(LoraTarget::Attn2ToK, &self.to_k, x.clone()), h));
+        let v = split_heads(lora.linear(LoraTarget::Attn2ToV, &self.to_v, x), h);
+        lora.linear(LoraTarget::Attn2ToOut, &self.to_out, merge_heads(scaled_dot_product(q, k, v)))
     }
 }

@@ -8,6 +8,7 @@ use burn::tensor::activation::{gelu_approximate, silu};
 use burn::tensor::backend::Backend;
 
 use super::attention::{JointAttention, NORM_EPS, SelfAttention};
+use crate::model::lora::{BlockAdapters, LoraTarget};
 
 /// LayerNorm over the last axis without affine parameters: `(x - mean) / sqrt(var + eps)`
 /// with the biased variance (PyTorch `LayerNorm(elementwise_affine=False)`).
@@ -71,8 +72,15 @@ impl<B: Backend> FeedForward<B> {
         }
     }
 
-    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.linear_out.forward(gelu_approximate(self.linear_in.forward(x)))
+    /// `targets`: the LoRA targets of (`net.0.proj`, `net.2`) of this feed-forward.
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        lora: &BlockAdapters<'_, '_, B>,
+        targets: (LoraTarget, LoraTarget),
+    ) -> Tensor<B, 3> {
+        let hidden = gelu_approximate(lora.linear(targets.0, &self.linear_in, x));
+        lora.linear(targets.1, &self.linear_out, hidden)
     }
 }
 
@@ -126,6 +134,7 @@ impl<B: Backend> JointBlock<B> {
         x: Tensor<B, 3>,
         c: Tensor<B, 3>,
         temb: Tensor<B, 2>,
+        lora: &BlockAdapters<'_, '_, B>,
     ) -> (Tensor<B, 3>, Option<Tensor<B, 3>>) {
         let m = self.norm1.forward(temb.clone());
         let x_norm = layer_norm(x.clone(), NORM_EPS);
@@ -139,20 +148,20 @@ impl<B: Backend> JointBlock<B> {
             (c_in, Some(cm))
         };
 
-        let (attn_out, c_attn_out) = self.attn.forward(attn_in, c_attn_in);
+        let (attn_out, c_attn_out) = self.attn.forward(attn_in, c_attn_in, lora);
         let mut x = x + gated(m[2].clone(), attn_out);
         if let Some(attn2) = &self.attn2 {
             let attn2_in = modulate(x_norm, m[6].clone(), m[7].clone());
-            x = x + gated(m[8].clone(), attn2.forward(attn2_in));
+            x = x + gated(m[8].clone(), attn2.forward(attn2_in, lora));
         }
         let ff_in = modulate(layer_norm(x.clone(), NORM_EPS), m[3].clone(), m[4].clone());
-        let x = x.clone() + gated(m[5].clone(), self.ff.forward(ff_in));
+        let x = x.clone() + gated(m[5].clone(), self.ff.forward(ff_in, lora, (LoraTarget::FfIn, LoraTarget::FfOut)));
 
         let c = match (c_mod, c_attn_out, &self.ff_context) {
             (Some(cm), Some(c_attn_out), Some(ff_context)) => {
                 let c = c + gated(cm[2].clone(), c_attn_out);
                 let ff_in = modulate(layer_norm(c.clone(), NORM_EPS), cm[3].clone(), cm[4].clone());
-                Some(c.clone() + gated(cm[5].clone(), ff_context.forward(ff_in)))
+                Some(c.clone() + gated(cm[5].clone(), ff_context.forward(ff_in, lora, (LoraTarget::FfContextIn, LoraTarget::FfContextOut))))
             }
             _ => None,
         };

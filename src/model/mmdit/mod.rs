@@ -20,6 +20,8 @@ pub use blocks::{AdaLnModulation, JointBlock};
 pub use config::{MmditConfig, QkNorm};
 pub use embedding::{PatchEmbed, TimeTextEmbed};
 
+use crate::model::lora::{ActiveAdapters, BlockAdapters};
+
 /// The SD3 / SD3.5 multimodal diffusion transformer.
 ///
 /// `forward(x, c, y, t)` maps latents `x [B, C, H, W]`, text tokens `c [B, L, joint_dim]`,
@@ -153,6 +155,19 @@ impl<B: Backend> Mmdit<B> {
         y: Tensor<B, 2>,
         t: Tensor<B, 1>,
     ) -> Tensor<B, 4> {
+        self.forward_adapted(x, c, y, t, &ActiveAdapters::none())
+    }
+
+    /// [`Mmdit::forward`] with LoRA adapters: every adapted linear layer adds the update of
+    /// the adapter each sample is routed to (see [`ActiveAdapters`]).
+    pub fn forward_adapted(
+        &self,
+        x: Tensor<B, 4>,
+        c: Tensor<B, 3>,
+        y: Tensor<B, 2>,
+        t: Tensor<B, 1>,
+        adapters: &ActiveAdapters<'_, B>,
+    ) -> Tensor<B, 4> {
         let [batch, _, height, width] = x.dims();
         let p = self.patch_size;
         let (h, w) = (height / p, width / p);
@@ -160,9 +175,10 @@ impl<B: Backend> Mmdit<B> {
         let mut image = self.pos_embed.forward(x);
         let temb = self.time_text_embed.forward(t, y);
         let mut context = Some(self.context_embedder.forward(c));
-        for block in &self.transformer_blocks {
+        for (index, block) in self.transformer_blocks.iter().enumerate() {
             let text = context.take().expect("only the last block is context-pre-only");
-            let (next_image, next_context) = block.forward(image, text, temb.clone());
+            let lora = BlockAdapters::new(adapters, index);
+            let (next_image, next_context) = block.forward(image, text, temb.clone(), &lora);
             image = next_image;
             context = next_context;
         }

@@ -60,6 +60,16 @@ impl MappedFile {
     }
 }
 
+impl MappedFile {
+    /// The file's `__metadata__` string map (empty if it has none).
+    pub fn metadata(&self) -> std::collections::HashMap<String, String> {
+        SafeTensors::read_metadata(&self.mmap)
+            .ok()
+            .and_then(|(_, m)| m.metadata().clone())
+            .unwrap_or_default()
+    }
+}
+
 fn describe_safetensors_error(e: &safetensors::SafeTensorError, len: usize) -> String {
     use safetensors::SafeTensorError as E;
     match e {

@@ -1,0 +1,107 @@
+//! The Flow-OPD objective (paper Eq. 10-16, REFERENCE section 4): the closed-form KL between
+//! the student's and a teacher's SDE transitions, its dense weight `w(s)`, and the
+//! distillation loss with Manifold Anchor Regularization (MAR).
+
+use burn::tensor::Tensor;
+use burn::tensor::backend::Backend;
+
+use super::sde::StepSigmas;
+
+/// How the squared velocity difference is reduced over a sample's latent elements, with the
+/// matching weight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KlReduction {
+    /// The paper's exact KL: sum over elements, `w(s) = (-d)/2 (sigma_t (1-s)/(2s) + 1/sigma_t)^2`
+    /// (Eq. 15).
+    #[default]
+    Sum,
+    /// The public Flow-OPD / Flow-GRPO convention: mean over elements, weight
+    /// `d^2/2 (sigma_t (1-s)/(2s) + 1/sigma_t)^2` (their KL divides by `2 sigma_t^2` only).
+    Mean,
+}
+
+/// The dense KL weight `w(s)` of paper Eq. 12/15 at a step with diffusion level `sigma_t`
+/// (`sigma_t = a sqrt(s / (1 - s~))`), for `reduction`:
+///
+/// `KL(N(mu_student, sigma_t^2 (-d) I) || N(mu_target, same)) = w(s) ||v_student - v_target||^2`.
+pub fn kl_weight(step: StepSigmas, sigma_t: f64, reduction: KlReduction) -> f64 {
+    let s = step.sigma;
+    let d = step.dt();
+    let factor = sigma_t * (1.0 - s) / (2.0 * s) + 1.0 / sigma_t;
+    match reduction {
+        KlReduction::Sum => -d / 2.0 * factor * factor,
+        KlReduction::Mean => d * d / 2.0 * factor * factor,
+    }
+}
+
+/// `||a - b||^2` per sample, summed or averaged over the `C, H, W` elements.
+pub fn squared_distance<B: Backend>(a: Tensor<B, 4>, b: Tensor<B, 4>, reduction: KlReduction) -> Tensor<B, 1> {
+    let [batch, c, h, w] = a.dims();
+    let flat = (a - b).powi_scalar(2).reshape([batch, c * h * w]);
+    match reduction {
+        KlReduction::Sum => flat.sum_dim(1).reshape([batch]),
+        KlReduction::Mean => flat.mean_dim(1).reshape([batch]),
+    }
+}
+
+/// The Gaussian KL between two transitions with the same isotropic covariance, computed from
+/// their means: `||mu_student - mu_target||^2 / (2 std^2)` per sample, `std = sigma_t sqrt(-d)`
+/// for [`KlReduction::Sum`]; Flow-GRPO's `mean(..) / (2 sigma_t^2)` for [`KlReduction::Mean`].
+/// (Used to check [`kl_weight`] and by GRPO's KL-to-reference term.)
+pub fn gaussian_kl<B: Backend>(
+    mean_student: Tensor<B, 4>,
+    mean_target: Tensor<B, 4>,
+    step: StepSigmas,
+    sigma_t: f64,
+    reduction: KlReduction,
+) -> Tensor<B, 1> {
+    let variance = match reduction {
+        KlReduction::Sum => sigma_t * sigma_t * (-step.dt()),
+        KlReduction::Mean => sigma_t * sigma_t,
+    };
+    squared_distance(mean_student, mean_target, reduction) / (2.0 * variance)
+}
+
+/// Per-sample distillation loss `w(s) ||v_student - SG(v_target)||^2` (paper Eq. 16): the
+/// target is detached, so gradients reach only the student.
+pub fn distillation_loss<B: Backend>(
+    v_student: Tensor<B, 4>,
+    v_target: Tensor<B, 4>,
+    weight: f64,
+    reduction: KlReduction,
+) -> Tensor<B, 1> {
+    squared_distance(v_student, v_target.detach(), reduction) * weight
+}
+
+/// The per-sample Flow-OPD loss and its two parts.
+#[derive(Debug, Clone)]
+pub struct OpdLoss<B: Backend> {
+    /// `L_OPD + lambda L_MAR`, `[B]`.
+    pub total: Tensor<B, 1>,
+    /// `w(s) ||v_student - SG(v_teacher R(c))||^2`, `[B]`.
+    pub distill: Tensor<B, 1>,
+    /// `w(s) ||v_student - SG(v_anchor)||^2`, `[B]` (zeros without an anchor).
+    pub anchor: Tensor<B, 1>,
+}
+
+/// `L_total = w(s) ||v_s - SG(v_teacher)||^2 + lambda w(s) ||v_s - SG(v_anchor)||^2` per sample
+/// (paper Eq. 16 with MAR, REFERENCE section 4). `v_teacher` holds, for each sample, the
+/// velocity of the teacher its prompt is routed to; `v_anchor` the task-agnostic quality
+/// teacher's. With `lambda = 0` or no anchor the MAR term is absent.
+pub fn opd_loss<B: Backend>(
+    v_student: Tensor<B, 4>,
+    v_teacher: Tensor<B, 4>,
+    v_anchor: Option<Tensor<B, 4>>,
+    weight: f64,
+    mar_lambda: f64,
+    reduction: KlReduction,
+) -> OpdLoss<B> {
+    let distill = distillation_loss(v_student.clone(), v_teacher, weight, reduction);
+    let anchor = match v_anchor {
+        Some(v_anchor) if mar_lambda != 0.0 => distillation_loss(v_student, v_anchor, weight, reduction),
+        _ => distill.zeros_like(),
+    };
+    let total = distill.clone() + anchor.clone() * mar_lambda;
+    OpdLoss { total, distill, anchor }
+}
