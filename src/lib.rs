@@ -3,4 +3,7 @@
 
 pub mod device;
 pub mod flow;
+pub mod train;
 pub mod model;
+pub mod reward;
+pub mod world;

@@ -1,9 +1,12 @@
 //! Models: the SD3-family MMDiT and its weight files.
 
+pub mod codec;
 pub mod error;
 pub mod forward_io;
 pub mod lora;
 pub mod mmdit;
+pub mod pipeline;
+pub mod text_encoder;
 pub mod weights;
 
 pub use error::ModelError;

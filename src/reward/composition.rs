@@ -1,0 +1,218 @@
+//! The composition reward, standing in for GenEval.
+
+use crate::reward::{Reward, RewardError, RewardInput, RewardScore, score_each};
+use crate::world::detect::{DetectedObject, detect_objects};
+use crate::world::grammar::parse;
+use crate::world::image::Image32;
+use crate::world::spec::{ObjectSpec, Relation};
+
+/// Centres must differ by more than this many pixels along the axis of a relation.
+pub const POSITION_MARGIN: f32 = 2.0;
+
+/// GenEval stand-in: detects objects with the world's connected-component detector
+/// ([`detect_objects`]) and checks the prompt's requirements, as GenEval does with its
+/// detector: for every object phrase, the number of detected objects of its shape (at least
+/// the count after `a`, exactly the count after a number word) and, if it names a colour, that
+/// as many of them have that colour; for a relation, that some object matching the first
+/// phrase stands in it to some object matching the second.
+///
+/// `value` is the fraction of checks passed (the partial credit used in training);
+/// `metric` is 1 when all pass, else 0 (GenEval's accuracy).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CompositionReward;
+
+/// What a check verifies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CheckKind {
+    /// Object phrase `phrase` (0 or 1) has enough (or exactly enough) objects of its shape.
+    Count {
+        /// Index of the object phrase.
+        phrase: usize,
+    },
+    /// Enough objects of phrase `phrase`'s shape have its colour.
+    Colour {
+        /// Index of the object phrase.
+        phrase: usize,
+    },
+    /// The relation between the two phrases holds.
+    Position,
+}
+
+/// One requirement of a composition prompt and whether the image meets it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Check {
+    /// What is checked.
+    pub kind: CheckKind,
+    /// Whether the image passes.
+    pub passed: bool,
+}
+
+/// The checks of object phrases (and an optional relation from the first to the second)
+/// against detected objects.
+pub fn composition_checks(
+    phrases: &[ObjectSpec],
+    relation: Option<Relation>,
+    detected: &[DetectedObject],
+) -> Vec<Check> {
+    let mut checks = Vec::new();
+    let matching = |phrase: &ObjectSpec| -> Vec<&DetectedObject> {
+        detected
+            .iter()
+            .filter(|d| d.shape == Some(phrase.shape) && phrase.colour.is_none_or(|c| d.colour == c))
+            .collect()
+    };
+    for (index, phrase) in phrases.iter().enumerate() {
+        let of_shape = detected.iter().filter(|d| d.shape == Some(phrase.shape)).count();
+        let count_ok = if phrase.exact_count() { of_shape == phrase.count() } else { of_shape >= phrase.count() };
+        checks.push(Check { kind: CheckKind::Count { phrase: index }, passed: count_ok });
+        if phrase.colour.is_some() {
+            let coloured = matching(phrase).len();
+            checks.push(Check { kind: CheckKind::Colour { phrase: index }, passed: coloured >= phrase.count() });
+        }
+    }
+    if let (Some(relation), [first, second, ..]) = (relation, phrases) {
+        let (a, b) = (matching(first), matching(second));
+        let holds = a.iter().any(|x| b.iter().any(|y| stands_in(relation, x, y)));
+        checks.push(Check { kind: CheckKind::Position, passed: holds });
+    }
+    checks
+}
+
+/// Whether `a` stands in `relation` to `b`, judged by their centroids.
+pub fn stands_in(relation: Relation, a: &DetectedObject, b: &DetectedObject) -> bool {
+    let (ax, ay) = a.centroid;
+    let (bx, by) = b.centroid;
+    match relation {
+        Relation::LeftOf => ax + POSITION_MARGIN < bx,
+        Relation::RightOf => ax > bx + POSITION_MARGIN,
+        Relation::Above => ay + POSITION_MARGIN < by,
+        Relation::Below => ay > by + POSITION_MARGIN,
+    }
+}
+
+impl CompositionReward {
+    /// The checks of `prompt` on `image`; fails for prompts outside the grammar and prompts
+    /// that name no object.
+    pub fn checks(&self, index: usize, image: &Image32, prompt: &str) -> Result<Vec<Check>, RewardError> {
+        let spec = parse(prompt).map_err(|source| RewardError::Prompt { reward: self.name().into(), index, source })?;
+        let phrases = spec.objects();
+        if phrases.is_empty() {
+            return Err(RewardError::NothingToScore {
+                reward: self.name().into(),
+                index,
+                prompt: prompt.into(),
+                reason: "names no object to check",
+            });
+        }
+        let relation = match &spec {
+            crate::world::Spec::Composition(c) => c.relation(),
+            _ => None,
+        };
+        Ok(composition_checks(&phrases, relation, &detect_objects(image)))
+    }
+}
+
+impl Reward for CompositionReward {
+    fn name(&self) -> &str {
+        "composition"
+    }
+
+    fn score(&self, batch: &[RewardInput]) -> Result<Vec<RewardScore>, RewardError> {
+        score_each(self.name(), batch, |index, image, prompt| {
+            let checks = self.checks(index, image, prompt)?;
+            let passed = checks.iter().filter(|c| c.passed).count();
+            let value = passed as f32 / checks.len() as f32;
+            Ok(RewardScore { value, metric: if passed == checks.len() { 1.0 } else { 0.0 } })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reward::fixtures::{blank, mean_scores, mismatch_shift, noise, renders, test_prompts};
+    use crate::world::palette::Colour;
+    use crate::world::render::{Background, PlacedObject, Scene};
+    use crate::world::shape::Shape;
+    use crate::world::spec::{Family, Task};
+
+    fn scene(objects: Vec<PlacedObject>) -> Image32 {
+        Scene { background: Background::Solid([0.85, 0.85, 0.8]), objects, text: None }.draw()
+    }
+
+    fn object(shape: Shape, colour: Colour, x: usize, y: usize) -> PlacedObject {
+        PlacedObject { shape, colour, x, y, size: 9 }
+    }
+
+    fn score(image: &Image32, prompt: &str) -> RewardScore {
+        CompositionReward.score(&[RewardInput::from_image32(image, prompt)]).unwrap()[0]
+    }
+
+    #[test]
+    fn checks_follow_geneval_semantics() {
+        let img = scene(vec![
+            object(Shape::Circle, Colour::Red, 2, 2),
+            object(Shape::Square, Colour::Blue, 20, 3),
+            object(Shape::Circle, Colour::Green, 3, 20),
+        ]);
+        assert_eq!(score(&img, "a photo of a circle"), RewardScore { value: 1.0, metric: 1.0 });
+        // `a` means at least one, a number word means exactly
+        assert_eq!(score(&img, "a photo of two circles").metric, 1.0);
+        assert_eq!(score(&img, "a photo of three circles"), RewardScore { value: 0.0, metric: 0.0 });
+        assert_eq!(score(&img, "a photo of one circle").metric, 0.0);
+        // colour: presence passes, colour fails
+        assert_eq!(score(&img, "a photo of a blue circle"), RewardScore { value: 0.5, metric: 0.0 });
+        assert_eq!(score(&img, "a photo of a red circle and a blue square").metric, 1.0);
+        assert_eq!(score(&img, "a photo of a red circle and a blue triangle").value, 0.5);
+        // position by centroids: red circle (6.5, 6.5), blue square (24.5, 7.5), green circle (7.5, 24.5)
+        assert_eq!(score(&img, "a photo of a circle left of a square").metric, 1.0);
+        assert_eq!(score(&img, "a photo of a red circle right of a square"), RewardScore { value: 0.75, metric: 0.0 });
+        assert_eq!(score(&img, "a photo of a green circle below a red circle").metric, 1.0);
+        assert_eq!(score(&img, "a photo of a green circle above a blue square").metric, 0.0);
+        // preference and quality prompts are checked on their subject
+        assert_eq!(score(&img, "a warm painting of a red circle, centered").metric, 1.0);
+        assert_eq!(score(&img, "a sharp photo of a triangle").metric, 0.0);
+    }
+
+    #[test]
+    fn prompts_without_objects_are_refused_by_name() {
+        let input = RewardInput::from_image32(&blank(), "a sign that says \"AB\"");
+        let err = CompositionReward.score(&[input]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "reward `composition`, input 0: prompt \"a sign that says \\\"AB\\\"\" names no object to check"
+        );
+        let input = RewardInput::from_image32(&blank(), "a photo of a dog");
+        let err = CompositionReward.score(&[input]).unwrap_err().to_string();
+        assert!(err.starts_with("reward `composition`, input 0: prompt \"a photo of a dog\": expected"), "{err}");
+    }
+
+    #[test]
+    fn ground_truth_scores_near_the_top_and_everything_else_low() {
+        let prompts = test_prompts(Task::Composition, 600);
+        let images = renders(&prompts, 41);
+        let reward = CompositionReward;
+        let (gt_value, gt_strict) = mean_scores(&reward, &prompts, &images, 0);
+        let (mm_value, mm_strict) = mean_scores(&reward, &prompts, &images, mismatch_shift(&prompts));
+        let blanks = vec![blank(); prompts.len()];
+        let (blank_value, blank_strict) = mean_scores(&reward, &prompts, &blanks, 0);
+        let noises: Vec<Image32> = (0..prompts.len() as u64).map(noise).collect();
+        let (noise_value, noise_strict) = mean_scores(&reward, &prompts, &noises, 0);
+        eprintln!(
+            "composition over {} test prompts (value = partial credit, metric = strict):\n  \
+             ground truth {gt_value:.3} / {gt_strict:.3}\n  mismatched prompt {mm_value:.3} / {mm_strict:.3}\n  \
+             blank {blank_value:.3} / {blank_strict:.3}\n  noise {noise_value:.3} / {noise_strict:.3}",
+            prompts.len()
+        );
+        assert!(gt_strict >= 0.99 && gt_value >= 0.995, "ground truth {gt_value} / {gt_strict}");
+        assert!(mm_strict <= 0.2, "mismatched strict {mm_strict}");
+        assert!(mm_value <= 0.5, "mismatched partial {mm_value}");
+        assert_eq!((blank_value, blank_strict), (0.0, 0.0));
+        assert!(noise_strict <= 0.02 && noise_value <= 0.05, "noise {noise_value} / {noise_strict}");
+        for family in Family::COMPOSITION {
+            let fam: Vec<_> = prompts.iter().filter(|p| p.family() == family).cloned().collect();
+            let (_, strict) = mean_scores(&reward, &fam, &renders(&fam, 42), 0);
+            assert!(strict >= 0.98, "{family}: ground-truth strict accuracy {strict}");
+        }
+    }
+}

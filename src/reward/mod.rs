@@ -1,0 +1,235 @@
+//! Rewards: the [`Reward`] trait and the synthetic world's four built-in rewards.
+//!
+//! A reward scores a batch of (image, prompt) pairs. It sees 8-bit RGB images of any size
+//! and prompt text only, as the paper's rewards do (GenEval's detector, the OCR model,
+//! PickScore, DeQA), so a remote scorer for real 512-pixel images implements the same trait.
+//! Each [`RewardScore`] carries the value the trainer optimises (`value`, roughly 0-1) and
+//! the number the paper's tables report (`metric`).
+//!
+//! | reward | stands in for | `value` (training) | `metric` (tables) |
+//! | --- | --- | --- | --- |
+//! | [`CompositionReward`] | GenEval | fraction of checks passed | strict 0/1 accuracy |
+//! | [`OcrReward`] | OCR | `1 - d / len` | the same |
+//! | [`PreferenceReward`] | PickScore | raw / 26 | raw, 17-26 |
+//! | [`QualityReward`] | DeQA | raw / 5 | raw, 1-5 |
+//!
+//! Table 2's average is `mean(GenEval, OCR, DeQA / 5, PickScore / 26)`: the mean of the
+//! `value`s where composition contributes its strict accuracy.
+
+use image::RgbImage;
+use thiserror::Error;
+
+use crate::world::grammar::ParseError;
+use crate::world::image::{Image32, ImageError};
+use crate::world::spec::Task;
+
+pub mod composition;
+pub mod ocr;
+pub mod preference;
+pub mod quality;
+
+pub use composition::CompositionReward;
+pub use ocr::OcrReward;
+pub use preference::PreferenceReward;
+pub use quality::QualityReward;
+
+/// One image to score with the prompt it was generated from.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RewardInput {
+    /// The image, 8-bit RGB (the world's rewards need 32 x 32).
+    pub image: RgbImage,
+    /// The prompt text.
+    pub prompt: String,
+    /// The prompt's task, when the caller knows it (for routing and remote scorers; the
+    /// world's rewards read everything they need from the prompt text).
+    pub task: Option<Task>,
+}
+
+impl RewardInput {
+    /// An input without a task tag.
+    pub fn new(image: RgbImage, prompt: impl Into<String>) -> Self {
+        Self { image, prompt: prompt.into(), task: None }
+    }
+
+    /// An input from a world image (quantised to 8 bits, as a saved PNG would be).
+    pub fn from_image32(image: &Image32, prompt: impl Into<String>) -> Self {
+        Self::new(image.to_rgb_image(), prompt)
+    }
+
+    /// The same input tagged with its task.
+    pub fn with_task(mut self, task: Task) -> Self {
+        self.task = Some(task);
+        self
+    }
+}
+
+/// A reward's verdict on one input.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RewardScore {
+    /// The training reward, roughly in `[0, 1]` (partial credit, raw / scale).
+    pub value: f32,
+    /// The evaluation metric on the paper's scale (strict accuracy, raw PickScore, DeQA 1-5).
+    pub metric: f32,
+}
+
+/// Errors of a reward.
+#[derive(Debug, Error)]
+pub enum RewardError {
+    /// An image the reward cannot take.
+    #[error("reward `{reward}`, input {index}: {source}")]
+    Image {
+        /// Reward name.
+        reward: String,
+        /// Index of the input in the batch.
+        index: usize,
+        /// What is wrong with the image.
+        source: ImageError,
+    },
+    /// A prompt outside the world's grammar.
+    #[error("reward `{reward}`, input {index}: {source}")]
+    Prompt {
+        /// Reward name.
+        reward: String,
+        /// Index of the input in the batch.
+        index: usize,
+        /// The parse error (it names the prompt and the word at fault).
+        source: ParseError,
+    },
+    /// A prompt that gives the reward nothing to check.
+    #[error("reward `{reward}`, input {index}: prompt {prompt:?} {reason}")]
+    NothingToScore {
+        /// Reward name.
+        reward: String,
+        /// Index of the input in the batch.
+        index: usize,
+        /// The prompt.
+        prompt: String,
+        /// Why it cannot be scored.
+        reason: &'static str,
+    },
+}
+
+/// Scores a batch: the reward of a remote or local scorer for generated images.
+pub trait Reward: Send + Sync {
+    /// A short stable name (`composition`, `ocr`, …) for logs and metrics.
+    fn name(&self) -> &str;
+
+    /// Scores every input, in order. Fails on the first input it cannot score, naming it.
+    fn score(&self, batch: &[RewardInput]) -> Result<Vec<RewardScore>, RewardError>;
+}
+
+/// The world's built-in reward for a task.
+pub fn world_reward(task: Task) -> Box<dyn Reward> {
+    match task {
+        Task::Composition => Box::new(CompositionReward),
+        Task::Text => Box::new(OcrReward),
+        Task::Preference => Box::new(PreferenceReward),
+        Task::Quality => Box::new(QualityReward),
+    }
+}
+
+/// Scores each input of a batch with `score_one(index, image, prompt)`, converting images to
+/// the world's [`Image32`] (which must be 32 x 32).
+pub(crate) fn score_each(
+    reward: &str,
+    batch: &[RewardInput],
+    score_one: impl Fn(usize, &Image32, &str) -> Result<RewardScore, RewardError>,
+) -> Result<Vec<RewardScore>, RewardError> {
+    batch
+        .iter()
+        .enumerate()
+        .map(|(index, input)| {
+            let image = Image32::from_rgb_image(&input.image).map_err(|source| RewardError::Image {
+                reward: reward.to_string(),
+                index,
+                source,
+            })?;
+            score_one(index, &image, &input.prompt)
+        })
+        .collect()
+}
+
+/// Helpers shared by the rewards' tests: test prompts, ground-truth and mismatched renders,
+/// blank and noise images, and mean scores.
+#[cfg(test)]
+pub(crate) mod fixtures {
+    use rand::SeedableRng;
+    use rand_chacha::ChaCha8Rng;
+
+    use super::{Reward, RewardInput, RewardScore};
+    use crate::world::image::Image32;
+    use crate::world::prompts::{Prompt, Split, shipped_prompts};
+    use crate::world::random::unit;
+    use crate::world::render::render;
+    use crate::world::spec::Task;
+
+    /// The first `n` shipped test prompts of a task.
+    pub fn test_prompts(task: Task, n: usize) -> Vec<Prompt> {
+        shipped_prompts(Split::Test).into_iter().filter(|p| p.task() == task).take(n).collect()
+    }
+
+    /// One ground-truth render per prompt (seeded by position).
+    pub fn renders(prompts: &[Prompt], seed: u64) -> Vec<Image32> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        prompts.iter().map(|p| render(&p.spec, &mut rng)).collect()
+    }
+
+    /// A mid-grey image.
+    pub fn blank() -> Image32 {
+        Image32::filled([0.5; 3])
+    }
+
+    /// Uniform noise in every channel.
+    pub fn noise(seed: u64) -> Image32 {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        Image32::from_fn(|_, _| [unit(&mut rng), unit(&mut rng), unit(&mut rng)])
+    }
+
+    /// Scores `images[i]` against `prompts[(i + shift) % n]`; returns the mean value and the
+    /// mean metric.
+    pub fn mean_scores(reward: &dyn Reward, prompts: &[Prompt], images: &[Image32], shift: usize) -> (f32, f32) {
+        let batch: Vec<RewardInput> = images
+            .iter()
+            .enumerate()
+            .map(|(i, img)| RewardInput::from_image32(img, prompts[(i + shift) % prompts.len()].text.clone()))
+            .collect();
+        let scores: Vec<RewardScore> = reward.score(&batch).unwrap();
+        let n = scores.len() as f32;
+        (scores.iter().map(|s| s.value).sum::<f32>() / n, scores.iter().map(|s| s.metric).sum::<f32>() / n)
+    }
+
+    /// A prompt shift that pairs every image with a different prompt of the same task.
+    pub fn mismatch_shift(prompts: &[Prompt]) -> usize {
+        prompts.len() / 2 + 1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wrong_image_sizes_name_the_reward_and_input() {
+        for task in Task::ALL {
+            let prompt = if task == Task::Text { "a sign that says \"A\"" } else { "a photo of a circle" };
+            let ok = RewardInput::from_image32(&Image32::filled([0.5; 3]), prompt);
+            let big = RewardInput::new(RgbImage::new(64, 64), prompt).with_task(task);
+            let reward = world_reward(task);
+            let err = reward.score(&[ok.clone(), big.clone()]).unwrap_err();
+            let text = err.to_string();
+            assert!(text.starts_with(&format!("reward `{}`, input 1: image is 64x64", reward.name())), "{text}");
+        }
+    }
+
+    #[test]
+    fn rewards_have_distinct_names_and_keep_batch_order() {
+        let names: Vec<String> = Task::ALL.iter().map(|&t| world_reward(t).name().to_string()).collect();
+        assert_eq!(names, ["composition", "ocr", "preference", "quality"]);
+        let blank = RewardInput::from_image32(&Image32::filled([0.5; 3]), "a sign that says \"A\"");
+        let mut text = Image32::filled([0.9; 3]);
+        crate::world::font::Font::builtin().draw(&mut text, "A", 10, 10, [0.0; 3]);
+        let good = RewardInput::from_image32(&text, "a sign that says \"A\"");
+        let scores = OcrReward.score(&[blank, good.clone(), good]).unwrap();
+        assert_eq!(scores.iter().map(|s| s.value).collect::<Vec<_>>(), [0.0, 1.0, 1.0]);
+    }
+}

@@ -1,0 +1,6 @@
+//! Trainers and their shared parts: flow-matching pre-training ([`pretrain`]), the EMA of
+//! weights ([`ema`]) and run logging ([`metrics`]).
+
+pub mod ema;
+pub mod metrics;
+pub mod pretrain;

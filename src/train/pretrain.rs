@@ -1,0 +1,201 @@
+//! Flow-matching pre-training of a world pipeline (transformer and text encoder together):
+//! `x_s = (1 - s) x0 + s eps`, loss `||v_theta(x_s, s, c) - (eps - x0)||^2` averaged over
+//! elements (REFERENCE section 1), with logit-normal or uniform `s`, caption dropout for
+//! classifier-free guidance, AdamW with grad-norm clipping, and an EMA of the weights.
+
+use burn::module::AutodiffModule;
+use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::optim::grad_clipping::GradientClippingConfig;
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{ElementConversion, Tensor, TensorData};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, StandardNormal};
+use serde::{Deserialize, Serialize};
+
+use crate::flow::SeededNoise;
+use crate::model::pipeline::{Pipeline, WorldModel};
+
+/// How training sigmas are drawn.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum TimestepSampling {
+    /// `s = sigmoid(m + std * n)`, `n ~ N(0, 1)` (SD3's choice; m 0, std 1).
+    LogitNormal { mean: f64, std: f64 },
+    /// `s ~ U(0, 1)`.
+    Uniform,
+}
+
+impl Default for TimestepSampling {
+    fn default() -> Self {
+        Self::LogitNormal { mean: 0.0, std: 1.0 }
+    }
+}
+
+impl TimestepSampling {
+    pub fn sample(&self, rng: &mut impl Rng) -> f64 {
+        match *self {
+            Self::LogitNormal { mean, std } => {
+                let n: f64 = StandardNormal.sample(rng);
+                1.0 / (1.0 + (-(mean + std * n)).exp())
+            }
+            Self::Uniform => rng.random_range(0.0..1.0),
+        }
+    }
+}
+
+/// Optimiser settings shared by the trainers (REFERENCE section 5 defaults for RL).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimConfig {
+    pub lr: f64,
+    #[serde(default = "default_betas")]
+    pub betas: (f32, f32),
+    #[serde(default = "default_weight_decay")]
+    pub weight_decay: f32,
+    /// Gradient-norm clip (1.0); 0 disables.
+    #[serde(default = "default_grad_clip")]
+    pub grad_clip: f32,
+}
+
+fn default_betas() -> (f32, f32) {
+    (0.9, 0.999)
+}
+fn default_weight_decay() -> f32 {
+    1e-4
+}
+fn default_grad_clip() -> f32 {
+    1.0
+}
+
+impl OptimConfig {
+    pub fn adamw(&self) -> AdamWConfig {
+        let config = AdamWConfig::new()
+            .with_beta_1(self.betas.0)
+            .with_beta_2(self.betas.1)
+            .with_weight_decay(self.weight_decay)
+            .with_epsilon(1e-8);
+        if self.grad_clip > 0.0 { config.with_grad_clipping(Some(GradientClippingConfig::Norm(self.grad_clip))) } else { config }
+    }
+}
+
+/// A source of captioned training images.
+pub trait ImageCaptions {
+    /// `count` images `[3, H, W]` (flattened CHW, values in `[0, 1]`) with their captions.
+    fn batch(&mut self, count: usize) -> (Vec<f32>, Vec<String>);
+}
+
+/// Pre-training settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PretrainConfig {
+    pub steps: usize,
+    pub batch_size: usize,
+    pub optim: OptimConfig,
+    #[serde(default)]
+    pub timesteps: TimestepSampling,
+    /// Probability of replacing a caption by `""` (unconditional training for CFG).
+    #[serde(default = "default_caption_dropout")]
+    pub caption_dropout: f64,
+    /// Upper bound of the EMA decay.
+    #[serde(default = "default_ema")]
+    pub ema_max_decay: f64,
+    #[serde(default)]
+    pub seed: u64,
+}
+
+fn default_caption_dropout() -> f64 {
+    0.1
+}
+fn default_ema() -> f64 {
+    0.999
+}
+
+/// One pre-training step's figures.
+#[derive(Debug, Clone, Copy)]
+pub struct PretrainStats {
+    pub loss: f64,
+}
+
+/// The pre-training state: model, optimiser, EMA and random streams.
+pub struct Pretrainer<B: AutodiffBackend, O: Optimizer<WorldModel<B>, B>> {
+    pub pipeline: Pipeline<B>,
+    pub optimizer: O,
+    pub ema: super::ema::Ema<B, WorldModel<B>>,
+    pub config: PretrainConfig,
+    pub step: usize,
+    rng: ChaCha8Rng,
+    noise: SeededNoise,
+}
+
+/// Builds a pre-trainer for `pipeline`.
+pub fn pretrainer<B: AutodiffBackend>(
+    pipeline: Pipeline<B>,
+    config: PretrainConfig,
+) -> Pretrainer<B, impl Optimizer<WorldModel<B>, B>> {
+    let optimizer = config.optim.adamw().init::<B, WorldModel<B>>();
+    let ema = super::ema::Ema::new(&pipeline.model, config.ema_max_decay);
+    Pretrainer {
+        rng: ChaCha8Rng::seed_from_u64(config.seed),
+        noise: SeededNoise::new(config.seed ^ 0x5eed),
+        pipeline,
+        optimizer,
+        ema,
+        config,
+        step: 0,
+    }
+}
+
+impl<B: AutodiffBackend, O: Optimizer<WorldModel<B>, B>> Pretrainer<B, O> {
+    /// One optimiser step on a fresh batch from `data`.
+    pub fn step(&mut self, data: &mut impl ImageCaptions, device: &B::Device) -> PretrainStats {
+        let b = self.config.batch_size;
+        let (pixels, captions) = data.batch(b);
+        let side = self.pipeline.index.image_size;
+        let images = Tensor::<B, 4>::from_data(TensorData::new(pixels, [b, 3, side, side]), device);
+        let x0 = self.pipeline.encode_images(images);
+        let eps: Tensor<B, 4> = self.noise.sample(x0.dims(), device);
+        let sigmas: Vec<f32> = (0..b).map(|_| self.config.timesteps.sample(&mut self.rng) as f32).collect();
+        let s = Tensor::<B, 1>::from_data(TensorData::new(sigmas, [b]), device);
+        let s4 = s.clone().reshape([b, 1, 1, 1]);
+        let x_s = x0.clone() * (s4.clone().neg() + 1.0) + eps.clone() * s4;
+        let target = eps - x0;
+        let prompts: Vec<&str> = captions
+            .iter()
+            .map(|c| if self.rng.random_bool(self.config.caption_dropout) { "" } else { c.as_str() })
+            .collect();
+        let model = &self.pipeline.model;
+        let cond = model.text_encoder.encode(&self.pipeline.tokenizer, &prompts, device);
+        let v = model.transformer.forward(x_s, cond.tokens, cond.pooled, s * 1000.0);
+        let loss = (v - target).powi_scalar(2).mean();
+        let value = loss.clone().into_scalar().elem::<f64>();
+        let grads = GradientsParams::from_grads(loss.backward(), model);
+        let model = self.pipeline.model.clone();
+        self.pipeline.model = self.optimizer.step(self.config.optim.lr, model, grads);
+        self.ema.update(&self.pipeline.model);
+        self.step += 1;
+        PretrainStats { loss: value }
+    }
+
+    /// The EMA weights as an inference pipeline.
+    pub fn ema_pipeline(&self) -> Pipeline<B::InnerBackend> {
+        Pipeline {
+            model: self.ema.average.clone(),
+            transformer_config: self.pipeline.transformer_config.clone(),
+            text_config: self.pipeline.text_config.clone(),
+            tokenizer: self.pipeline.tokenizer.clone(),
+            index: self.pipeline.index.clone(),
+        }
+    }
+}
+
+/// Moves a pipeline onto the autodiff backend for training.
+pub fn to_autodiff<B: AutodiffBackend>(pipeline: Pipeline<B::InnerBackend>) -> Pipeline<B> {
+    Pipeline {
+        model: <WorldModel<B> as AutodiffModule<B>>::from_inner(pipeline.model),
+        transformer_config: pipeline.transformer_config,
+        text_config: pipeline.text_config,
+        tokenizer: pipeline.tokenizer,
+        index: pipeline.index,
+    }
+}

@@ -1,0 +1,270 @@
+//! The world's text reader: template matching against the built-in font (the stand-in for the
+//! OCR model of the paper's OCR reward).
+//!
+//! 1. The paper is a plane fitted robustly to the luminance (solid, gradient and lightly noisy
+//!    backgrounds all are); the ink is the side of the residual, darker or lighter, with more
+//!    outlying mass, so dark-on-light and light-on-dark text both read. Ink contrast below
+//!    [`MIN_CONTRAST`] reads as empty.
+//! 2. Every pixel gets a soft ink value `p = clamp(residual / contrast, 0, 1)`.
+//! 3. The text line is the [`GLYPH_HEIGHT`]-row band with the most ink (and its neighbours one
+//!    row up and down). Along it, cells of [`GLYPH_PITCH`] columns are laid at each of the
+//!    six phases; each cell takes the template (a glyph, or blank) with the least squared
+//!    error to `p`, its spacing column counting as paper. The band and phase with the least
+//!    total error win.
+//! 4. The text is the winning cells' glyphs, skipping blank cells and cells whose best glyph
+//!    still misses more than [`MAX_CELL_ERROR`] of its pixels. An image with more than
+//!    [`MAX_STRAY_INK`] mean ink outside the line is not text on paper and reads as empty.
+
+use crate::world::font::{Font, GLYPH_HEIGHT, GLYPH_PITCH, GLYPH_WIDTH};
+use crate::world::image::{IMAGE_SIZE, Image32, PIXELS};
+
+/// Minimum luminance difference between ink and paper for text to be read.
+pub const MIN_CONTRAST: f32 = 0.2;
+/// Pixels within this luminance of the fitted paper plane count as paper when refitting it.
+pub const PAPER_TOLERANCE: f32 = 0.15;
+/// Largest squared error of an accepted glyph, as a fraction of its 35 pixels.
+pub const MAX_CELL_ERROR: f32 = 0.2;
+/// Largest mean ink value outside the text line for the image to count as text on paper
+/// (noise and clutter read as nothing).
+pub const MAX_STRAY_INK: f32 = 0.1;
+
+const CELL_PIXELS: usize = GLYPH_WIDTH * GLYPH_HEIGHT;
+
+/// The cells of a line: the best glyph of each and its squared error, `None` for blank cells.
+type Cells = Vec<Option<(char, f32)>>;
+
+/// Reads the text of an image (an empty string if none is found).
+pub fn read_text(image: &Image32) -> String {
+    let Some(ink) = ink_map(image) else { return String::new() };
+    let rows: Vec<f32> = (0..IMAGE_SIZE).map(|y| ink[y * IMAGE_SIZE..(y + 1) * IMAGE_SIZE].iter().sum()).collect();
+    let last_top = IMAGE_SIZE - GLYPH_HEIGHT;
+    let band = |top: usize| rows[top..top + GLYPH_HEIGHT].iter().sum::<f32>();
+    let densest = (0..=last_top).max_by(|&a, &b| band(a).total_cmp(&band(b))).expect("the image has rows");
+    let templates = templates();
+    let mut best: Option<(f32, usize, Cells)> = None;
+    for top in densest.saturating_sub(1)..=(densest + 1).min(last_top) {
+        for phase in 0..GLYPH_PITCH {
+            let (error, cells) = read_line(&ink, top, phase, &templates);
+            if best.as_ref().is_none_or(|(e, ..)| error < *e) {
+                best = Some((error, top, cells));
+            }
+        }
+    }
+    let (_, top, cells) = best.expect("at least one band and phase were tried");
+    let outside: f32 = (0..IMAGE_SIZE).filter(|y| !(top..top + GLYPH_HEIGHT).contains(y)).map(|y| rows[y]).sum();
+    if outside / ((IMAGE_SIZE - GLYPH_HEIGHT) * IMAGE_SIZE) as f32 > MAX_STRAY_INK {
+        return String::new();
+    }
+    cells
+        .into_iter()
+        .flatten()
+        .filter(|&(_, error)| error <= MAX_CELL_ERROR * CELL_PIXELS as f32)
+        .map(|(ch, _)| ch)
+        .collect()
+}
+
+/// The soft ink value of every pixel, or `None` for an image without ink.
+fn ink_map(image: &Image32) -> Option<Vec<f32>> {
+    let lum = image.luminance();
+    let paper = paper_plane(&lum);
+    let residual: Vec<f32> = lum.iter().zip(&paper).map(|(l, p)| l - p).collect();
+    // the side (darker or lighter than the paper) with more outlying mass is ink
+    let mass = |sign: f32| residual.iter().map(|r| (sign * r - PAPER_TOLERANCE).max(0.0)).sum::<f32>();
+    let sign = if mass(-1.0) >= mass(1.0) { -1.0 } else { 1.0 };
+    let strongest = residual.iter().map(|r| sign * r).fold(0.0f32, f32::max);
+    let strong: Vec<f32> = residual.iter().map(|r| sign * r).filter(|&r| r > 0.5 * strongest).collect();
+    let contrast = strong.iter().sum::<f32>() / strong.len().max(1) as f32;
+    if contrast < MIN_CONTRAST {
+        return None;
+    }
+    Some(residual.iter().map(|r| (sign * r / contrast).clamp(0.0, 1.0)).collect())
+}
+
+/// Paper luminance at every pixel: a plane `a + b x + c y` fitted by least squares, refitted
+/// twice on the pixels within [`PAPER_TOLERANCE`] of the previous fit (so the ink drops out).
+/// Solid, gradient and lightly noisy backgrounds are all planes up to the noise.
+fn paper_plane(lum: &[f32]) -> Vec<f32> {
+    let coords = |i: usize| ((i % IMAGE_SIZE) as f64 - 15.5, (i / IMAGE_SIZE) as f64 - 15.5);
+    let mut plane = [lum.iter().map(|&v| f64::from(v)).sum::<f64>() / PIXELS as f64, 0.0, 0.0];
+    let eval = |plane: &[f64; 3], i: usize| {
+        let (x, y) = coords(i);
+        (plane[0] + plane[1] * x + plane[2] * y) as f32
+    };
+    for round in 0..3 {
+        // normal equations of the fit over the kept pixels
+        let mut m = [[0f64; 3]; 3];
+        let mut v = [0f64; 3];
+        for (i, &l) in lum.iter().enumerate() {
+            if round > 0 && (l - eval(&plane, i)).abs() > PAPER_TOLERANCE {
+                continue;
+            }
+            let (x, y) = coords(i);
+            let basis = [1.0, x, y];
+            for r in 0..3 {
+                for c in 0..3 {
+                    m[r][c] += basis[r] * basis[c];
+                }
+                v[r] += basis[r] * f64::from(l);
+            }
+        }
+        match solve3(m, v) {
+            Some(p) => plane = p,
+            None => break,
+        }
+    }
+    (0..PIXELS).map(|i| eval(&plane, i)).collect()
+}
+
+/// Solves the 3 x 3 system `m p = v` by Cramer's rule; `None` if it is (nearly) singular.
+fn solve3(m: [[f64; 3]; 3], v: [f64; 3]) -> Option<[f64; 3]> {
+    let det = |a: [[f64; 3]; 3]| {
+        a[0][0] * (a[1][1] * a[2][2] - a[1][2] * a[2][1]) - a[0][1] * (a[1][0] * a[2][2] - a[1][2] * a[2][0])
+            + a[0][2] * (a[1][0] * a[2][1] - a[1][1] * a[2][0])
+    };
+    let d = det(m);
+    if d.abs() < 1e-9 {
+        return None;
+    }
+    let mut out = [0.0; 3];
+    for (k, o) in out.iter_mut().enumerate() {
+        let mut a = m;
+        for r in 0..3 {
+            a[r][k] = v[r];
+        }
+        *o = det(a) / d;
+    }
+    Some(out)
+}
+
+/// Glyph templates as 0/1 values, plus the blank template (`None`).
+fn templates() -> Vec<(Option<char>, [f32; CELL_PIXELS])> {
+    let mut out: Vec<(Option<char>, [f32; CELL_PIXELS])> =
+        Font::builtin().glyphs().iter().map(|g| (Some(g.ch), g.ink.map(f32::from))).collect();
+    out.push((None, [0.0; CELL_PIXELS]));
+    out
+}
+
+/// Reads the line whose glyph tops are on row `top`, cells starting at columns
+/// `phase - GLYPH_PITCH + k * GLYPH_PITCH`. Returns the total error and, per cell, the best
+/// glyph and its error (`None` for blank cells).
+fn read_line(ink: &[f32], top: usize, phase: usize, templates: &[(Option<char>, [f32; CELL_PIXELS])]) -> (f32, Cells) {
+    let at = |x: i32, y: usize| {
+        if (0..IMAGE_SIZE as i32).contains(&x) { ink[y * IMAGE_SIZE + x as usize] } else { 0.0 }
+    };
+    let mut total = 0.0;
+    let mut cells = Vec::new();
+    let mut left = phase as i32 - GLYPH_PITCH as i32;
+    while left < IMAGE_SIZE as i32 {
+        let mut cell = [0f32; CELL_PIXELS];
+        for gy in 0..GLYPH_HEIGHT {
+            for gx in 0..GLYPH_WIDTH {
+                cell[gy * GLYPH_WIDTH + gx] = at(left + gx as i32, top + gy);
+            }
+        }
+        let spacing: f32 = (0..GLYPH_HEIGHT).map(|gy| at(left + GLYPH_WIDTH as i32, top + gy).powi(2)).sum();
+        let (ch, error) = templates
+            .iter()
+            .map(|(ch, t)| (*ch, t.iter().zip(&cell).map(|(a, b)| (a - b).powi(2)).sum::<f32>()))
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+            .expect("there are templates");
+        total += error + spacing;
+        cells.push(ch.map(|c| (c, error)));
+        left += GLYPH_PITCH as i32;
+    }
+    (total, cells)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::world::Spec;
+    use crate::world::font::{ALPHABET, text_width};
+    use crate::world::random::gaussian;
+    use crate::world::render::{Background, PlacedText, Scene, layout};
+    use crate::world::prompts::{Split, TEST_PROMPTS_PER_TASK, TRAIN_PROMPTS_PER_TASK, shipped_prompts};
+    use rand::SeedableRng;
+    use rand_chacha::ChaCha8Rng;
+
+    fn text_image(text: &str, x: i32, y: i32, background: Background, ink: [f32; 3]) -> Image32 {
+        let text = Some(PlacedText { text: text.into(), x, y, ink });
+        Scene { background, objects: Vec::new(), text }.draw()
+    }
+
+    #[test]
+    fn every_glyph_reads_alone_at_every_position() {
+        for ch in ALPHABET.chars() {
+            for x in [0, 3, 13, 27] {
+                for y in [0, 9, 25] {
+                    let img = text_image(&ch.to_string(), x, y, Background::Solid([0.9; 3]), [0.1; 3]);
+                    assert_eq!(read_text(&img), ch.to_string(), "{ch:?} at ({x}, {y})");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_glyph_reads_in_context_and_in_both_polarities() {
+        // each glyph between every other glyph, light on dark and dark on light
+        let chars: Vec<char> = ALPHABET.chars().collect();
+        for (i, &c) in chars.iter().enumerate() {
+            for (j, &d) in chars.iter().enumerate() {
+                let text: String = [d, c, chars[(i + j) % chars.len()]].iter().collect();
+                let (bg, ink) =
+                    if (i + j) % 2 == 0 { ([0.92, 0.9, 0.85], [0.05, 0.05, 0.2]) } else { ([0.1; 3], [0.95; 3]) };
+                let x = 2 + ((i * 7 + j) % (32 - 4 - text_width(3))) as i32;
+                let img = text_image(&text, x, 12, Background::Solid(bg), ink);
+                assert_eq!(read_text(&img), text);
+            }
+        }
+    }
+
+    #[test]
+    fn every_shipped_text_prompt_renders_and_reads_exactly() {
+        let mut rng = ChaCha8Rng::seed_from_u64(21);
+        let mut checked = 0;
+        for split in Split::ALL {
+            for prompt in shipped_prompts(split) {
+                let Spec::Text(t) = &prompt.spec else { continue };
+                for _ in 0..2 {
+                    let img = layout(&prompt.spec, &mut rng).draw();
+                    assert_eq!(read_text(&img), t.text, "{:?}", prompt.text);
+                    checked += 1;
+                }
+            }
+        }
+        assert_eq!(checked, 2 * (TRAIN_PROMPTS_PER_TASK + TEST_PROMPTS_PER_TASK));
+    }
+
+    #[test]
+    fn blank_gradient_and_noise_images_read_as_nothing_or_little() {
+        assert_eq!(read_text(&Image32::filled([0.5; 3])), "");
+        let gradient = Background::Gradient {
+            from: [0.1; 3],
+            to: [0.9; 3],
+            direction: crate::world::render::GradientDirection::Horizontal,
+        };
+        assert_eq!(read_text(&gradient.draw()), "");
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let mut total = 0;
+        for _ in 0..100 {
+            let noise = Image32::from_fn(|_, _| {
+                let v = (0.5 + 0.3 * gaussian(&mut rng)).clamp(0.0, 1.0);
+                [v, v, v]
+            });
+            total += read_text(&noise).len();
+        }
+        assert!(total == 0, "pure noise read as {total} characters over 100 images");
+    }
+
+    #[test]
+    fn mild_blur_still_reads() {
+        // a 3-tap horizontal blur, what a sampler's output looks like at worst in training
+        let img = text_image("K7QX", 4, 10, Background::Solid([0.9; 3]), [0.1; 3]);
+        let blurred = Image32::from_fn(|x, y| {
+            let at = |x: usize| img.get(x.min(IMAGE_SIZE - 1), y);
+            let (l, c, r) = (at(x.saturating_sub(1)), at(x), at(x + 1));
+            [0, 1, 2].map(|k| 0.2 * l[k] + 0.6 * c[k] + 0.2 * r[k])
+        });
+        assert_eq!(read_text(&blurred), "K7QX");
+    }
+}
