@@ -4,6 +4,8 @@
 pub mod device;
 pub mod flow;
 pub mod train;
+pub mod eval;
 pub mod model;
+pub mod recipe;
 pub mod reward;
 pub mod world;

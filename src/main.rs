@@ -24,6 +24,47 @@ enum Command {
     /// Inspect, run and convert MMDiT transformers.
     #[command(subcommand)]
     Model(ModelCommand),
+    /// Run a TOML recipe (pretrain, teachers, merge_opd, ...): outputs go to runs/<name>/.
+    Recipe {
+        /// The recipe file.
+        path: PathBuf,
+        /// Where runs are written.
+        #[arg(long, default_value = "runs")]
+        runs: PathBuf,
+        /// cpu, wgpu[:N] or cuda[:N].
+        #[arg(long, default_value = "cpu")]
+        device: DeviceSpec,
+    },
+    /// Evaluate a pipeline on the world's test prompts: a table (results.md + results.json),
+    /// and PNG sample grids per task.
+    Eval {
+        /// Pipeline folder (e.g. models/world_base).
+        #[arg(long)]
+        model: PathBuf,
+        /// A LoRA adapter to apply.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// Tasks: all, or a comma list of composition, text, preference, quality.
+        #[arg(long, default_value = "all")]
+        tasks: String,
+        /// Test prompts per task (640 = all).
+        #[arg(long, default_value_t = 640)]
+        prompts: usize,
+        /// ODE steps.
+        #[arg(long, default_value_t = 40)]
+        steps: usize,
+        /// Classifier-free guidance scale.
+        #[arg(long, default_value_t = 4.5)]
+        cfg: f64,
+        /// Row label (defaults to the model folder name).
+        #[arg(long)]
+        name: Option<String>,
+        /// Output folder for results.md / results.json / grids (rows are added to an existing table).
+        #[arg(long, default_value = "runs/eval")]
+        out: PathBuf,
+        #[arg(long, default_value = "cpu")]
+        device: DeviceSpec,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -168,6 +209,33 @@ fn first_compiled_device() -> DeviceSpec {
     }
 }
 
+struct RecipeTask {
+    recipe: flow_opd::recipe::Recipe,
+    runs: PathBuf,
+}
+
+impl BackendTask for RecipeTask {
+    type Output = Result<()>;
+    fn run<B: Backend>(self, device: B::Device) -> Self::Output {
+        let ctx = flow_opd::recipe::run_recipe::<B>(&self.recipe, &self.runs, &device)?;
+        println!("run written to {}", ctx.dir.display());
+        Ok(())
+    }
+}
+
+fn parse_tasks(tasks: &str) -> Result<Vec<flow_opd::world::Task>> {
+    if tasks == "all" {
+        return Ok(flow_opd::eval::all_tasks());
+    }
+    tasks
+        .split(',')
+        .map(|t| {
+            serde_json::from_value(serde_json::Value::String(t.trim().to_string()))
+                .with_context(|| format!("unknown task `{t}` (expected composition, text, preference, quality or all)"))
+        })
+        .collect()
+}
+
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
@@ -176,6 +244,29 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Model(ModelCommand::Info { path, config }) => info(&path, &config),
+        Command::Recipe { path, runs, device } => {
+            let recipe = flow_opd::recipe::Recipe::from_file(&path)?;
+            dispatch(device, RecipeTask { recipe, runs })?
+        }
+        Command::Eval { model, adapter, tasks, prompts, steps, cfg, name, out, device } => {
+            let tasks = parse_tasks(&tasks)?;
+            let model_name = model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let stage = flow_opd::recipe::EvalStage {
+                model: model.to_string_lossy().into_owned(),
+                adapter: adapter.map(|a| a.to_string_lossy().into_owned()),
+                row: Some(name.unwrap_or(model_name)),
+                eval: flow_opd::eval::EvalConfig {
+                    sampling: flow_opd::eval::GenerateConfig { steps, guidance: cfg, ..Default::default() },
+                    prompts_per_task: Some(prompts),
+                    seed: 0,
+                    tasks,
+                },
+            };
+            let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "eval".into());
+            let runs = out.parent().map(Path::to_path_buf).unwrap_or_default();
+            let recipe = flow_opd::recipe::Recipe { name, stages: vec![flow_opd::recipe::Stage::Eval(stage)] };
+            dispatch(device, RecipeTask { recipe, runs })?
+        }
         Command::Model(ModelCommand::Forward { model, inputs, output, adapter, device }) => {
             let source = open(&model)?;
             let shape = dispatch(device, ForwardTask { source, adapter, inputs, output: output.clone() })??;

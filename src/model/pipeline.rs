@@ -159,3 +159,74 @@ pub fn save_world_model<B: Backend>(
     write_text_atomic(&dir.join("tokenizer.json"), &serde_json::to_string(tokenizer).expect("json"))?;
     write_text_atomic(&dir.join(INDEX_FILE), &serde_json::to_string_pretty(index).expect("json"))
 }
+
+/// Shape of a fresh world pipeline.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorldModelConfig {
+    /// Transformer preset name or `config.json` path (`tiny`: SD3.5-style, width 64, 4 blocks).
+    #[serde(default = "default_transformer")]
+    pub transformer: String,
+    /// Text-encoder transformer layers.
+    #[serde(default = "default_text_layers")]
+    pub text_layers: usize,
+    /// Token sequence length.
+    #[serde(default = "default_max_len")]
+    pub max_len: usize,
+}
+
+fn default_transformer() -> String {
+    "tiny".into()
+}
+fn default_text_layers() -> usize {
+    2
+}
+fn default_max_len() -> usize {
+    24
+}
+
+impl Default for WorldModelConfig {
+    fn default() -> Self {
+        Self { transformer: default_transformer(), text_layers: default_text_layers(), max_len: default_max_len() }
+    }
+}
+
+/// The world's tokenizer: the grammar's words plus the font's spellable characters.
+pub fn world_tokenizer(max_len: usize) -> WordTokenizer {
+    WordTokenizer::new(crate::world::grammar::vocabulary(), crate::world::font::ALPHABET.chars(), max_len)
+}
+
+impl<B: Backend> Pipeline<B> {
+    /// A freshly initialised world pipeline (32 x 32 images, pixel-unshuffle codec).
+    pub fn new_world(config: &WorldModelConfig, device: &B::Device) -> Result<Self, ModelError> {
+        let path = Path::new(&config.transformer);
+        let transformer_config =
+            if path.exists() { MmditConfig::from_file(path)? } else { MmditConfig::preset(&config.transformer)? };
+        let tokenizer = world_tokenizer(config.max_len);
+        let text_config = TextEncoderConfig::new(
+            tokenizer.vocab_size(),
+            config.max_len,
+            transformer_config.joint_attention_dim,
+            transformer_config.pooled_projection_dim,
+        )
+        .with_layers(config.text_layers);
+        let codec = PixelUnshuffle::default();
+        if LatentCodec::<B>::latent_channels(&codec) != transformer_config.in_channels {
+            return Err(ModelError::Config {
+                path: path.to_path_buf(),
+                message: format!(
+                    "`in_channels` is {}, the world's codec gives {} latent channels",
+                    transformer_config.in_channels,
+                    LatentCodec::<B>::latent_channels(&codec)
+                ),
+            });
+        }
+        Ok(Self {
+            model: WorldModel { transformer: transformer_config.init(device), text_encoder: text_config.init(device) },
+            transformer_config,
+            text_config,
+            tokenizer,
+            index: PipelineIndex { kind: "world".into(), image_size: crate::world::IMAGE_SIZE, codec },
+        })
+    }
+}

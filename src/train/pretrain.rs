@@ -199,3 +199,36 @@ pub fn to_autodiff<B: AutodiffBackend>(pipeline: Pipeline<B::InnerBackend>) -> P
         index: pipeline.index,
     }
 }
+
+/// Captioned renders of the world's training prompts: each pair draws a random training
+/// prompt; with probability `wrong_fraction` the image departs from its caption (wrong
+/// colour, count, character, style, ...), so the pre-trained model follows prompts only partly.
+pub struct WorldPairs {
+    prompts: Vec<crate::world::prompts::Prompt>,
+    wrong_fraction: f32,
+    rng: ChaCha8Rng,
+}
+
+impl WorldPairs {
+    pub fn new(wrong_fraction: f32, seed: u64) -> Self {
+        Self {
+            prompts: crate::world::prompts::shipped_prompts(crate::world::prompts::Split::Train),
+            wrong_fraction,
+            rng: ChaCha8Rng::seed_from_u64(seed),
+        }
+    }
+}
+
+impl ImageCaptions for WorldPairs {
+    fn batch(&mut self, count: usize) -> (Vec<f32>, Vec<String>) {
+        let mut pixels = Vec::with_capacity(count * 3 * 32 * 32);
+        let mut captions = Vec::with_capacity(count);
+        for _ in 0..count {
+            let prompt = &self.prompts[self.rng.random_range(0..self.prompts.len())];
+            let pair = crate::world::pairs::training_pair(prompt, self.wrong_fraction, &mut self.rng);
+            pixels.extend(pair.image.to_chw());
+            captions.push(pair.caption);
+        }
+        (pixels, captions)
+    }
+}

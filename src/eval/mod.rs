@@ -1,0 +1,143 @@
+//! The evaluation harness shared by every stage (REFERENCE section 6): test prompts per task,
+//! 40-step ODE sampling with fixed seeds, the four metrics and the paper's Avg, a `results.md`
+//! table with one row per evaluated model (rows are added to or replaced in an existing table),
+//! `results.json`, and per-task PNG grids of samples.
+
+pub mod generate;
+pub mod table;
+
+use std::path::Path;
+use std::time::Instant;
+
+use burn::tensor::backend::Backend;
+use serde::{Deserialize, Serialize};
+
+use crate::model::lora::ActiveAdapters;
+use crate::model::pipeline::Pipeline;
+use crate::reward::{RewardInput, world_reward};
+use crate::world::Task;
+use crate::world::image::image_grid;
+use crate::world::prompts::{Split, shipped_prompts};
+use crate::world::Image32;
+pub use generate::{GenerateConfig, generate};
+pub use table::{EvalRow, ResultsTable};
+
+/// What to evaluate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalConfig {
+    #[serde(default)]
+    pub sampling: GenerateConfig,
+    /// Test prompts per task (all 640 if `None`).
+    #[serde(default)]
+    pub prompts_per_task: Option<usize>,
+    /// Seed of the first prompt's noise; prompt `i` uses `seed + i`.
+    #[serde(default)]
+    pub seed: u64,
+    /// Tasks to evaluate (all four by default).
+    #[serde(default = "all_tasks")]
+    pub tasks: Vec<Task>,
+}
+
+pub fn all_tasks() -> Vec<Task> {
+    vec![Task::Composition, Task::Text, Task::Preference, Task::Quality]
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        Self { sampling: GenerateConfig::default(), prompts_per_task: None, seed: 0, tasks: all_tasks() }
+    }
+}
+
+/// One task's result: the mean metric, its standard error and the samples.
+#[derive(Debug, Clone)]
+pub struct TaskResult {
+    pub task: Task,
+    pub mean: f64,
+    pub stderr: f64,
+    pub count: usize,
+    pub images: Vec<Image32>,
+    pub prompts: Vec<String>,
+}
+
+/// Why an evaluation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    #[error("reward `{task}`: {message}")]
+    Reward { task: String, message: String },
+    #[error("{path}: {message}")]
+    Output { path: std::path::PathBuf, message: String },
+}
+
+/// Samples and scores the test prompts of every task in `config` with the model and adapters.
+pub fn evaluate<B: Backend>(
+    pipeline: &Pipeline<B>,
+    adapters: &ActiveAdapters<'_, B>,
+    config: &EvalConfig,
+    device: &B::Device,
+    mut progress: impl FnMut(&str, usize),
+) -> Result<Vec<TaskResult>, EvalError> {
+    let test = shipped_prompts(Split::Test);
+    let mut results = Vec::new();
+    for &task in &config.tasks {
+        let prompts: Vec<String> = test
+            .iter()
+            .filter(|p| p.task() == task)
+            .take(config.prompts_per_task.unwrap_or(usize::MAX))
+            .map(|p| p.text.clone())
+            .collect();
+        let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
+        let seeds: Vec<u64> = (0..prompts.len() as u64).map(|i| config.seed + i).collect();
+        let images = generate(pipeline, adapters, &refs, &seeds, &config.sampling, device, |n| progress(task.name(), n));
+        let reward = world_reward(task);
+        let inputs: Vec<RewardInput> =
+            images.iter().zip(&prompts).map(|(img, p)| RewardInput::from_image32(img, p.clone()).with_task(task)).collect();
+        let scores = reward
+            .score(&inputs)
+            .map_err(|e| EvalError::Reward { task: task.name().to_string(), message: e.to_string() })?;
+        let metrics: Vec<f64> = scores.iter().map(|s| s.metric as f64).collect();
+        let n = metrics.len().max(1) as f64;
+        let mean = metrics.iter().sum::<f64>() / n;
+        let var = metrics.iter().map(|m| (m - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
+        results.push(TaskResult { task, mean, stderr: (var / n).sqrt(), count: metrics.len(), images, prompts });
+    }
+    Ok(results)
+}
+
+/// The table row of a finished evaluation (metrics of tasks not evaluated are `None`).
+pub fn row(name: &str, results: &[TaskResult], seconds: f64) -> EvalRow {
+    let get = |t: Task| results.iter().find(|r| r.task == t).map(|r| r.mean);
+    EvalRow::new(name, get(Task::Composition), get(Task::Text), get(Task::Preference), get(Task::Quality), seconds)
+}
+
+/// Writes `grid_<model>_<task>.png` (the first 32 samples, 8 per row, 4x scale) and the
+/// matching prompt list `grid_<model>_<task>.txt` into `dir`.
+pub fn write_grids(dir: &Path, model: &str, results: &[TaskResult]) -> Result<(), EvalError> {
+    std::fs::create_dir_all(dir).map_err(|e| EvalError::Output { path: dir.to_path_buf(), message: e.to_string() })?;
+    for r in results {
+        let n = r.images.len().min(32);
+        let grid = image_grid(&r.images[..n], 8, 4);
+        let stem = format!("grid_{}_{}", sanitize(model), r.task.name());
+        let png = dir.join(format!("{stem}.png"));
+        let tmp = dir.join(format!(".{stem}.png.tmp"));
+        grid.save_with_format(&tmp, image::ImageFormat::Png)
+            .and_then(|_| std::fs::rename(&tmp, &png).map_err(image::ImageError::IoError))
+            .map_err(|e| EvalError::Output { path: png.clone(), message: e.to_string() })?;
+        let txt = dir.join(format!("{stem}.txt"));
+        crate::model::weights::write_text_atomic(&txt, &(r.prompts[..n].join("\n") + "\n"))
+            .map_err(|e| EvalError::Output { path: txt.clone(), message: e.to_string() })?;
+    }
+    Ok(())
+}
+
+/// File-name-safe version of a model name.
+pub fn sanitize(name: &str) -> String {
+    name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect()
+}
+
+/// Times a closure.
+pub fn timed<T>(f: impl FnOnce() -> T) -> (T, f64) {
+    let start = Instant::now();
+    let out = f();
+    (out, start.elapsed().as_secs_f64())
+}

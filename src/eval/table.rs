@@ -1,0 +1,119 @@
+//! The results table of the paper's Table 2 for the synthetic world: one row per model with
+//! GenEval-like, OCR-like, PickScore-like and DeQA-like metrics and
+//! `Avg = mean(GenEval, OCR, DeQA / 5, PickScore / 26)` (REFERENCE section 6).
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::weights::write_text_atomic;
+
+/// One evaluated model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalRow {
+    pub model: String,
+    /// Strict composition accuracy (GenEval-like), 0-1.
+    pub geneval: Option<f64>,
+    /// OCR score, 0-1.
+    pub ocr: Option<f64>,
+    /// Raw preference score (PickScore-like scale).
+    pub pickscore: Option<f64>,
+    /// Quality, 1-5 (DeQA-like).
+    pub deqa: Option<f64>,
+    /// The paper's Avg, if all four metrics are present.
+    pub avg: Option<f64>,
+    /// Wall time of the evaluation in seconds.
+    pub seconds: f64,
+}
+
+impl EvalRow {
+    pub fn new(model: &str, geneval: Option<f64>, ocr: Option<f64>, pickscore: Option<f64>, deqa: Option<f64>, seconds: f64) -> Self {
+        let avg = match (geneval, ocr, pickscore, deqa) {
+            (Some(g), Some(o), Some(p), Some(d)) => Some(paper_avg(g, o, p, d)),
+            _ => None,
+        };
+        Self { model: model.to_string(), geneval, ocr, pickscore, deqa, avg, seconds }
+    }
+}
+
+/// `mean(GenEval, OCR, DeQA / 5, PickScore / 26)` (Table 2's Avg).
+pub fn paper_avg(geneval: f64, ocr: f64, pickscore: f64, deqa: f64) -> f64 {
+    (geneval + ocr + deqa / 5.0 + pickscore / 26.0) / 4.0
+}
+
+/// The rows of `results.json`, rendered as `results.md`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ResultsTable {
+    pub rows: Vec<EvalRow>,
+}
+
+impl ResultsTable {
+    /// Reads `dir/results.json` (empty if absent).
+    pub fn read(dir: &Path) -> Result<Self, String> {
+        let path = dir.join("results.json");
+        match std::fs::read_to_string(&path) {
+            Ok(text) => serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(e) => Err(format!("{}: {e}", path.display())),
+        }
+    }
+
+    /// Adds `row`, replacing a row of the same model.
+    pub fn upsert(&mut self, row: EvalRow) {
+        match self.rows.iter_mut().find(|r| r.model == row.model) {
+            Some(existing) => *existing = row,
+            None => self.rows.push(row),
+        }
+    }
+
+    /// The Markdown table.
+    pub fn markdown(&self) -> String {
+        let f = |v: Option<f64>, digits: usize| v.map_or("-".to_string(), |v| format!("{v:.digits$}"));
+        let mut out = String::from(
+            "| model | GenEval | OCR | PickScore | DeQA | Avg |\n|---|---|---|---|---|---|\n",
+        );
+        for r in &self.rows {
+            out.push_str(&format!(
+                "| {} | {} | {} | {} | {} | {} |\n",
+                r.model,
+                f(r.geneval, 3),
+                f(r.ocr, 3),
+                f(r.pickscore, 2),
+                f(r.deqa, 2),
+                f(r.avg, 4)
+            ));
+        }
+        out
+    }
+
+    /// Writes `results.json` and `results.md` into `dir` (atomically).
+    pub fn write(&self, dir: &Path) -> Result<(), String> {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        write_text_atomic(&dir.join("results.json"), &serde_json::to_string_pretty(self).expect("json"))
+            .map_err(|e| e.to_string())?;
+        write_text_atomic(&dir.join("results.md"), &self.markdown()).map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn avg_reproduces_the_papers_rows() {
+        // REFERENCE section 6: base .63/.59/4.07/21.64 -> .7165; Flow-OPD .93/.93/4.31/23.05 -> .9021.
+        assert!((paper_avg(0.63, 0.59, 21.64, 4.07) - 0.7165).abs() < 5e-4);
+        assert!((paper_avg(0.93, 0.93, 23.05, 4.31) - 0.9021).abs() < 5e-4);
+    }
+
+    #[test]
+    fn rows_are_replaced_by_model_name() {
+        let mut t = ResultsTable::default();
+        t.upsert(EvalRow::new("base", Some(0.5), Some(0.5), Some(20.0), Some(3.0), 1.0));
+        t.upsert(EvalRow::new("teacher", Some(0.9), None, None, None, 1.0));
+        t.upsert(EvalRow::new("base", Some(0.6), Some(0.5), Some(20.0), Some(3.0), 1.0));
+        assert_eq!(t.rows.len(), 2);
+        assert_eq!(t.rows[0].geneval, Some(0.6));
+        assert!(t.markdown().contains("| teacher | 0.900 | - |"));
+    }
+}

@@ -1,0 +1,291 @@
+//! TOML recipes: a named list of stages whose outputs feed later stages by name. Every run
+//! writes `runs/<name>/`: the resolved recipe, `metrics.jsonl`, stage outputs (pipelines,
+//! adapters), sample grids and `results.md`.
+//!
+//! ```toml
+//! name = "pretrain"
+//!
+//! [[stage]]
+//! kind = "pretrain"        # flow-matching pre-training of a world pipeline
+//! output = "base"          # stage output name (runs/<name>/base/)
+//! export = "models/world_base"
+//! steps = 4000
+//! batch_size = 32
+//! optim = { lr = 3e-4 }
+//!
+//! [[stage]]
+//! kind = "eval"
+//! model = "base"           # a stage output or a path
+//! row = "Base"
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::backend::Autodiff;
+use burn::tensor::backend::Backend;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+
+use crate::eval::{EvalConfig, ResultsTable, evaluate, row, write_grids};
+use crate::model::lora::{ActiveAdapters, load_lora};
+use crate::model::pipeline::{Pipeline, WorldModelConfig};
+use crate::train::metrics::MetricsLog;
+use crate::train::pretrain::{PretrainConfig, WorldPairs, pretrainer, to_autodiff};
+
+/// A recipe file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    /// Run name: outputs go to `<runs>/<name>/`.
+    pub name: String,
+    #[serde(rename = "stage")]
+    pub stages: Vec<Stage>,
+}
+
+/// One stage of a recipe.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Stage {
+    Pretrain(PretrainStage),
+    Eval(EvalStage),
+}
+
+/// Flow-matching pre-training of a world pipeline.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PretrainStage {
+    /// Name of the resulting pipeline (saved as `runs/<run>/<output>/`).
+    pub output: String,
+    /// Start from this pipeline folder instead of fresh weights.
+    #[serde(default)]
+    pub init: Option<String>,
+    #[serde(default)]
+    pub model: WorldModelConfig,
+    /// Fraction of training pairs whose image departs from the caption.
+    #[serde(default = "default_wrong")]
+    pub wrong_caption_fraction: f32,
+    /// Save the EMA pipeline every this many steps (and at the end).
+    #[serde(default = "default_checkpoint")]
+    pub checkpoint_every: usize,
+    /// Also write the final pipeline here (e.g. `models/world_base`).
+    #[serde(default)]
+    pub export: Option<PathBuf>,
+    #[serde(flatten)]
+    pub train: PretrainConfig,
+}
+
+fn default_wrong() -> f32 {
+    0.3
+}
+fn default_checkpoint() -> usize {
+    1000
+}
+
+/// Evaluation of a pipeline (optionally with an adapter) on the test prompts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalStage {
+    /// A stage output name or a pipeline folder.
+    pub model: String,
+    /// A LoRA adapter (stage output name or path).
+    #[serde(default)]
+    pub adapter: Option<String>,
+    /// Row label in `results.md` (defaults to the model name).
+    #[serde(default)]
+    pub row: Option<String>,
+    #[serde(flatten)]
+    pub eval: EvalConfig,
+}
+
+/// Why a recipe could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum RecipeError {
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("stage {index} ({kind}): {message}")]
+    Stage { index: usize, kind: &'static str, message: String },
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+}
+
+impl Recipe {
+    /// Reads and validates a recipe; errors name the file and the field at fault.
+    pub fn from_file(path: &Path) -> Result<Self, RecipeError> {
+        let text = std::fs::read_to_string(path).map_err(|source| RecipeError::Io { path: path.to_path_buf(), source })?;
+        Self::from_toml(path, &text)
+    }
+
+    pub fn from_toml(path: &Path, text: &str) -> Result<Self, RecipeError> {
+        let de = toml::Deserializer::parse(text).map_err(|e| RecipeError::Parse { path: path.to_path_buf(), message: e.to_string() })?;
+        let recipe: Recipe = serde_path_to_error::deserialize(de)
+            .map_err(|e| RecipeError::Parse { path: path.to_path_buf(), message: format!("`{}`: {}", e.path(), e.inner()) })?;
+        recipe.validate().map_err(|message| RecipeError::Parse { path: path.to_path_buf(), message })?;
+        Ok(recipe)
+    }
+
+    /// Checks that every stage input names an earlier output or an existing path.
+    fn validate(&self) -> Result<(), String> {
+        let mut outputs: Vec<&str> = Vec::new();
+        for (i, stage) in self.stages.iter().enumerate() {
+            let need = |name: &str, field: &str| {
+                if outputs.contains(&name) || Path::new(name).exists() {
+                    Ok(())
+                } else {
+                    Err(format!("stage {i}: `{field}` = \"{name}\" is neither an earlier stage's output nor an existing path"))
+                }
+            };
+            match stage {
+                Stage::Pretrain(s) => {
+                    if let Some(init) = &s.init {
+                        need(init, "init")?;
+                    }
+                    outputs.push(&s.output);
+                }
+                Stage::Eval(s) => {
+                    need(&s.model, "model")?;
+                    if let Some(a) = &s.adapter {
+                        need(a, "adapter")?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Where a run writes and what its stages produced.
+pub struct RunContext {
+    pub dir: PathBuf,
+    pub outputs: BTreeMap<String, PathBuf>,
+    pub metrics: MetricsLog,
+}
+
+impl RunContext {
+    /// A stage output by name, or the path itself.
+    pub fn resolve(&self, name: &str) -> PathBuf {
+        self.outputs.get(name).cloned().unwrap_or_else(|| PathBuf::from(name))
+    }
+}
+
+/// A progress bar with rate and ETA.
+pub fn progress_bar(len: u64, label: &str) -> ProgressBar {
+    let bar = ProgressBar::new(len);
+    bar.set_style(
+        ProgressStyle::with_template("{prefix:>12} [{elapsed_precise}] {bar:30} {pos}/{len} {per_sec} ETA {eta} {msg}")
+            .expect("valid template"),
+    );
+    bar.set_prefix(label.to_string());
+    bar
+}
+
+/// Runs every stage of `recipe` on backend `B`, writing into `runs_dir/<name>/`.
+pub fn run_recipe<B: Backend>(recipe: &Recipe, runs_dir: &Path, device: &B::Device) -> Result<RunContext, RecipeError> {
+    let dir = runs_dir.join(&recipe.name);
+    std::fs::create_dir_all(&dir).map_err(|source| RecipeError::Io { path: dir.clone(), source })?;
+    let resolved = toml::to_string_pretty(recipe).expect("recipe serialises");
+    crate::model::weights::write_text_atomic(&dir.join("recipe.toml"), &resolved)
+        .map_err(|e| RecipeError::Io { path: dir.join("recipe.toml"), source: std::io::Error::other(e.to_string()) })?;
+    let metrics_path = dir.join("metrics.jsonl");
+    let metrics = MetricsLog::open(&metrics_path).map_err(|source| RecipeError::Io { path: metrics_path, source })?;
+    let mut ctx = RunContext { dir, outputs: BTreeMap::new(), metrics };
+    for (index, stage) in recipe.stages.iter().enumerate() {
+        match stage {
+            Stage::Pretrain(s) => run_pretrain::<B>(s, &mut ctx, device)
+                .map_err(|message| RecipeError::Stage { index, kind: "pretrain", message })?,
+            Stage::Eval(s) => run_eval::<B>(s, &mut ctx, device)
+                .map_err(|message| RecipeError::Stage { index, kind: "eval", message })?,
+        }
+    }
+    Ok(ctx)
+}
+
+/// Saves a pipeline to `dir` through a temporary folder and a rename, so `dir` is never
+/// half-written.
+pub fn save_pipeline_atomic<B: Backend>(pipeline: &Pipeline<B>, dir: &Path) -> Result<(), String> {
+    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    pipeline.save(&tmp).map_err(|e| e.to_string())?;
+    let old = dir.with_file_name(format!(".{name}.old-{}", std::process::id()));
+    if dir.exists() {
+        std::fs::rename(dir, &old).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    std::fs::rename(&tmp, dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(())
+}
+
+fn run_pretrain<B: Backend>(stage: &PretrainStage, ctx: &mut RunContext, device: &B::Device) -> Result<(), String> {
+    type AD<B> = Autodiff<B>;
+    let pipeline: Pipeline<B> = match &stage.init {
+        Some(init) => Pipeline::load(&ctx.resolve(init), device).map_err(|e| e.to_string())?,
+        None => Pipeline::new_world(&stage.model, device).map_err(|e| e.to_string())?,
+    };
+    let params = burn::module::Module::num_params(&pipeline.model);
+    tracing::info!("pretrain `{}`: {params} parameters, {} steps of batch {}", stage.output, stage.train.steps, stage.train.batch_size);
+    let mut trainer = pretrainer::<AD<B>>(to_autodiff::<AD<B>>(pipeline), stage.train.clone());
+    let mut data = WorldPairs::new(stage.wrong_caption_fraction, stage.train.seed);
+    let out = ctx.dir.join(&stage.output);
+    let bar = progress_bar(stage.train.steps as u64, "pretrain");
+    let start = Instant::now();
+    let mut smoothed = None;
+    for step in 1..=stage.train.steps {
+        let stats = trainer.step(&mut data, device);
+        let s = smoothed.map_or(stats.loss, |m: f64| 0.98 * m + 0.02 * stats.loss);
+        smoothed = Some(s);
+        bar.set_message(format!("loss {s:.4}"));
+        bar.inc(1);
+        if step % 10 == 0 || step == stage.train.steps {
+            ctx.metrics
+                .log("pretrain", step, &[("loss", stats.loss), ("loss_smoothed", s), ("seconds", start.elapsed().as_secs_f64())])
+                .map_err(|e| e.to_string())?;
+        }
+        if step % stage.checkpoint_every == 0 || step == stage.train.steps {
+            save_pipeline_atomic(&trainer.ema_pipeline(), &out)?;
+        }
+    }
+    bar.finish();
+    if let Some(export) = &stage.export {
+        if let Some(parent) = export.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+        }
+        save_pipeline_atomic(&trainer.ema_pipeline(), export)?;
+    }
+    tracing::info!("pretrain `{}` done in {:.0} s", stage.output, start.elapsed().as_secs_f64());
+    ctx.outputs.insert(stage.output.clone(), out);
+    Ok(())
+}
+
+fn run_eval<B: Backend>(stage: &EvalStage, ctx: &mut RunContext, device: &B::Device) -> Result<(), String> {
+    let model_dir = ctx.resolve(&stage.model);
+    let pipeline = Pipeline::<B>::load(&model_dir, device).map_err(|e| e.to_string())?;
+    let adapter = match &stage.adapter {
+        Some(a) => Some(load_lora(&ctx.resolve(a), &pipeline.model.transformer, device).map_err(|e| e.to_string())?),
+        None => None,
+    };
+    let adapters = adapter.as_ref().map_or_else(ActiveAdapters::none, ActiveAdapters::single);
+    let name = stage.row.clone().unwrap_or_else(|| stage.adapter.clone().unwrap_or_else(|| stage.model.clone()));
+    let per_task = stage.eval.prompts_per_task.unwrap_or(640).min(640);
+    let bar = progress_bar((per_task * stage.eval.tasks.len()) as u64, "eval");
+    bar.set_message(name.clone());
+    let (results, seconds) = crate::eval::timed(|| evaluate(&pipeline, &adapters, &stage.eval, device, |_, n| bar.inc(n as u64)));
+    bar.finish();
+    let results = results.map_err(|e| e.to_string())?;
+    let row = row(&name, &results, seconds);
+    for r in &results {
+        tracing::info!("{name}: {} = {:.4} ± {:.4} ({} prompts)", r.task.name(), r.mean, r.stderr, r.count);
+    }
+    let fields: Vec<(&str, f64)> = [("geneval", row.geneval), ("ocr", row.ocr), ("pickscore", row.pickscore), ("deqa", row.deqa), ("avg", row.avg)]
+        .into_iter()
+        .filter_map(|(k, v)| v.map(|v| (k, v)))
+        .collect();
+    ctx.metrics.log(&format!("eval:{name}"), 0, &fields).map_err(|e| e.to_string())?;
+    let mut table = ResultsTable::read(&ctx.dir)?;
+    table.upsert(row);
+    table.write(&ctx.dir)?;
+    write_grids(&ctx.dir.join("grids"), &name, &results).map_err(|e| e.to_string())?;
+    println!("{}", table.markdown());
+    Ok(())
+}
