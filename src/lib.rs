@@ -1,6 +1,7 @@
 //! flow-opd: post-training of flow-matching text-to-image models (SD3.5-Medium's MMDiT first)
 //! with Flow-OPD, on Burn. See `README.md` for the map.
 
+pub mod bench;
 pub mod device;
 pub mod flow;
 pub mod train;

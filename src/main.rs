@@ -35,6 +35,24 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         device: DeviceSpec,
     },
+    /// Print throughput figures: transformer forward and flow-matching training step.
+    Bench {
+        /// Preset or config.json.
+        #[arg(long, default_value = "tiny")]
+        config: String,
+        #[arg(long, default_value_t = 32)]
+        batch: usize,
+        /// Latent side in latent pixels (16 for the world, 64 for SD3.5 at 512 px).
+        #[arg(long, default_value_t = 16)]
+        latent: usize,
+        /// Text tokens.
+        #[arg(long, default_value_t = 24)]
+        tokens: usize,
+        #[arg(long, default_value_t = 5)]
+        iterations: usize,
+        #[arg(long, default_value = "cpu")]
+        device: DeviceSpec,
+    },
     /// Evaluate a pipeline on the world's test prompts: a table (results.md + results.json),
     /// and PNG sample grids per task.
     Eval {
@@ -209,6 +227,15 @@ fn first_compiled_device() -> DeviceSpec {
     }
 }
 
+struct BenchTask(flow_opd::bench::BenchConfig);
+
+impl BackendTask for BenchTask {
+    type Output = flow_opd::bench::BenchReport;
+    fn run<B: Backend>(self, device: B::Device) -> Self::Output {
+        flow_opd::bench::run_bench::<B>(&self.0, &device)
+    }
+}
+
 struct RecipeTask {
     recipe: flow_opd::recipe::Recipe,
     runs: PathBuf,
@@ -244,6 +271,16 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Model(ModelCommand::Info { path, config }) => info(&path, &config),
+        Command::Bench { config, batch, latent, tokens, iterations, device } => {
+            let model = resolve_config(&Some(config))?.expect("given");
+            let report = dispatch(device, BenchTask(flow_opd::bench::BenchConfig { model, batch, latent, tokens, iterations }))?;
+            println!("device:            {device}");
+            println!("parameters:        {}", report.parameters);
+            println!("batch x latent:    {batch} x {latent}x{latent}, {tokens} text tokens");
+            println!("forward:           {:.1} samples/s", report.forward_samples_per_s);
+            println!("train step:        {:.1} samples/s (forward + backward)", report.train_samples_per_s);
+            Ok(())
+        }
         Command::Recipe { path, runs, device } => {
             let recipe = flow_opd::recipe::Recipe::from_file(&path)?;
             dispatch(device, RecipeTask { recipe, runs })?

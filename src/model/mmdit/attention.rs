@@ -13,10 +13,16 @@ use crate::model::lora::{BlockAdapters, LoraTarget};
 /// Epsilon of every LayerNorm and RMSNorm in the SD3 family.
 pub const NORM_EPS: f64 = 1e-6;
 
-/// `[B, N, H * hd] -> [B, H, N, hd]`.
+/// `[B, N, H * hd] -> [B, N, H, hd]` (a contiguous view; heads are moved to axis 1 only after
+/// the per-head norms and the concatenation, so those run on contiguous memory).
 fn split_heads<B: Backend>(x: Tensor<B, 3>, heads: usize) -> Tensor<B, 4> {
     let [batch, tokens, dim] = x.dims();
-    x.reshape([batch, tokens, heads, dim / heads]).swap_dims(1, 2)
+    x.reshape([batch, tokens, heads, dim / heads])
+}
+
+/// `[B, N, H, hd] -> [B, H, N, hd]`.
+fn heads_first<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
+    x.swap_dims(1, 2)
 }
 
 /// `[B, H, N, hd] -> [B, N, H * hd]`.
@@ -119,9 +125,9 @@ impl<B: Backend> JointAttention<B> {
         let cv = split_heads(lora.linear(LoraTarget::AddVProj, &self.add_v_proj, c), h);
 
         let out = scaled_dot_product(
-            Tensor::cat(vec![q, cq], 2),
-            Tensor::cat(vec![k, ck], 2),
-            Tensor::cat(vec![v, cv], 2),
+            heads_first(Tensor::cat(vec![q, cq], 1)),
+            heads_first(Tensor::cat(vec![k, ck], 1)),
+            heads_first(Tensor::cat(vec![v, cv], 1)),
         );
         let out = merge_heads(out);
         let [batch, total, dim] = out.dims();
@@ -167,6 +173,7 @@ impl<B: Backend> SelfAttention<B> {
         let q = maybe_norm(&self.norm_q, split_heads(lora.linear(LoraTarget::Attn2ToQ, &self.to_q, x.clone()), h));
         let k = maybe_norm(&self.norm_k, split_heads(lora.linear(LoraTarget::Attn2ToK, &self.to_k, x.clone()), h));
         let v = split_heads(lora.linear(LoraTarget::Attn2ToV, &self.to_v, x), h);
-        lora.linear(LoraTarget::Attn2ToOut, &self.to_out, merge_heads(scaled_dot_product(q, k, v)))
+        let out = scaled_dot_product(heads_first(q), heads_first(k), heads_first(v));
+        lora.linear(LoraTarget::Attn2ToOut, &self.to_out, merge_heads(out))
     }
 }

@@ -4,7 +4,7 @@
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::Tensor;
-use burn::tensor::activation::{gelu_approximate, silu};
+use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
 
 use super::attention::{JointAttention, NORM_EPS, SelfAttention};
@@ -17,14 +17,23 @@ pub fn layer_norm<B: Backend>(x: Tensor<B, 3>, eps: f64) -> Tensor<B, 3> {
     (x - mean) / (var + eps).sqrt()
 }
 
-/// `x * (1 + scale) + shift`, with `[B, D]` modulation broadcast over the tokens.
-pub fn modulate<B: Backend>(x: Tensor<B, 3>, shift: Tensor<B, 2>, scale: Tensor<B, 2>) -> Tensor<B, 3> {
-    x * (scale.unsqueeze_dim::<3>(1) + 1.0) + shift.unsqueeze_dim(1)
+/// A per-sample `[B, D]` vector repeated over `tokens` as a contiguous `[B, tokens, D]` tensor.
+/// (Backends such as flex have fast kernels for contiguous operands but iterate strides
+/// element by element for a `[B, 1, D]` broadcast; the copy is far cheaper than that.)
+fn per_token<B: Backend>(v: Tensor<B, 2>, tokens: usize) -> Tensor<B, 3> {
+    v.unsqueeze_dim::<3>(1).repeat_dim(1, tokens)
 }
 
-/// `gate * x` with a `[B, D]` gate broadcast over the tokens.
+/// `x * (1 + scale) + shift`, with `[B, D]` modulation applied to every token.
+pub fn modulate<B: Backend>(x: Tensor<B, 3>, shift: Tensor<B, 2>, scale: Tensor<B, 2>) -> Tensor<B, 3> {
+    let tokens = x.dims()[1];
+    x * per_token(scale + 1.0, tokens) + per_token(shift, tokens)
+}
+
+/// `gate * x` with a `[B, D]` gate applied to every token.
 fn gated<B: Backend>(gate: Tensor<B, 2>, x: Tensor<B, 3>) -> Tensor<B, 3> {
-    x * gate.unsqueeze_dim(1)
+    let tokens = x.dims()[1];
+    x * per_token(gate, tokens)
 }
 
 /// Adaptive modulation `Linear(SiLU(temb))` split into `chunks` vectors of width `D`.
@@ -54,6 +63,17 @@ impl<B: Backend> AdaLnModulation<B> {
     }
 }
 
+/// GELU with the tanh approximation, `x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`, with
+/// `tanh(u) = 1 - 2 / (exp(2u) + 1)` and `x^3` as products: the same function as
+/// `gelu_approximate`, written with the element-wise ops CPU backends run fastest (`powf` and
+/// `tanh` go through scalar libm calls).
+pub fn gelu_tanh<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
+    let inner = x.clone() * (x.clone() * x.clone() * 0.044715 + 1.0) * SQRT_2_OVER_PI;
+    let tanh = ((inner * 2.0).exp() + 1.0).recip() * -2.0 + 1.0;
+    x * (tanh + 1.0) * 0.5
+}
+
 /// `net.2(GELU_tanh(net.0.proj(x)))`, hidden width `4 D` (diffusers `FeedForward` with
 /// `gelu-approximate`).
 #[derive(Module, Debug)]
@@ -79,7 +99,7 @@ impl<B: Backend> FeedForward<B> {
         lora: &BlockAdapters<'_, '_, B>,
         targets: (LoraTarget, LoraTarget),
     ) -> Tensor<B, 3> {
-        let hidden = gelu_approximate(lora.linear(targets.0, &self.linear_in, x));
+        let hidden = gelu_tanh(lora.linear(targets.0, &self.linear_in, x));
         lora.linear(targets.1, &self.linear_out, hidden)
     }
 }
