@@ -30,6 +30,7 @@ use crate::eval::{EvalConfig, ResultsTable, evaluate, row, write_grids};
 use crate::model::lora::{ActiveAdapters, load_lora};
 use crate::model::pipeline::{Pipeline, WorldModelConfig};
 use crate::train::metrics::MetricsLog;
+use crate::train::grpo::{GrpoConfig, grpo_trainer};
 use crate::train::pretrain::{PretrainConfig, WorldPairs, pretrainer, to_autodiff};
 
 /// A recipe file.
@@ -47,7 +48,32 @@ pub struct Recipe {
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Stage {
     Pretrain(PretrainStage),
+    Grpo(GrpoStage),
     Eval(EvalStage),
+}
+
+/// Flow-GRPO training of one LoRA adapter on a pipeline.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrpoStage {
+    /// Name of the resulting adapter (PEFT layout in `runs/<run>/<output>/`).
+    pub output: String,
+    /// The frozen pipeline (stage output or folder).
+    pub model: String,
+    /// Start from this adapter instead of a fresh one.
+    #[serde(default)]
+    pub init: Option<String>,
+    /// Save the EMA adapter every this many iterations (and at the end).
+    #[serde(default = "default_checkpoint_grpo")]
+    pub checkpoint_every: usize,
+    /// Also write the final adapter here (e.g. `models/teachers/ocr`).
+    #[serde(default)]
+    pub export: Option<PathBuf>,
+    pub train: GrpoConfig,
+}
+
+fn default_checkpoint_grpo() -> usize {
+    10
 }
 
 /// Flow-matching pre-training of a world pipeline.
@@ -141,8 +167,9 @@ impl Recipe {
             }
             let stage = match kind.as_str() {
                 "pretrain" => Stage::Pretrain(typed(i, &kind, table).map_err(parse)?),
+                "grpo" => Stage::Grpo(typed(i, &kind, table).map_err(parse)?),
                 "eval" => Stage::Eval(typed(i, &kind, table).map_err(parse)?),
-                other => return Err(parse(format!("stage {i}: unknown `kind` = \"{other}\" (expected pretrain or eval)"))),
+                other => return Err(parse(format!("stage {i}: unknown `kind` = \"{other}\" (expected pretrain, grpo or eval)"))),
             };
             stages.push(stage);
         }
@@ -164,6 +191,13 @@ impl Recipe {
             };
             match stage {
                 Stage::Pretrain(s) => {
+                    if let Some(init) = &s.init {
+                        need(init, "init")?;
+                    }
+                    outputs.push(&s.output);
+                }
+                Stage::Grpo(s) => {
+                    need(&s.model, "model")?;
                     if let Some(init) = &s.init {
                         need(init, "init")?;
                     }
@@ -220,6 +254,8 @@ pub fn run_recipe<B: Backend>(recipe: &Recipe, runs_dir: &Path, device: &B::Devi
         match stage {
             Stage::Pretrain(s) => run_pretrain::<B>(s, &mut ctx, device)
                 .map_err(|message| RecipeError::Stage { index, kind: "pretrain", message })?,
+            Stage::Grpo(s) => run_grpo::<B>(s, &mut ctx, device)
+                .map_err(|message| RecipeError::Stage { index, kind: "grpo", message })?,
             Stage::Eval(s) => run_eval::<B>(s, &mut ctx, device)
                 .map_err(|message| RecipeError::Stage { index, kind: "eval", message })?,
         }
@@ -227,13 +263,16 @@ pub fn run_recipe<B: Backend>(recipe: &Recipe, runs_dir: &Path, device: &B::Devi
     Ok(ctx)
 }
 
-/// Saves a pipeline to `dir` through a temporary folder and a rename, so `dir` is never
-/// half-written.
-pub fn save_pipeline_atomic<B: Backend>(pipeline: &Pipeline<B>, dir: &Path) -> Result<(), String> {
+/// Writes a folder with `write` into a temporary sibling, then swaps it in for `dir`, so `dir`
+/// is never half-written.
+pub fn replace_dir_atomic(dir: &Path, write: impl FnOnce(&Path) -> Result<(), String>) -> Result<(), String> {
     let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+    }
     let tmp = dir.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
-    pipeline.save(&tmp).map_err(|e| e.to_string())?;
+    write(&tmp)?;
     let old = dir.with_file_name(format!(".{name}.old-{}", std::process::id()));
     if dir.exists() {
         std::fs::rename(dir, &old).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -241,6 +280,11 @@ pub fn save_pipeline_atomic<B: Backend>(pipeline: &Pipeline<B>, dir: &Path) -> R
     std::fs::rename(&tmp, dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let _ = std::fs::remove_dir_all(&old);
     Ok(())
+}
+
+/// Saves a pipeline to `dir` atomically (see [`replace_dir_atomic`]).
+pub fn save_pipeline_atomic<B: Backend>(pipeline: &Pipeline<B>, dir: &Path) -> Result<(), String> {
+    replace_dir_atomic(dir, |tmp| pipeline.save(tmp).map_err(|e| e.to_string()))
 }
 
 fn run_pretrain<B: Backend>(stage: &PretrainStage, ctx: &mut RunContext, device: &B::Device) -> Result<(), String> {
@@ -274,14 +318,59 @@ fn run_pretrain<B: Backend>(stage: &PretrainStage, ctx: &mut RunContext, device:
     }
     bar.finish();
     if let Some(export) = &stage.export {
-        if let Some(parent) = export.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
-        }
         save_pipeline_atomic(&trainer.ema_pipeline(), export)?;
     }
     tracing::info!("pretrain `{}` done in {:.0} s", stage.output, start.elapsed().as_secs_f64());
     ctx.outputs.insert(stage.output.clone(), out);
     Ok(())
+}
+
+fn run_grpo<B: Backend>(stage: &GrpoStage, ctx: &mut RunContext, device: &B::Device) -> Result<(), String> {
+    type AD<B> = Autodiff<B>;
+    let pipeline = Pipeline::<B>::load(&ctx.resolve(&stage.model), device).map_err(|e| e.to_string())?;
+    let init = match &stage.init {
+        Some(a) => Some(load_lora(&ctx.resolve(a), &pipeline.model.transformer, device).map_err(|e| e.to_string())?),
+        None => None,
+    };
+    let mut trainer = grpo_trainer::<AD<B>>(pipeline, init, stage.train.clone(), device)?;
+    let out = ctx.dir.join(&stage.output);
+    let label = format!("grpo:{}", stage.output);
+    let bar = progress_bar(stage.train.iterations as u64, &stage.output);
+    let start = Instant::now();
+    for it in 1..=stage.train.iterations {
+        let stats = trainer.iteration(device)?;
+        bar.set_message(format!("reward {:.3} kl {:.2e}", stats.reward, stats.kl));
+        bar.inc(1);
+        let mut fields: Vec<(String, f64)> = vec![
+            ("reward".into(), stats.reward),
+            ("kl".into(), stats.kl),
+            ("policy_loss".into(), stats.policy_loss),
+            ("clip_fraction".into(), stats.clip_fraction),
+            ("partition".into(), stats.partition as f64),
+            ("seconds".into(), start.elapsed().as_secs_f64()),
+        ];
+        fields.extend(stats.task_metrics.iter().map(|(t, m)| (format!("train_{}", t.name()), *m)));
+        let refs: Vec<(&str, f64)> = fields.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+        ctx.metrics.log(&label, it, &refs).map_err(|e| e.to_string())?;
+        if it % stage.checkpoint_every.max(1) == 0 || it == stage.train.iterations {
+            save_adapter_atomic(&trainer.ema.average, &out)?;
+        }
+    }
+    bar.finish();
+    if let Some(export) = &stage.export {
+        save_adapter_atomic(&trainer.ema.average, export)?;
+    }
+    tracing::info!("grpo `{}`: {} iterations in {:.0} s", stage.output, stage.train.iterations, start.elapsed().as_secs_f64());
+    ctx.outputs.insert(stage.output.clone(), out);
+    Ok(())
+}
+
+/// Saves an adapter (PEFT layout) to `dir` atomically (see [`replace_dir_atomic`]).
+pub fn save_adapter_atomic<B: Backend>(adapter: &crate::model::lora::LoraAdapter<B>, dir: &Path) -> Result<(), String> {
+    use crate::model::lora::{LoraFormat, save_lora};
+    replace_dir_atomic(dir, |tmp| {
+        save_lora(adapter, tmp, LoraFormat::Peft, crate::model::weights::SaveDtype::F32).map_err(|e| e.to_string())
+    })
 }
 
 fn run_eval<B: Backend>(stage: &EvalStage, ctx: &mut RunContext, device: &B::Device) -> Result<(), String> {

@@ -2,5 +2,8 @@
 //! weights ([`ema`]) and run logging ([`metrics`]).
 
 pub mod ema;
+pub mod grpo;
+pub mod grpo_math;
 pub mod metrics;
 pub mod pretrain;
+pub mod rollout;

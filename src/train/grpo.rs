@@ -1,0 +1,281 @@
+//! The Flow-GRPO trainer (REFERENCE section 5), generic over the autodiff backend: per
+//! iteration, `G` SDE trajectories per prompt from the current LoRA policy, rewards of the
+//! final images, group-relative advantages, then the clipped-ratio loss plus `beta` times the
+//! KL to the base (adapter off) on the first `int(T * timestep_fraction)` steps, accumulated
+//! over those steps into one AdamW update of the adapter; EMA of the adapter weights.
+
+use std::collections::BTreeMap;
+
+use burn::module::{AutodiffModule, Module};
+use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{ElementConversion, Tensor};
+use rand::SeedableRng;
+use rand::seq::IndexedRandom;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use super::ema::Ema;
+use super::grpo_math::{AdvantageStd, clipped_policy_loss, group_advantages};
+use super::pretrain::OptimConfig;
+use super::rollout::{RolloutConfig, Rollouts, rollout, vector};
+use crate::flow::{GuidedModel, KlReduction, LogProbReduction, TextConditioning, VelocityField, gaussian_kl, log_prob, step_mean};
+use crate::model::lora::{ActiveAdapters, LoraAdapter, LoraConfig, LoraTarget};
+use crate::model::mmdit::Mmdit;
+use crate::model::pipeline::Pipeline;
+use crate::reward::{RewardInput, world_reward};
+use crate::world::Task;
+use crate::world::prompts::{Prompt, Split, shipped_prompts};
+
+/// A LoRA adapter's shape in a recipe.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraSpec {
+    pub rank: usize,
+    pub alpha: f64,
+    /// diffusers layer names relative to a block; Flow-GRPO's list by default.
+    #[serde(default = "flow_grpo_targets")]
+    pub targets: Vec<String>,
+}
+
+fn flow_grpo_targets() -> Vec<String> {
+    LoraTarget::FLOW_GRPO.iter().map(|t| t.key().to_string()).collect()
+}
+
+impl LoraSpec {
+    pub fn config(&self) -> Result<LoraConfig, String> {
+        let targets = self.targets.iter().map(|t| t.parse()).collect::<Result<Vec<LoraTarget>, String>>()?;
+        Ok(LoraConfig::new(self.rank, self.alpha, targets))
+    }
+}
+
+/// A prompt partition: prompts of `tasks`, rewarded by the weighted sum of `rewards` (reward
+/// name -> weight), visited `ratio` times per cycle of the mix schedule.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Partition {
+    pub tasks: Vec<Task>,
+    pub rewards: BTreeMap<Task, f64>,
+    #[serde(default = "one")]
+    pub ratio: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// Flow-GRPO settings (defaults: REFERENCE section 5).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrpoConfig {
+    pub iterations: usize,
+    pub rollout: RolloutConfig,
+    pub partitions: Vec<Partition>,
+    pub lora: LoraSpec,
+    pub optim: OptimConfig,
+    /// KL-to-base weight (GenEval/OCR 0.04, PickScore 0.01).
+    #[serde(default = "default_beta")]
+    pub beta: f64,
+    /// PPO clip range (1e-4).
+    #[serde(default = "default_clip")]
+    pub clip_range: f64,
+    /// Advantage clip (5).
+    #[serde(default = "default_adv_clip")]
+    pub advantage_clip: f64,
+    #[serde(default)]
+    pub advantage_std: AdvantageStd,
+    /// Trained steps: the first `int(T * timestep_fraction)` (0.99 -> 9 of 10).
+    #[serde(default = "default_fraction")]
+    pub timestep_fraction: f64,
+    /// EMA decay cap (0.9).
+    #[serde(default = "default_ema")]
+    pub ema_max_decay: f64,
+    #[serde(default)]
+    pub seed: u64,
+}
+
+fn default_beta() -> f64 {
+    0.04
+}
+fn default_clip() -> f64 {
+    1e-4
+}
+fn default_adv_clip() -> f64 {
+    5.0
+}
+fn default_fraction() -> f64 {
+    0.99
+}
+fn default_ema() -> f64 {
+    0.9
+}
+
+/// One iteration's figures.
+#[derive(Debug, Clone, Default)]
+pub struct GrpoStats {
+    pub partition: usize,
+    pub reward: f64,
+    /// Mean eval metric per task of this iteration's samples.
+    pub task_metrics: BTreeMap<Task, f64>,
+    pub policy_loss: f64,
+    pub kl: f64,
+    pub clip_fraction: f64,
+}
+
+/// Scores `images` with the partition's weighted rewards; returns training values and, per
+/// task, the mean eval metric of that task's own reward.
+pub fn score(rollouts_prompts: &[Prompt], images: &[crate::world::Image32], rewards: &BTreeMap<Task, f64>) -> Result<(Vec<f64>, BTreeMap<Task, f64>), String> {
+    let mut total = vec![0.0; images.len()];
+    for (&task, &weight) in rewards {
+        let reward = world_reward(task);
+        let inputs: Vec<RewardInput> =
+            images.iter().zip(rollouts_prompts).map(|(img, p)| RewardInput::from_image32(img, p.text.clone())).collect();
+        let scores = reward.score(&inputs).map_err(|e| e.to_string())?;
+        for (t, s) in total.iter_mut().zip(&scores) {
+            *t += weight * s.value as f64;
+        }
+    }
+    let mut metrics = BTreeMap::new();
+    for task in rollouts_prompts.iter().map(Prompt::task).collect::<std::collections::BTreeSet<_>>() {
+        let (imgs, ps): (Vec<_>, Vec<_>) = images.iter().zip(rollouts_prompts).filter(|(_, p)| p.task() == task).unzip();
+        let inputs: Vec<RewardInput> = imgs.iter().zip(&ps).map(|(i, p)| RewardInput::from_image32(i, p.text.clone())).collect();
+        let scores = world_reward(task).score(&inputs).map_err(|e| e.to_string())?;
+        metrics.insert(task, scores.iter().map(|s| s.metric as f64).sum::<f64>() / scores.len().max(1) as f64);
+    }
+    Ok((total, metrics))
+}
+
+/// The Flow-GRPO state: frozen pipeline (inner backend) and base (autodiff, no gradients),
+/// the trained adapter, its optimiser and EMA.
+pub struct GrpoTrainer<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> {
+    pub pipeline: Pipeline<B::InnerBackend>,
+    pub base: Mmdit<B>,
+    pub adapter: LoraAdapter<B>,
+    pub optimizer: O,
+    pub ema: Ema<B, LoraAdapter<B>>,
+    pub config: GrpoConfig,
+    pub iteration: usize,
+    schedule: Vec<usize>,
+    prompts: Vec<Vec<Prompt>>,
+    rng: ChaCha8Rng,
+}
+
+/// Builds a trainer; `init` starts from an existing adapter (else a fresh one, B = 0).
+pub fn grpo_trainer<B: AutodiffBackend>(
+    pipeline: Pipeline<B::InnerBackend>,
+    init: Option<LoraAdapter<B::InnerBackend>>,
+    config: GrpoConfig,
+    device: &B::Device,
+) -> Result<GrpoTrainer<B, impl Optimizer<LoraAdapter<B>, B>>, String> {
+    if config.partitions.is_empty() {
+        return Err("`partitions`: at least one partition is needed".into());
+    }
+    let base = <Mmdit<B> as AutodiffModule<B>>::from_inner(pipeline.model.transformer.clone()).no_grad();
+    let adapter = match init {
+        Some(a) => <LoraAdapter<B> as AutodiffModule<B>>::from_inner(a),
+        None => {
+            B::seed(device, config.seed);
+            config.lora.config()?.init(&base, device)
+        }
+    };
+    let train = shipped_prompts(Split::Train);
+    let prompts: Vec<Vec<Prompt>> = config
+        .partitions
+        .iter()
+        .map(|p| train.iter().filter(|q| p.tasks.contains(&q.task())).cloned().collect())
+        .collect();
+    for (i, p) in prompts.iter().enumerate() {
+        if p.is_empty() {
+            return Err(format!("`partitions[{i}]`: no training prompts for tasks {:?}", config.partitions[i].tasks));
+        }
+    }
+    let schedule = config.partitions.iter().enumerate().flat_map(|(i, p)| std::iter::repeat_n(i, p.ratio.max(1))).collect();
+    let optimizer = config.optim.adamw().init::<B, LoraAdapter<B>>();
+    let ema = Ema::new(&adapter, config.ema_max_decay);
+    Ok(GrpoTrainer {
+        rng: ChaCha8Rng::seed_from_u64(config.seed),
+        pipeline,
+        base,
+        adapter,
+        optimizer,
+        ema,
+        config,
+        iteration: 0,
+        schedule,
+        prompts,
+    })
+}
+
+/// Lifts inner-backend conditioning onto the autodiff backend (as constants).
+pub fn lift_conditioning<B: AutodiffBackend>(c: &TextConditioning<B::InnerBackend>) -> TextConditioning<B> {
+    TextConditioning { tokens: Tensor::from_inner(c.tokens.clone()), pooled: Tensor::from_inner(c.pooled.clone()) }
+}
+
+impl<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> GrpoTrainer<B, O> {
+    /// Indices of the trained transitions: stochastic steps among the first
+    /// `int(T * timestep_fraction)`.
+    pub fn trained_steps(&self, rollouts: &Rollouts<B::InnerBackend>) -> Vec<usize> {
+        let n = (self.config.rollout.steps as f64 * self.config.timestep_fraction) as usize;
+        (0..n.min(rollouts.trajectory.transitions.len())).filter(|&j| rollouts.trajectory.transitions[j].stochastic).collect()
+    }
+
+    /// One iteration: rollouts, rewards, advantages, one accumulated update.
+    pub fn iteration(&mut self, device: &B::Device) -> Result<GrpoStats, String> {
+        let part = self.schedule[self.iteration % self.schedule.len()];
+        let prompts: Vec<Prompt> =
+            (0..self.config.rollout.prompts).map(|_| self.prompts[part].choose(&mut self.rng).expect("non-empty").clone()).collect();
+        let policy = self.adapter.valid();
+        let ro = rollout(&self.pipeline, Some(&policy), &prompts, &self.config.rollout, &mut self.rng, device);
+        let (rewards, task_metrics) = score(&ro.prompts, &ro.images, &self.config.partitions[part].rewards)?;
+        let advantages = group_advantages(&rewards, self.config.rollout.group_size, self.config.advantage_std, self.config.advantage_clip);
+        let advantages = vector::<B>(&advantages, device);
+
+        let steps = self.trained_steps(&ro);
+        let cond = lift_conditioning::<B>(&ro.cond);
+        let negative = lift_conditioning::<B>(&ro.negative);
+        let g = self.config.rollout.guidance;
+        let guidance = (g != 1.0).then_some((&negative, g));
+        let (a, kind) = (self.config.rollout.noise_level, self.config.rollout.kind);
+        let none_inner = ActiveAdapters::none();
+        let reference = GuidedModel { model: &self.pipeline.model.transformer, adapters: &none_inner, cond: &ro.cond, guidance: ro.guidance(g) };
+        let mut accumulator = GradientsAccumulator::<LoraAdapter<B>>::new();
+        let (mut pg_sum, mut kl_sum, mut clipped) = (0.0, 0.0, 0.0);
+        for &j in &steps {
+            let tr = &ro.trajectory.transitions[j];
+            let x = Tensor::<B, 4>::from_inner(ro.trajectory.states[j].clone());
+            let x_next = Tensor::<B, 4>::from_inner(ro.trajectory.states[j + 1].clone());
+            let single = ActiveAdapters::single(&self.adapter);
+            let policy_field = GuidedModel { model: &self.base, adapters: &single, cond: &cond, guidance };
+            let v = policy_field.velocity(x.clone(), tr.step.sigma);
+            let (mean, std_dev_t) = step_mean(x, v, tr.step, a, kind);
+            let logp = log_prob(x_next, mean.clone(), std_dev_t, tr.step, kind, LogProbReduction::Mean);
+            let old = Tensor::<B, 1>::from_inner(tr.log_prob.clone().expect("stochastic step"));
+            let ratio: Vec<f32> = (logp.clone().inner() - old.clone().inner()).exp().into_data().convert::<f32>().into_vec().expect("f32");
+            clipped += ratio.iter().filter(|r| (**r as f64 - 1.0).abs() > self.config.clip_range).count() as f64 / ratio.len() as f64;
+            let pg = clipped_policy_loss(logp, old, advantages.clone(), self.config.clip_range).mean();
+            let v_ref = reference.velocity(ro.trajectory.states[j].clone(), tr.step.sigma);
+            let (mean_ref, _) = step_mean(ro.trajectory.states[j].clone(), v_ref, tr.step, a, kind);
+            let kl = gaussian_kl(mean, Tensor::from_inner(mean_ref), tr.step, std_dev_t, KlReduction::Mean).mean();
+            pg_sum += pg.clone().into_scalar().elem::<f64>();
+            kl_sum += kl.clone().into_scalar().elem::<f64>();
+            let loss = (pg + kl * self.config.beta) / steps.len() as f64;
+            let grads = GradientsParams::from_grads(loss.backward(), &self.adapter);
+            accumulator.accumulate(&self.adapter, grads);
+        }
+        if !steps.is_empty() {
+            let adapter = self.adapter.clone();
+            self.adapter = self.optimizer.step(self.config.optim.lr, adapter, accumulator.grads());
+            self.ema.update(&self.adapter);
+        }
+        self.iteration += 1;
+        let n = steps.len().max(1) as f64;
+        Ok(GrpoStats {
+            partition: part,
+            reward: rewards.iter().sum::<f64>() / rewards.len().max(1) as f64,
+            task_metrics,
+            policy_loss: pg_sum / n,
+            kl: kl_sum / n,
+            clip_fraction: clipped / n,
+        })
+    }
+}

@@ -1,0 +1,123 @@
+//! The Flow-GRPO objective's pieces (REFERENCE section 5): group-relative advantages and the
+//! clipped-ratio policy loss.
+
+use burn::tensor::Tensor;
+use burn::tensor::backend::Backend;
+use serde::{Deserialize, Serialize};
+
+/// Which standard deviation normalises the advantages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AdvantageStd {
+    /// The prompt group's own std.
+    Group,
+    /// The std over every reward of the iteration (the public SD3 configs).
+    #[default]
+    Global,
+}
+
+/// `A_i = clip((R_i - mean_group(i)) / (std + 1e-4), -clip, clip)` for rewards laid out as
+/// consecutive groups of `group_size` samples of the same prompt. A group whose rewards are all
+/// equal gets zero advantages.
+pub fn group_advantages(rewards: &[f64], group_size: usize, std: AdvantageStd, clip: f64) -> Vec<f64> {
+    assert!(group_size > 0 && rewards.len() % group_size == 0, "rewards must come in whole groups of {group_size}");
+    let global_std = population_std(rewards);
+    rewards
+        .chunks(group_size)
+        .flat_map(|group| {
+            let mean = group.iter().sum::<f64>() / group.len() as f64;
+            let scale = match std {
+                AdvantageStd::Group => population_std(group),
+                AdvantageStd::Global => global_std,
+            };
+            group.iter().map(move |r| ((r - mean) / (scale + 1e-4)).clamp(-clip, clip)).collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Population standard deviation (numpy's default, as the public code uses).
+fn population_std(values: &[f64]) -> f64 {
+    let n = values.len().max(1) as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    (values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n).sqrt()
+}
+
+/// The per-sample clipped surrogate `max(-A r, -A clip(r, 1 - eps, 1 + eps))` with
+/// `r = exp(logp - logp_old)`; the loss is its mean. `logp_old` and `advantages` carry no
+/// gradient.
+pub fn clipped_policy_loss<B: Backend>(
+    log_prob: Tensor<B, 1>,
+    log_prob_old: Tensor<B, 1>,
+    advantages: Tensor<B, 1>,
+    clip_range: f64,
+) -> Tensor<B, 1> {
+    let ratio = (log_prob - log_prob_old.detach()).exp();
+    let advantages = advantages.detach();
+    let unclipped = -advantages.clone() * ratio.clone();
+    let clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range);
+    unclipped.max_pair(clipped)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::{Autodiff, Flex};
+    use burn::tensor::TensorData;
+
+    #[test]
+    fn advantages_group_and_global() {
+        let rewards = [1.0, 3.0, 2.0, 2.0, 0.0, 4.0];
+        // Group std: group 1 = [1, 3] (mean 2, std 1), group 2 = [2, 2] (zero variance),
+        // group 3 = [0, 4] (mean 2, std 2).
+        let a = group_advantages(&rewards, 2, AdvantageStd::Group, 5.0);
+        let expect = [-1.0 / 1.0001, 1.0 / 1.0001, 0.0, 0.0, -2.0 / 2.0001, 2.0 / 2.0001];
+        for (x, e) in a.iter().zip(expect) {
+            assert!((x - e).abs() < 1e-12, "{a:?}");
+        }
+        // Global std of all six: mean 2, variance (1+1+0+0+4+4)/6 = 10/6.
+        let s = (10.0f64 / 6.0).sqrt() + 1e-4;
+        let g = group_advantages(&rewards, 2, AdvantageStd::Global, 5.0);
+        assert!((g[0] + 1.0 / s).abs() < 1e-12 && (g[5] - 2.0 / s).abs() < 1e-12 && g[2] == 0.0);
+        // Clipping.
+        let c = group_advantages(&[0.0, 0.0, 0.0, 100.0], 4, AdvantageStd::Group, 1.5);
+        assert_eq!(c[3], 1.5);
+        assert!(c[0] < 0.0 && c[0] > -1.0);
+    }
+
+    type AD = Autodiff<Flex>;
+
+    fn t(v: &[f32]) -> Tensor<AD, 1> {
+        Tensor::from_data(TensorData::new(v.to_vec(), [v.len()]), &Default::default())
+    }
+
+    #[test]
+    fn clipped_loss_matches_hand_computed_values() {
+        // eps = 0.2; ratios e^0.1 = 1.10517, e^-0.5 = 0.60653, e^0.5 = 1.64872, e^0 = 1.
+        let logp = t(&[0.1, -0.5, 0.5, 0.0]);
+        let old = t(&[0.0, 0.0, 0.0, 0.0]);
+        let adv = t(&[1.0, 1.0, -2.0, 3.0]);
+        let loss = clipped_policy_loss(logp, old, adv, 0.2).into_data().into_vec::<f32>().unwrap();
+        // A>0, r=1.105 inside: -1.10517. A>0, r=0.6065 < 0.8: max(-0.6065, -0.8) = -0.6065.
+        // A<0, r=1.6487 > 1.2: max(3.2974, 2.4) = 3.2974. r = 1: -3.
+        let expect = [-1.105_171, -0.606_531, 3.297_443, -3.0];
+        for (l, e) in loss.iter().zip(expect) {
+            assert!((l - e).abs() < 1e-5, "{loss:?}");
+        }
+    }
+
+    #[test]
+    fn on_policy_ratio_is_one_and_gradient_is_minus_a_grad_logp() {
+        // logp = theta * c: on-policy (logp_old = logp), d loss_i / d theta = -A_i c_i.
+        let theta = Tensor::<AD, 1>::from_data(TensorData::new(vec![0.7f32], [1]), &Default::default()).require_grad();
+        let c = t(&[1.0, -2.0, 0.5]);
+        let logp = theta.clone().expand([3]) * c.clone();
+        let old = logp.clone().detach();
+        let adv = t(&[2.0, -1.0, 0.5]);
+        let ratio = (logp.clone() - old.clone()).exp().into_data().into_vec::<f32>().unwrap();
+        assert!(ratio.iter().all(|r| (*r - 1.0).abs() < 1e-7));
+        let loss = clipped_policy_loss(logp, old, adv, 1e-4).sum();
+        let grad = theta.grad(&loss.backward()).unwrap().into_data().into_vec::<f32>().unwrap()[0];
+        // -sum_i A_i c_i = -(2 + 2 + 0.25) = -4.25
+        assert!((grad + 4.25).abs() < 1e-5, "{grad}");
+    }
+}
