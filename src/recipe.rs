@@ -30,7 +30,10 @@ use crate::eval::{EvalConfig, ResultsTable, evaluate, row, write_grids};
 use crate::model::lora::{ActiveAdapters, load_lora};
 use crate::model::pipeline::{Pipeline, WorldModelConfig};
 use crate::train::metrics::MetricsLog;
+use crate::model::lora::{MergeMethod, combine};
 use crate::train::grpo::{GrpoConfig, grpo_trainer};
+use crate::train::opd::{OpdConfig, Teachers, opd_trainer};
+use crate::world::Task;
 use crate::train::pretrain::{PretrainConfig, WorldPairs, pretrainer, to_autodiff};
 
 /// A recipe file.
@@ -49,7 +52,44 @@ pub struct Recipe {
 pub enum Stage {
     Pretrain(PretrainStage),
     Grpo(GrpoStage),
+    Merge(MergeStage),
+    Opd(OpdStage),
     Eval(EvalStage),
+}
+
+/// Cold start by merging task adapters into one student adapter.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MergeStage {
+    pub output: String,
+    /// The pipeline the adapters belong to.
+    pub model: String,
+    /// Adapters (stage outputs or paths) with their weights.
+    pub adapters: BTreeMap<String, f64>,
+    /// `exact` (weighted average of the updates, default) or `average_factors`.
+    #[serde(default)]
+    pub method: MergeMethod,
+}
+
+/// On-policy distillation of routed task teachers (+ MAR anchor) into a student adapter.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpdStage {
+    pub output: String,
+    pub model: String,
+    /// Cold-start student adapter (a merge or SFT output); fresh if absent.
+    #[serde(default)]
+    pub init: Option<String>,
+    /// Routing table: task -> teacher adapter (stage output or path).
+    pub routing: BTreeMap<Task, String>,
+    /// MAR anchor: a teacher adapter, `"base"` for the base model; none with `mar_lambda = 0`.
+    #[serde(default)]
+    pub anchor: Option<String>,
+    #[serde(default = "default_checkpoint_grpo")]
+    pub checkpoint_every: usize,
+    #[serde(default)]
+    pub export: Option<PathBuf>,
+    pub train: OpdConfig,
 }
 
 /// Flow-GRPO training of one LoRA adapter on a pipeline.
@@ -168,8 +208,14 @@ impl Recipe {
             let stage = match kind.as_str() {
                 "pretrain" => Stage::Pretrain(typed(i, &kind, table).map_err(parse)?),
                 "grpo" => Stage::Grpo(typed(i, &kind, table).map_err(parse)?),
+                "merge" => Stage::Merge(typed(i, &kind, table).map_err(parse)?),
+                "opd" => Stage::Opd(typed(i, &kind, table).map_err(parse)?),
                 "eval" => Stage::Eval(typed(i, &kind, table).map_err(parse)?),
-                other => return Err(parse(format!("stage {i}: unknown `kind` = \"{other}\" (expected pretrain, grpo or eval)"))),
+                other => {
+                    return Err(parse(format!(
+                        "stage {i}: unknown `kind` = \"{other}\" (expected pretrain, grpo, merge, opd or eval)"
+                    )));
+                }
             };
             stages.push(stage);
         }
@@ -200,6 +246,26 @@ impl Recipe {
                     need(&s.model, "model")?;
                     if let Some(init) = &s.init {
                         need(init, "init")?;
+                    }
+                    outputs.push(&s.output);
+                }
+                Stage::Merge(s) => {
+                    need(&s.model, "model")?;
+                    for a in s.adapters.keys() {
+                        need(a, "adapters")?;
+                    }
+                    outputs.push(&s.output);
+                }
+                Stage::Opd(s) => {
+                    need(&s.model, "model")?;
+                    if let Some(init) = &s.init {
+                        need(init, "init")?;
+                    }
+                    for a in s.routing.values() {
+                        need(a, "routing")?;
+                    }
+                    if let Some(a) = s.anchor.as_deref().filter(|a| *a != "base") {
+                        need(a, "anchor")?;
                     }
                     outputs.push(&s.output);
                 }
@@ -256,6 +322,10 @@ pub fn run_recipe<B: Backend>(recipe: &Recipe, runs_dir: &Path, device: &B::Devi
                 .map_err(|message| RecipeError::Stage { index, kind: "pretrain", message })?,
             Stage::Grpo(s) => run_grpo::<B>(s, &mut ctx, device)
                 .map_err(|message| RecipeError::Stage { index, kind: "grpo", message })?,
+            Stage::Merge(s) => run_merge::<B>(s, &mut ctx, device)
+                .map_err(|message| RecipeError::Stage { index, kind: "merge", message })?,
+            Stage::Opd(s) => run_opd::<B>(s, &mut ctx, device)
+                .map_err(|message| RecipeError::Stage { index, kind: "opd", message })?,
             Stage::Eval(s) => run_eval::<B>(s, &mut ctx, device)
                 .map_err(|message| RecipeError::Stage { index, kind: "eval", message })?,
         }
@@ -371,6 +441,75 @@ pub fn save_adapter_atomic<B: Backend>(adapter: &crate::model::lora::LoraAdapter
     replace_dir_atomic(dir, |tmp| {
         save_lora(adapter, tmp, LoraFormat::Peft, crate::model::weights::SaveDtype::F32).map_err(|e| e.to_string())
     })
+}
+
+fn run_merge<B: Backend>(stage: &MergeStage, ctx: &mut RunContext, device: &B::Device) -> Result<(), String> {
+    let pipeline = Pipeline::<B>::load(&ctx.resolve(&stage.model), device).map_err(|e| e.to_string())?;
+    let mut adapters = Vec::new();
+    for (name, weight) in &stage.adapters {
+        let a = load_lora(&ctx.resolve(name), &pipeline.model.transformer, device).map_err(|e| format!("{name}: {e}"))?;
+        adapters.push((a, *weight));
+    }
+    let refs: Vec<_> = adapters.iter().map(|(a, w)| (a, *w)).collect();
+    let merged = combine(&refs, stage.method).map_err(|e| e.to_string())?;
+    let out = ctx.dir.join(&stage.output);
+    save_adapter_atomic(&merged, &out)?;
+    tracing::info!("merge `{}`: {} adapters ({:?})", stage.output, adapters.len(), stage.method);
+    ctx.outputs.insert(stage.output.clone(), out);
+    Ok(())
+}
+
+fn run_opd<B: Backend>(stage: &OpdStage, ctx: &mut RunContext, device: &B::Device) -> Result<(), String> {
+    type AD<B> = Autodiff<B>;
+    let pipeline = Pipeline::<B>::load(&ctx.resolve(&stage.model), device).map_err(|e| e.to_string())?;
+    let load = |name: &str| {
+        load_lora(&ctx.resolve(name), &pipeline.model.transformer, device).map_err(|e| format!("{name}: {e}"))
+    };
+    // One adapter per distinct teacher name; the routing table points into them.
+    let mut names: Vec<String> = stage.routing.values().cloned().collect();
+    if let Some(anchor) = stage.anchor.as_ref().filter(|a| *a != "base") {
+        names.push(anchor.clone());
+    }
+    names.sort();
+    names.dedup();
+    let adapters = names.iter().map(|n| load(n)).collect::<Result<Vec<_>, _>>()?;
+    let index = |name: &str| names.iter().position(|n| n == name).expect("listed");
+    let routing = stage.routing.iter().map(|(t, n)| (*t, index(n))).collect();
+    let anchor = stage.anchor.as_deref().filter(|a| *a != "base").map(index);
+    let init = match &stage.init {
+        Some(a) => Some(load(a)?),
+        None => None,
+    };
+    let teachers = Teachers { adapters, routing, anchor };
+    let mut trainer = opd_trainer::<AD<B>>(pipeline, init, teachers, stage.train.clone(), device)?;
+    let out = ctx.dir.join(&stage.output);
+    let label = format!("opd:{}", stage.output);
+    let bar = progress_bar(stage.train.iterations as u64, &stage.output);
+    let start = Instant::now();
+    for it in 1..=stage.train.iterations {
+        let stats = trainer.iteration(device)?;
+        bar.set_message(format!("loss {:.4}", stats.loss));
+        bar.inc(1);
+        let mut fields: Vec<(String, f64)> = vec![
+            ("loss".into(), stats.loss),
+            ("loss_opd".into(), stats.distill),
+            ("loss_mar".into(), stats.anchor),
+            ("seconds".into(), start.elapsed().as_secs_f64()),
+        ];
+        fields.extend(stats.task_metrics.iter().map(|(t, m)| (format!("train_{}", t.name()), *m)));
+        let refs: Vec<(&str, f64)> = fields.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+        ctx.metrics.log(&label, it, &refs).map_err(|e| e.to_string())?;
+        if it % stage.checkpoint_every.max(1) == 0 || it == stage.train.iterations {
+            save_adapter_atomic(&trainer.ema.average, &out)?;
+        }
+    }
+    bar.finish();
+    if let Some(export) = &stage.export {
+        save_adapter_atomic(&trainer.ema.average, export)?;
+    }
+    tracing::info!("opd `{}`: {} iterations in {:.0} s", stage.output, stage.train.iterations, start.elapsed().as_secs_f64());
+    ctx.outputs.insert(stage.output.clone(), out);
+    Ok(())
 }
 
 fn run_eval<B: Backend>(stage: &EvalStage, ctx: &mut RunContext, device: &B::Device) -> Result<(), String> {

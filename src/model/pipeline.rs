@@ -221,12 +221,27 @@ impl<B: Backend> Pipeline<B> {
                 ),
             });
         }
+        let model = WorldModel { transformer: transformer_config.init(device), text_encoder: text_config.init(device) };
         Ok(Self {
-            model: WorldModel { transformer: transformer_config.init(device), text_encoder: text_config.init(device) },
+            model: materialize(model),
             transformer_config,
             text_config,
             tokenizer,
             index: PipelineIndex { kind: "world".into(), image_size: crate::world::IMAGE_SIZE, codec },
         })
     }
+}
+
+/// Forces every lazily initialised parameter of `module` to take its value now, so that clones
+/// of the module (e.g. an autodiff copy and an inference copy) share the same weights instead
+/// of each drawing its own random initialisation later.
+pub fn materialize<B: Backend, M: Module<B>>(module: M) -> M {
+    struct Touch;
+    impl<B: Backend> burn::module::ModuleVisitor<B> for Touch {
+        fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<B, D>>) {
+            let _ = param.val();
+        }
+    }
+    module.visit(&mut Touch);
+    module
 }

@@ -172,7 +172,7 @@ pub fn grpo_trainer<B: AutodiffBackend>(
     }
     let base = <Mmdit<B> as AutodiffModule<B>>::from_inner(pipeline.model.transformer.clone()).no_grad();
     let adapter = match init {
-        Some(a) => <LoraAdapter<B> as AutodiffModule<B>>::from_inner(a),
+        Some(a) => super::trainable(<LoraAdapter<B> as AutodiffModule<B>>::from_inner(a)),
         None => {
             B::seed(device, config.seed);
             config.lora.config()?.init(&base, device)

@@ -5,5 +5,24 @@ pub mod ema;
 pub mod grpo;
 pub mod grpo_math;
 pub mod metrics;
+pub mod opd;
 pub mod pretrain;
 pub mod rollout;
+
+use burn::module::{Module, ModuleMapper, Param};
+use burn::tensor::Tensor;
+use burn::tensor::backend::AutodiffBackend;
+
+/// Marks every float parameter of `module` as trainable (requiring gradients). Modules moved
+/// onto the autodiff backend with `from_inner` keep the flag they had on the inner backend,
+/// where it is always off — so an adapter loaded from a file must pass through this before
+/// it is trained.
+pub fn trainable<B: AutodiffBackend, M: Module<B>>(module: M) -> M {
+    struct Mark;
+    impl<B: AutodiffBackend> ModuleMapper<B> for Mark {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+            param.map(|t| t.set_require_grad(true))
+        }
+    }
+    module.map(&mut Mark)
+}

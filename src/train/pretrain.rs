@@ -192,7 +192,7 @@ impl<B: AutodiffBackend, O: Optimizer<WorldModel<B>, B>> Pretrainer<B, O> {
 /// Moves a pipeline onto the autodiff backend for training.
 pub fn to_autodiff<B: AutodiffBackend>(pipeline: Pipeline<B::InnerBackend>) -> Pipeline<B> {
     Pipeline {
-        model: <WorldModel<B> as AutodiffModule<B>>::from_inner(pipeline.model),
+        model: super::trainable(<WorldModel<B> as AutodiffModule<B>>::from_inner(pipeline.model)),
         transformer_config: pipeline.transformer_config,
         text_config: pipeline.text_config,
         tokenizer: pipeline.tokenizer,

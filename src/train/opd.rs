@@ -1,0 +1,248 @@
+//! On-policy multi-teacher distillation (Flow-OPD, paper sections 5-6, REFERENCE section 4):
+//! the student samples SDE trajectories on a mixed batch of prompts; at every trained state
+//! the task teacher `R(c)` of each sample (one batched forward over the shared base with
+//! per-sample adapters) and the MAR anchor give velocities without gradient; the student
+//! minimises `w(s) ||v - SG(v_teacher)||^2 + lambda w(s) ||v - SG(v_anchor)||^2`.
+
+use std::collections::BTreeMap;
+
+use burn::module::{AutodiffModule, Module};
+use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{ElementConversion, Tensor};
+use rand::SeedableRng;
+use rand::seq::IndexedRandom;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use super::ema::Ema;
+use super::grpo::{LoraSpec, lift_conditioning, score};
+use super::pretrain::OptimConfig;
+use super::rollout::{RolloutConfig, Rollouts, rollout};
+use crate::flow::{GuidedModel, KlReduction, VelocityField, kl_weight, opd_loss};
+use crate::model::lora::{ActiveAdapters, AdapterChoice, LoraAdapter};
+use crate::model::mmdit::Mmdit;
+use crate::model::pipeline::Pipeline;
+use crate::world::Task;
+use crate::world::prompts::{Prompt, Split, shipped_prompts};
+
+/// Flow-OPD settings (paper defaults: T = 10, a = 0.7, lambda = 0.02).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpdConfig {
+    pub iterations: usize,
+    pub rollout: RolloutConfig,
+    /// Tasks whose training prompts form the mixed batches (every routed task by default).
+    #[serde(default)]
+    pub tasks: Option<Vec<Task>>,
+    /// MAR weight lambda (0 disables MAR).
+    #[serde(default = "default_lambda")]
+    pub mar_lambda: f64,
+    /// `sum` (paper, Eq. 15) or `mean` (public code).
+    #[serde(default)]
+    pub reduction: KlReduction,
+    /// Trained steps: the first `int(T * timestep_fraction)`.
+    #[serde(default = "default_fraction")]
+    pub timestep_fraction: f64,
+    pub optim: OptimConfig,
+    /// Shape of a fresh student adapter (when no cold start is given).
+    #[serde(default)]
+    pub lora: Option<LoraSpec>,
+    #[serde(default = "default_ema")]
+    pub ema_max_decay: f64,
+    #[serde(default)]
+    pub seed: u64,
+}
+
+fn default_lambda() -> f64 {
+    0.02
+}
+fn default_fraction() -> f64 {
+    0.99
+}
+fn default_ema() -> f64 {
+    0.9
+}
+
+/// The frozen teachers: adapters over the shared base, the routing table and the anchor.
+pub struct Teachers<B: burn::tensor::backend::Backend> {
+    pub adapters: Vec<LoraAdapter<B>>,
+    /// Task -> index into `adapters`.
+    pub routing: BTreeMap<Task, usize>,
+    /// MAR anchor: `Some(i)` an adapter, `None` the base model itself.
+    pub anchor: Option<usize>,
+}
+
+impl<B: burn::tensor::backend::Backend> Teachers<B> {
+    /// `R(c)` for every sample: the teacher its prompt's task is routed to.
+    pub fn route(&self, tasks: &[Task]) -> Result<Vec<Option<usize>>, String> {
+        tasks
+            .iter()
+            .map(|t| self.routing.get(t).map(|i| Some(*i)).ok_or_else(|| format!("no teacher is routed for task `{}`", t.name())))
+            .collect()
+    }
+}
+
+/// One iteration's figures.
+#[derive(Debug, Clone, Default)]
+pub struct OpdStats {
+    pub loss: f64,
+    pub distill: f64,
+    pub anchor: f64,
+    pub task_metrics: BTreeMap<Task, f64>,
+}
+
+/// The Flow-OPD state.
+pub struct OpdTrainer<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> {
+    pub pipeline: Pipeline<B::InnerBackend>,
+    pub base: Mmdit<B>,
+    pub student: LoraAdapter<B>,
+    pub teachers: Teachers<B::InnerBackend>,
+    pub optimizer: O,
+    pub ema: Ema<B, LoraAdapter<B>>,
+    pub config: OpdConfig,
+    pub iteration: usize,
+    prompts: Vec<Prompt>,
+    rng: ChaCha8Rng,
+}
+
+/// Builds a trainer; `init` is the cold-start student adapter (merge or SFT), else a fresh one.
+pub fn opd_trainer<B: AutodiffBackend>(
+    pipeline: Pipeline<B::InnerBackend>,
+    init: Option<LoraAdapter<B::InnerBackend>>,
+    teachers: Teachers<B::InnerBackend>,
+    config: OpdConfig,
+    device: &B::Device,
+) -> Result<OpdTrainer<B, impl Optimizer<LoraAdapter<B>, B>>, String> {
+    let base = <Mmdit<B> as AutodiffModule<B>>::from_inner(pipeline.model.transformer.clone()).no_grad();
+    let student = match (init, &config.lora) {
+        (Some(a), _) => super::trainable(<LoraAdapter<B> as AutodiffModule<B>>::from_inner(a)),
+        (None, Some(spec)) => {
+            B::seed(device, config.seed);
+            spec.config()?.init(&base, device)
+        }
+        (None, None) => return Err("`lora`: without a cold-start adapter the student needs a `lora` shape".into()),
+    };
+    let tasks: Vec<Task> = config.tasks.clone().unwrap_or_else(|| teachers.routing.keys().copied().collect());
+    teachers.route(&tasks)?;
+    let prompts: Vec<Prompt> = shipped_prompts(Split::Train).into_iter().filter(|p| tasks.contains(&p.task())).collect();
+    if prompts.is_empty() {
+        return Err(format!("`tasks`: no training prompts for {tasks:?}"));
+    }
+    let optimizer = config.optim.adamw().init::<B, LoraAdapter<B>>();
+    let ema = Ema::new(&student, config.ema_max_decay);
+    Ok(OpdTrainer {
+        rng: ChaCha8Rng::seed_from_u64(config.seed),
+        pipeline,
+        base,
+        student,
+        teachers,
+        optimizer,
+        ema,
+        config,
+        iteration: 0,
+        prompts,
+    })
+}
+
+impl<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> OpdTrainer<B, O> {
+    /// One iteration: on-policy rollouts of a mixed batch, then [`OpdTrainer::step_on`].
+    pub fn iteration(&mut self, device: &B::Device) -> Result<OpdStats, String> {
+        let ro = self.sample(device);
+        self.step_on(&ro, device)
+    }
+
+    /// Samples a mixed batch of training prompts and the student's on-policy rollouts.
+    pub fn sample(&mut self, device: &B::Device) -> Rollouts<B::InnerBackend> {
+        let prompts: Vec<Prompt> =
+            (0..self.config.rollout.prompts).map(|_| self.prompts.choose(&mut self.rng).expect("non-empty").clone()).collect();
+        let policy = self.student.valid();
+        rollout(&self.pipeline, Some(&policy), &prompts, &self.config.rollout, &mut self.rng, device)
+    }
+
+    /// The trained transitions of `ro`: stochastic steps among the first `int(T * fraction)`.
+    fn trained_steps(&self, ro: &Rollouts<B::InnerBackend>) -> Vec<usize> {
+        let n = (self.config.rollout.steps as f64 * self.config.timestep_fraction) as usize;
+        (0..n.min(ro.trajectory.transitions.len())).filter(|&j| ro.trajectory.transitions[j].stochastic).collect()
+    }
+
+    /// Teacher (routed) and anchor velocities at trained step `j` of `ro` (no gradient).
+    fn labels(&self, ro: &Rollouts<B::InnerBackend>, j: usize, device: &B::Device) -> Result<(Tensor<B::InnerBackend, 4>, Option<Tensor<B::InnerBackend, 4>>), String> {
+        let g = self.config.rollout.guidance;
+        let route = self.teachers.route(&ro.tasks())?;
+        let teacher_refs: Vec<&LoraAdapter<B::InnerBackend>> = self.teachers.adapters.iter().collect();
+        let routed = ActiveAdapters::new(teacher_refs.clone(), &AdapterChoice::PerSample(route), device);
+        let anchor = match self.teachers.anchor {
+            Some(i) => ActiveAdapters::new(teacher_refs, &AdapterChoice::All(i), device),
+            None => ActiveAdapters::none(),
+        };
+        let inner = &self.pipeline.model.transformer;
+        let tr = &ro.trajectory.transitions[j];
+        let state = ro.trajectory.states[j].clone();
+        let teacher = GuidedModel { model: inner, adapters: &routed, cond: &ro.cond, guidance: ro.guidance(g) }
+            .velocity(state.clone(), tr.step.sigma);
+        let anchor = (self.config.mar_lambda != 0.0).then(|| {
+            GuidedModel { model: inner, adapters: &anchor, cond: &ro.cond, guidance: ro.guidance(g) }.velocity(state, tr.step.sigma)
+        });
+        Ok((teacher, anchor))
+    }
+
+    /// The batch loss `mean_b mean_j [L_OPD + lambda L_MAR]` of `ro` under the current student
+    /// (no update).
+    pub fn loss_on(&self, ro: &Rollouts<B::InnerBackend>, device: &B::Device) -> Result<f64, String> {
+        let steps = self.trained_steps(ro);
+        let student = self.student.valid();
+        let single = ActiveAdapters::single(&student);
+        let g = self.config.rollout.guidance;
+        let field = GuidedModel { model: &self.pipeline.model.transformer, adapters: &single, cond: &ro.cond, guidance: ro.guidance(g) };
+        let mut total = 0.0;
+        for &j in &steps {
+            let tr = &ro.trajectory.transitions[j];
+            let (teacher, anchor) = self.labels(ro, j, device)?;
+            let weight = kl_weight(tr.step, tr.step.sigma_t(self.config.rollout.noise_level), self.config.reduction);
+            let v = field.velocity(ro.trajectory.states[j].clone(), tr.step.sigma);
+            let loss = opd_loss(v, teacher, anchor, weight, self.config.mar_lambda, self.config.reduction);
+            total += loss.total.mean().into_scalar().elem::<f64>() / steps.len() as f64;
+        }
+        Ok(total)
+    }
+
+    /// Routed teacher and anchor labels at every trained state of `ro`, the loss, and one
+    /// accumulated AdamW update of the student (plus EMA).
+    pub fn step_on(&mut self, ro: &Rollouts<B::InnerBackend>, device: &B::Device) -> Result<OpdStats, String> {
+        let (_, task_metrics) = score(&ro.prompts, &ro.images, &BTreeMap::new())?;
+        let steps = self.trained_steps(ro);
+        let g = self.config.rollout.guidance;
+        let cond = lift_conditioning::<B>(&ro.cond);
+        let negative = lift_conditioning::<B>(&ro.negative);
+        let guidance = (g != 1.0).then_some((&negative, g));
+        let mut accumulator = GradientsAccumulator::<LoraAdapter<B>>::new();
+        let mut stats = OpdStats { task_metrics, ..Default::default() };
+        for &j in &steps {
+            let tr = &ro.trajectory.transitions[j];
+            let state = ro.trajectory.states[j].clone();
+            let sigma_t = tr.step.sigma_t(self.config.rollout.noise_level);
+            let weight = kl_weight(tr.step, sigma_t, self.config.reduction);
+            let (teacher, anchor) = self.labels(ro, j, device)?;
+            let v_teacher = Tensor::<B, 4>::from_inner(teacher);
+            let v_anchor = anchor.map(Tensor::<B, 4>::from_inner);
+            let single = ActiveAdapters::single(&self.student);
+            let student_field = GuidedModel { model: &self.base, adapters: &single, cond: &cond, guidance };
+            let v = student_field.velocity(Tensor::from_inner(state), tr.step.sigma);
+            let loss = opd_loss(v, v_teacher, v_anchor, weight, self.config.mar_lambda, self.config.reduction);
+            stats.distill += loss.distill.mean().into_scalar().elem::<f64>() / steps.len() as f64;
+            stats.anchor += loss.anchor.mean().into_scalar().elem::<f64>() / steps.len() as f64;
+            let total = loss.total.mean() / steps.len() as f64;
+            stats.loss += total.clone().into_scalar().elem::<f64>();
+            let grads = GradientsParams::from_grads(total.backward(), &self.student);
+            accumulator.accumulate(&self.student, grads);
+        }
+        if !steps.is_empty() {
+            let student = self.student.clone();
+            self.student = self.optimizer.step(self.config.optim.lr, student, accumulator.grads());
+            self.ema.update(&self.student);
+        }
+        self.iteration += 1;
+        Ok(stats)
+    }
+}
