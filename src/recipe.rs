@@ -402,36 +402,99 @@ fn run_grpo<B: Backend>(stage: &GrpoStage, ctx: &mut RunContext, device: &B::Dev
         Some(a) => Some(load_lora(&ctx.resolve(a), &pipeline.model.transformer, device).map_err(|e| e.to_string())?),
         None => None,
     };
-    let mut trainer = grpo_trainer::<AD<B>>(pipeline, init, stage.train.clone(), device)?;
-    let out = ctx.dir.join(&stage.output);
-    let label = format!("grpo:{}", stage.output);
-    let bar = progress_bar(stage.train.iterations as u64, &stage.output);
-    let start = Instant::now();
-    for it in 1..=stage.train.iterations {
-        let stats = trainer.iteration(device)?;
-        bar.set_message(format!("reward {:.3} kl {:.2e}", stats.reward, stats.kl));
-        bar.inc(1);
+    let trainer = grpo_trainer::<AD<B>>(pipeline, init, stage.train.clone(), device)?;
+    let common = AdapterStage { kind: "grpo", output: &stage.output, iterations: stage.train.iterations, checkpoint_every: stage.checkpoint_every, export: stage.export.as_deref() };
+    train_adapter(common, GrpoLoop(trainer), ctx, device)
+}
+
+/// What the GRPO and OPD stages share: name, length, checkpoints, export.
+struct AdapterStage<'a> {
+    kind: &'static str,
+    output: &'a str,
+    iterations: usize,
+    checkpoint_every: usize,
+    export: Option<&'a Path>,
+}
+
+/// An adapter trainer as the stage loop sees it.
+trait AdapterLoop<B: burn::tensor::backend::AutodiffBackend> {
+    /// One iteration: a progress message and the metrics to log.
+    fn iterate(&mut self, device: &B::Device) -> Result<(String, Vec<(String, f64)>), String>;
+    /// The EMA adapter that checkpoints and exports save.
+    fn ema(&self) -> &crate::model::lora::LoraAdapter<B::InnerBackend>;
+}
+
+struct GrpoLoop<T>(T);
+
+impl<B, O> AdapterLoop<B> for GrpoLoop<crate::train::grpo::GrpoTrainer<B, O>>
+where
+    B: burn::tensor::backend::AutodiffBackend,
+    O: burn::optim::Optimizer<crate::model::lora::LoraAdapter<B>, B>,
+{
+    fn iterate(&mut self, device: &B::Device) -> Result<(String, Vec<(String, f64)>), String> {
+        let stats = self.0.iteration(device)?;
         let mut fields: Vec<(String, f64)> = vec![
             ("reward".into(), stats.reward),
             ("kl".into(), stats.kl),
             ("policy_loss".into(), stats.policy_loss),
             ("clip_fraction".into(), stats.clip_fraction),
             ("partition".into(), stats.partition as f64),
-            ("seconds".into(), start.elapsed().as_secs_f64()),
         ];
         fields.extend(stats.task_metrics.iter().map(|(t, m)| (format!("train_{}", t.name()), *m)));
+        Ok((format!("reward {:.3} kl {:.2e}", stats.reward, stats.kl), fields))
+    }
+    fn ema(&self) -> &crate::model::lora::LoraAdapter<B::InnerBackend> {
+        &self.0.ema.average
+    }
+}
+
+struct OpdLoop<T>(T);
+
+impl<B, O> AdapterLoop<B> for OpdLoop<crate::train::opd::OpdTrainer<B, O>>
+where
+    B: burn::tensor::backend::AutodiffBackend,
+    O: burn::optim::Optimizer<crate::model::lora::LoraAdapter<B>, B>,
+{
+    fn iterate(&mut self, device: &B::Device) -> Result<(String, Vec<(String, f64)>), String> {
+        let stats = self.0.iteration(device)?;
+        let mut fields: Vec<(String, f64)> =
+            vec![("loss".into(), stats.loss), ("loss_opd".into(), stats.distill), ("loss_mar".into(), stats.anchor)];
+        fields.extend(stats.task_metrics.iter().map(|(t, m)| (format!("train_{}", t.name()), *m)));
+        Ok((format!("loss {:.4}", stats.loss), fields))
+    }
+    fn ema(&self) -> &crate::model::lora::LoraAdapter<B::InnerBackend> {
+        &self.0.ema.average
+    }
+}
+
+/// The stage loop of adapter trainers: progress bar, `metrics.jsonl`, EMA checkpoints, export.
+fn train_adapter<B: burn::tensor::backend::AutodiffBackend>(
+    stage: AdapterStage<'_>,
+    mut trainer: impl AdapterLoop<B>,
+    ctx: &mut RunContext,
+    device: &B::Device,
+) -> Result<(), String> {
+    let out = ctx.dir.join(stage.output);
+    let label = format!("{}:{}", stage.kind, stage.output);
+    let bar = progress_bar(stage.iterations as u64, stage.output);
+    let start = Instant::now();
+    for it in 1..=stage.iterations {
+        let (message, mut fields) = trainer.iterate(device)?;
+        bar.set_message(message);
+        bar.inc(1);
+        fields.push(("seconds".into(), start.elapsed().as_secs_f64()));
         let refs: Vec<(&str, f64)> = fields.iter().map(|(k, v)| (k.as_str(), *v)).collect();
         ctx.metrics.log(&label, it, &refs).map_err(|e| e.to_string())?;
-        if it % stage.checkpoint_every.max(1) == 0 || it == stage.train.iterations {
-            save_adapter_atomic(&trainer.ema.average, &out)?;
+        if it % stage.checkpoint_every.max(1) == 0 || it == stage.iterations {
+            save_adapter_atomic(trainer.ema(), &out)?;
         }
     }
     bar.finish();
-    if let Some(export) = &stage.export {
-        save_adapter_atomic(&trainer.ema.average, export)?;
+    if let Some(export) = stage.export {
+        save_adapter_atomic(trainer.ema(), export)?;
     }
-    tracing::info!("grpo `{}`: {} iterations in {:.0} s", stage.output, stage.train.iterations, start.elapsed().as_secs_f64());
-    ctx.outputs.insert(stage.output.clone(), out);
+    tracing::info!("{label}: {} iterations in {:.0} s", stage.iterations, start.elapsed().as_secs_f64());
+    ctx.outputs.insert(stage.output.to_string(), out);
     Ok(())
 }
 
@@ -481,35 +544,9 @@ fn run_opd<B: Backend>(stage: &OpdStage, ctx: &mut RunContext, device: &B::Devic
         None => None,
     };
     let teachers = Teachers { adapters, routing, anchor };
-    let mut trainer = opd_trainer::<AD<B>>(pipeline, init, teachers, stage.train.clone(), device)?;
-    let out = ctx.dir.join(&stage.output);
-    let label = format!("opd:{}", stage.output);
-    let bar = progress_bar(stage.train.iterations as u64, &stage.output);
-    let start = Instant::now();
-    for it in 1..=stage.train.iterations {
-        let stats = trainer.iteration(device)?;
-        bar.set_message(format!("loss {:.4}", stats.loss));
-        bar.inc(1);
-        let mut fields: Vec<(String, f64)> = vec![
-            ("loss".into(), stats.loss),
-            ("loss_opd".into(), stats.distill),
-            ("loss_mar".into(), stats.anchor),
-            ("seconds".into(), start.elapsed().as_secs_f64()),
-        ];
-        fields.extend(stats.task_metrics.iter().map(|(t, m)| (format!("train_{}", t.name()), *m)));
-        let refs: Vec<(&str, f64)> = fields.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-        ctx.metrics.log(&label, it, &refs).map_err(|e| e.to_string())?;
-        if it % stage.checkpoint_every.max(1) == 0 || it == stage.train.iterations {
-            save_adapter_atomic(&trainer.ema.average, &out)?;
-        }
-    }
-    bar.finish();
-    if let Some(export) = &stage.export {
-        save_adapter_atomic(&trainer.ema.average, export)?;
-    }
-    tracing::info!("opd `{}`: {} iterations in {:.0} s", stage.output, stage.train.iterations, start.elapsed().as_secs_f64());
-    ctx.outputs.insert(stage.output.clone(), out);
-    Ok(())
+    let trainer = opd_trainer::<AD<B>>(pipeline, init, teachers, stage.train.clone(), device)?;
+    let common = AdapterStage { kind: "opd", output: &stage.output, iterations: stage.train.iterations, checkpoint_every: stage.checkpoint_every, export: stage.export.as_deref() };
+    train_adapter(common, OpdLoop(trainer), ctx, device)
 }
 
 fn run_eval<B: Backend>(stage: &EvalStage, ctx: &mut RunContext, device: &B::Device) -> Result<(), String> {
