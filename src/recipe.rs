@@ -295,6 +295,26 @@ impl RunContext {
     }
 }
 
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Installs a Ctrl-C handler (once): training loops then stop after the current step, save
+/// their checkpoint and end the run with an error saying where it is.
+pub fn install_interrupt_handler() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = ctrlc::set_handler(|| {
+            if INTERRUPTED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+            eprintln!("\ninterrupted: finishing the current step and saving a checkpoint (Ctrl-C again to quit at once)");
+        });
+    });
+}
+
+fn interrupted() -> bool {
+    INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst)
+}
+
 /// A progress bar with rate and ETA.
 pub fn progress_bar(len: u64, label: &str) -> ProgressBar {
     let bar = ProgressBar::new(len);
@@ -308,6 +328,7 @@ pub fn progress_bar(len: u64, label: &str) -> ProgressBar {
 
 /// Runs every stage of `recipe` on backend `B`, writing into `runs_dir/<name>/`.
 pub fn run_recipe<B: Backend>(recipe: &Recipe, runs_dir: &Path, device: &B::Device) -> Result<RunContext, RecipeError> {
+    install_interrupt_handler();
     let dir = runs_dir.join(&recipe.name);
     std::fs::create_dir_all(&dir).map_err(|source| RecipeError::Io { path: dir.clone(), source })?;
     let resolved = toml::to_string_pretty(recipe).expect("recipe serialises");
@@ -382,8 +403,11 @@ fn run_pretrain<B: Backend>(stage: &PretrainStage, ctx: &mut RunContext, device:
                 .log("pretrain", step, &[("loss", stats.loss), ("loss_smoothed", s), ("seconds", start.elapsed().as_secs_f64())])
                 .map_err(|e| e.to_string())?;
         }
-        if step % stage.checkpoint_every == 0 || step == stage.train.steps {
+        if step % stage.checkpoint_every == 0 || step == stage.train.steps || interrupted() {
             save_pipeline_atomic(&trainer.ema_pipeline(), &out)?;
+        }
+        if interrupted() {
+            return Err(format!("interrupted at step {step}; the EMA checkpoint is in {}", out.display()));
         }
     }
     bar.finish();
@@ -485,8 +509,11 @@ fn train_adapter<B: burn::tensor::backend::AutodiffBackend>(
         fields.push(("seconds".into(), start.elapsed().as_secs_f64()));
         let refs: Vec<(&str, f64)> = fields.iter().map(|(k, v)| (k.as_str(), *v)).collect();
         ctx.metrics.log(&label, it, &refs).map_err(|e| e.to_string())?;
-        if it % stage.checkpoint_every.max(1) == 0 || it == stage.iterations {
+        if it % stage.checkpoint_every.max(1) == 0 || it == stage.iterations || interrupted() {
             save_adapter_atomic(trainer.ema(), &out)?;
+        }
+        if interrupted() {
+            return Err(format!("interrupted at iteration {it}; the EMA adapter is in {}", out.display()));
         }
     }
     bar.finish();
