@@ -33,6 +33,7 @@ use crate::train::metrics::MetricsLog;
 use crate::model::lora::{MergeMethod, combine};
 use crate::train::grpo::{GrpoConfig, grpo_trainer};
 use crate::train::opd::{OpdConfig, Teachers, opd_trainer};
+use crate::train::sft::{SftConfig, sft_trainer, teacher_samples};
 use crate::world::Task;
 use crate::train::pretrain::{PretrainConfig, WorldPairs, pretrainer, to_autodiff};
 
@@ -53,6 +54,7 @@ pub enum Stage {
     Pretrain(PretrainStage),
     Grpo(GrpoStage),
     Merge(MergeStage),
+    Sft(SftStage),
     Opd(OpdStage),
     Eval(EvalStage),
 }
@@ -69,6 +71,19 @@ pub struct MergeStage {
     /// `exact` (weighted average of the updates, default) or `average_factors`.
     #[serde(default)]
     pub method: MergeMethod,
+}
+
+/// Cold start by SFT: task teachers sample their partitions, the student fits them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SftStage {
+    pub output: String,
+    pub model: String,
+    /// Task -> teacher adapter (stage output or path).
+    pub routing: BTreeMap<Task, String>,
+    #[serde(default)]
+    pub export: Option<PathBuf>,
+    pub train: SftConfig,
 }
 
 /// On-policy distillation of routed task teachers (+ MAR anchor) into a student adapter.
@@ -209,11 +224,12 @@ impl Recipe {
                 "pretrain" => Stage::Pretrain(typed(i, &kind, table).map_err(parse)?),
                 "grpo" => Stage::Grpo(typed(i, &kind, table).map_err(parse)?),
                 "merge" => Stage::Merge(typed(i, &kind, table).map_err(parse)?),
+                "sft" => Stage::Sft(typed(i, &kind, table).map_err(parse)?),
                 "opd" => Stage::Opd(typed(i, &kind, table).map_err(parse)?),
                 "eval" => Stage::Eval(typed(i, &kind, table).map_err(parse)?),
                 other => {
                     return Err(parse(format!(
-                        "stage {i}: unknown `kind` = \"{other}\" (expected pretrain, grpo, merge, opd or eval)"
+                        "stage {i}: unknown `kind` = \"{other}\" (expected pretrain, grpo, merge, sft, opd or eval)"
                     )));
                 }
             };
@@ -253,6 +269,13 @@ impl Recipe {
                     need(&s.model, "model")?;
                     for a in s.adapters.keys() {
                         need(a, "adapters")?;
+                    }
+                    outputs.push(&s.output);
+                }
+                Stage::Sft(s) => {
+                    need(&s.model, "model")?;
+                    for a in s.routing.values() {
+                        need(a, "routing")?;
                     }
                     outputs.push(&s.output);
                 }
@@ -345,6 +368,8 @@ pub fn run_recipe<B: Backend>(recipe: &Recipe, runs_dir: &Path, device: &B::Devi
                 .map_err(|message| RecipeError::Stage { index, kind: "grpo", message })?,
             Stage::Merge(s) => run_merge::<B>(s, &mut ctx, device)
                 .map_err(|message| RecipeError::Stage { index, kind: "merge", message })?,
+            Stage::Sft(s) => run_sft::<B>(s, &mut ctx, device)
+                .map_err(|message| RecipeError::Stage { index, kind: "sft", message })?,
             Stage::Opd(s) => run_opd::<B>(s, &mut ctx, device)
                 .map_err(|message| RecipeError::Stage { index, kind: "opd", message })?,
             Stage::Eval(s) => run_eval::<B>(s, &mut ctx, device)
@@ -545,6 +570,43 @@ fn run_merge<B: Backend>(stage: &MergeStage, ctx: &mut RunContext, device: &B::D
     let out = ctx.dir.join(&stage.output);
     save_adapter_atomic(&merged, &out)?;
     tracing::info!("merge `{}`: {} adapters ({:?})", stage.output, adapters.len(), stage.method);
+    ctx.outputs.insert(stage.output.clone(), out);
+    Ok(())
+}
+
+fn run_sft<B: Backend>(stage: &SftStage, ctx: &mut RunContext, device: &B::Device) -> Result<(), String> {
+    let pipeline = Pipeline::<B>::load(&ctx.resolve(&stage.model), device).map_err(|e| e.to_string())?;
+    let mut names: Vec<String> = stage.routing.values().cloned().collect();
+    names.sort();
+    names.dedup();
+    let teachers = names
+        .iter()
+        .map(|n| load_lora(&ctx.resolve(n), &pipeline.model.transformer, device).map_err(|e| format!("{n}: {e}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let routing = stage.routing.iter().map(|(t, n)| (*t, names.iter().position(|m| m == n).expect("listed"))).collect();
+    let start = Instant::now();
+    let data = teacher_samples(&pipeline, &teachers, &routing, &stage.train, device);
+    tracing::info!("sft `{}`: {} teacher samples in {:.0} s", stage.output, data.prompts.len(), start.elapsed().as_secs_f64());
+    let mut trainer = sft_trainer::<Autodiff<B>>(pipeline, stage.train.clone(), device)?;
+    let out = ctx.dir.join(&stage.output);
+    let label = format!("sft:{}", stage.output);
+    let bar = progress_bar(stage.train.steps as u64, &stage.output);
+    for step in 1..=stage.train.steps {
+        let loss = trainer.step(&data, device);
+        bar.set_message(format!("loss {loss:.4}"));
+        bar.inc(1);
+        ctx.metrics.log(&label, step, &[("loss", loss), ("seconds", start.elapsed().as_secs_f64())]).map_err(|e| e.to_string())?;
+        if step == stage.train.steps || interrupted() {
+            save_adapter_atomic(&trainer.ema.average, &out)?;
+        }
+        if interrupted() {
+            return Err(format!("interrupted at step {step}; the EMA adapter is in {}", out.display()));
+        }
+    }
+    bar.finish();
+    if let Some(export) = &stage.export {
+        save_adapter_atomic(&trainer.ema.average, export)?;
+    }
     ctx.outputs.insert(stage.output.clone(), out);
     Ok(())
 }

@@ -207,3 +207,38 @@ eval = {{ prompts_per_task = 1, sampling = {{ steps = 2, guidance = 2.0 }} }}
     let table = flow_opd::eval::ResultsTable::read(&dir).unwrap();
     assert_eq!(table.rows[0].model, "Flow-OPD");
 }
+
+#[test]
+fn sft_cold_start_recipe_fits_teacher_samples() {
+    let runs = tempfile::tempdir().unwrap();
+    let device = Default::default();
+    let p = pipeline();
+    let model = runs.path().join("toy");
+    save_pipeline_atomic(&p, &model).unwrap();
+    for (name, seed) in [("t_comp", 1), ("t_text", 2)] {
+        save_lora(&teacher(&p.model.transformer, seed, &device), &runs.path().join(name), LoraFormat::Peft, SaveDtype::F32).unwrap();
+    }
+    let r = |n: &str| runs.path().join(n).display().to_string();
+    let text = format!(
+        r#"
+name = "sft_smoke"
+[[stage]]
+kind = "sft"
+output = "cold"
+model = "{model}"
+routing = {{ composition = "{c}", text = "{t}" }}
+train = {{ samples_per_task = 3, sampling = {{ steps = 2, guidance = 2.0 }}, steps = 3, batch_size = 4, optim = {{ lr = 1e-2 }}, lora = {{ rank = 2, alpha = 4.0 }} }}
+"#,
+        model = r("toy"),
+        c = r("t_comp"),
+        t = r("t_text"),
+    );
+    let recipe = Recipe::from_toml(Path::new("sft.toml"), &text).unwrap();
+    run_recipe::<B>(&recipe, runs.path(), &device).unwrap();
+    let dir = runs.path().join("sft_smoke");
+    let metrics = flow_opd::train::metrics::read_metrics(&dir.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.iter().filter(|m| m["stage"] == "sft:cold").count(), 3);
+    let cold = flow_opd::model::lora::load_lora(&dir.join("cold"), &p.model.transformer, &device).unwrap();
+    let b_norm: f32 = cold.layers().map(|(_, _, l)| l.up.val().abs().max().into_scalar()).fold(0.0, f32::max);
+    assert!(b_norm > 0.0, "the student adapter was trained");
+}

@@ -8,6 +8,7 @@ pub mod metrics;
 pub mod opd;
 pub mod pretrain;
 pub mod rollout;
+pub mod sft;
 
 use burn::module::{Module, ModuleMapper, Param};
 use burn::tensor::Tensor;
