@@ -419,6 +419,14 @@ fn run_pretrain<B: Backend>(stage: &PretrainStage, ctx: &mut RunContext, device:
     let mut smoothed = None;
     for step in 1..=stage.train.steps {
         let stats = trainer.step(&mut data, device);
+        if !stats.loss.is_finite() {
+            return Err(format!(
+                "step {step}: the loss is {} (diverged); the last good EMA checkpoint is in {} (saved every {} steps)",
+                stats.loss,
+                out.display(),
+                stage.checkpoint_every
+            ));
+        }
         let s = smoothed.map_or(stats.loss, |m: f64| 0.98 * m + 0.02 * stats.loss);
         smoothed = Some(s);
         bar.set_message(format!("loss {s:.4}"));
