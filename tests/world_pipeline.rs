@@ -81,3 +81,15 @@ fn every_shipped_prompt_fits_the_tokenizer() {
         }
     }
 }
+
+#[test]
+fn shipped_base_loads_and_gives_finite_velocities() {
+    let device = Default::default();
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/world_base");
+    let p = Pipeline::<B>::load(&dir, &device).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(p.latent_shape(), [12, 16, 16]);
+    let cond = p.encode_prompts(&["a photo of a red circle left of a blue square"], &device);
+    let x: Tensor<B, 4> = SeededNoise::new(1).sample([1, 12, 16, 16], &device);
+    let v = p.model.transformer.forward(x, cond.tokens, cond.pooled, Tensor::full([1], 500.0, &device));
+    assert!(v.into_data().into_vec::<f32>().unwrap().iter().all(|x| x.is_finite()));
+}
