@@ -3,9 +3,11 @@
 
 use std::path::Path;
 
+mod common;
+
 use burn::backend::{Autodiff, Flex};
 use flow_opd::model::lora::load_lora;
-use flow_opd::model::pipeline::{Pipeline, WorldModelConfig};
+use flow_opd::model::pipeline::Pipeline;
 use flow_opd::recipe::{Recipe, run_recipe, save_pipeline_atomic};
 use flow_opd::train::grpo::{GrpoConfig, grpo_trainer};
 use flow_opd::train::metrics::read_metrics;
@@ -26,8 +28,7 @@ partitions = [
 "#;
 
 fn toy_pipeline(dir: &Path) {
-    let pipeline = Pipeline::<B>::new_world(&WorldModelConfig::default(), &Default::default()).unwrap();
-    save_pipeline_atomic(&pipeline, dir).unwrap();
+    save_pipeline_atomic(&common::toy_world_pipeline(0), dir).unwrap();
 }
 
 #[test]

@@ -6,13 +6,15 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+mod common;
+
 use burn::backend::{Autodiff, Flex};
 use burn::module::{AutodiffModule, Module};
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 use flow_opd::flow::{GuidedModel, KlReduction, SeededNoise, VelocityField, opd_loss};
 use flow_opd::model::lora::{ActiveAdapters, AdapterChoice, LoraAdapter, LoraConfig, LoraTarget, save_lora, LoraFormat};
-use flow_opd::model::pipeline::{Pipeline, WorldModelConfig};
+use flow_opd::model::pipeline::Pipeline;
 use flow_opd::model::weights::SaveDtype;
 use flow_opd::recipe::{Recipe, run_recipe, save_pipeline_atomic};
 use flow_opd::train::opd::{OpdConfig, Teachers, opd_trainer};
@@ -22,8 +24,7 @@ type B = Flex;
 type AD = Autodiff<Flex>;
 
 fn pipeline() -> Pipeline<B> {
-    B::seed(&Default::default(), 11);
-    Pipeline::<B>::new_world(&WorldModelConfig::default(), &Default::default()).unwrap()
+    common::toy_world_pipeline(11)
 }
 
 /// A teacher adapter with non-zero B (seeded), so it changes the model.

@@ -37,12 +37,7 @@ pub fn kl_weight(step: StepSigmas, sigma_t: f64, reduction: KlReduction) -> f64 
 
 /// `||a - b||^2` per sample, summed or averaged over the `C, H, W` elements.
 pub fn squared_distance<B: Backend>(a: Tensor<B, 4>, b: Tensor<B, 4>, reduction: KlReduction) -> Tensor<B, 1> {
-    let [batch, c, h, w] = a.dims();
-    let flat = (a - b).powi_scalar(2).reshape([batch, c * h * w]);
-    match reduction {
-        KlReduction::Sum => flat.sum_dim(1).reshape([batch]),
-        KlReduction::Mean => flat.mean_dim(1).reshape([batch]),
-    }
+    super::reduce_per_sample((a - b).powi_scalar(2), reduction == KlReduction::Mean)
 }
 
 /// The Gaussian KL between two transitions with the same isotropic covariance, computed from

@@ -16,4 +16,15 @@ pub use sampler::{
     sample_trajectory,
 };
 pub use schedule::FlowSchedule;
+
+use burn::tensor::Tensor;
+use burn::tensor::backend::Backend;
+
+/// Reduces `[B, C, H, W]` per sample to `[B]`: the sum (`mean = false`) or the mean over
+/// the `C H W` latent elements (Flow-GRPO's log-prob and KL reduce by the mean).
+pub(crate) fn reduce_per_sample<B: Backend>(x: Tensor<B, 4>, mean: bool) -> Tensor<B, 1> {
+    let [batch, c, h, w] = x.dims();
+    let flat = x.reshape([batch, c * h * w]);
+    if mean { flat.mean_dim(1).reshape([batch]) } else { flat.sum_dim(1).reshape([batch]) }
+}
 pub use sde::{LogProbReduction, SdeKind, SdeStep, StepSigmas, euler_step, log_prob, sde_step, step_mean, transition_std};

@@ -131,7 +131,6 @@ pub fn log_prob<B: Backend>(
     kind: SdeKind,
     reduction: LogProbReduction,
 ) -> Tensor<B, 1> {
-    let [batch, c, h, w] = sample.dims();
     let diff2 = (sample - mean).powi_scalar(2);
     let per_element = match kind {
         SdeKind::Sde => {
@@ -141,11 +140,7 @@ pub fn log_prob<B: Backend>(
         }
         SdeKind::Cps => -diff2,
     };
-    let flat = per_element.reshape([batch, c * h * w]);
-    match reduction {
-        LogProbReduction::Mean => flat.mean_dim(1).reshape([batch]),
-        LogProbReduction::Sum => flat.sum_dim(1).reshape([batch]),
-    }
+    super::reduce_per_sample(per_element, reduction == LogProbReduction::Mean)
 }
 
 /// One stochastic step: `mu` from [`step_mean`], `x' = mu + std * eps` with the caller's

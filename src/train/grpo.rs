@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use super::ema::Ema;
 use super::grpo_math::{AdvantageStd, clipped_policy_loss, group_advantages};
 use super::pretrain::OptimConfig;
-use super::rollout::{RolloutConfig, Rollouts, rollout, vector};
+use super::rollout::{RolloutConfig, rollout, vector};
 use crate::flow::{GuidedModel, KlReduction, LogProbReduction, TextConditioning, VelocityField, gaussian_kl, log_prob, step_mean};
 use crate::model::lora::{ActiveAdapters, LoraAdapter, LoraConfig, LoraTarget};
 use crate::model::mmdit::Mmdit;
@@ -212,13 +212,6 @@ pub fn lift_conditioning<B: AutodiffBackend>(c: &TextConditioning<B::InnerBacken
 }
 
 impl<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> GrpoTrainer<B, O> {
-    /// Indices of the trained transitions: stochastic steps among the first
-    /// `int(T * timestep_fraction)`.
-    pub fn trained_steps(&self, rollouts: &Rollouts<B::InnerBackend>) -> Vec<usize> {
-        let n = (self.config.rollout.steps as f64 * self.config.timestep_fraction) as usize;
-        (0..n.min(rollouts.trajectory.transitions.len())).filter(|&j| rollouts.trajectory.transitions[j].stochastic).collect()
-    }
-
     /// One iteration: rollouts, rewards, advantages, one accumulated update.
     pub fn iteration(&mut self, device: &B::Device) -> Result<GrpoStats, String> {
         let part = self.schedule[self.iteration % self.schedule.len()];
@@ -230,7 +223,7 @@ impl<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> GrpoTrainer<B, O> {
         let advantages = group_advantages(&rewards, self.config.rollout.group_size, self.config.advantage_std, self.config.advantage_clip);
         let advantages = vector::<B>(&advantages, device);
 
-        let steps = self.trained_steps(&ro);
+        let steps = ro.trained_steps(self.config.rollout.steps, self.config.timestep_fraction);
         let cond = lift_conditioning::<B>(&ro.cond);
         let negative = lift_conditioning::<B>(&ro.negative);
         let g = self.config.rollout.guidance;

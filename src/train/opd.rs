@@ -161,11 +161,6 @@ impl<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> OpdTrainer<B, O> {
     }
 
     /// The trained transitions of `ro`: stochastic steps among the first `int(T * fraction)`.
-    fn trained_steps(&self, ro: &Rollouts<B::InnerBackend>) -> Vec<usize> {
-        let n = (self.config.rollout.steps as f64 * self.config.timestep_fraction) as usize;
-        (0..n.min(ro.trajectory.transitions.len())).filter(|&j| ro.trajectory.transitions[j].stochastic).collect()
-    }
-
     /// Teacher (routed) and anchor velocities at trained step `j` of `ro` (no gradient).
     fn labels(&self, ro: &Rollouts<B::InnerBackend>, j: usize, device: &B::Device) -> Result<(Tensor<B::InnerBackend, 4>, Option<Tensor<B::InnerBackend, 4>>), String> {
         let g = self.config.rollout.guidance;
@@ -190,7 +185,7 @@ impl<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> OpdTrainer<B, O> {
     /// The batch loss `mean_b mean_j [L_OPD + lambda L_MAR]` of `ro` under the current student
     /// (no update).
     pub fn loss_on(&self, ro: &Rollouts<B::InnerBackend>, device: &B::Device) -> Result<f64, String> {
-        let steps = self.trained_steps(ro);
+        let steps = ro.trained_steps(self.config.rollout.steps, self.config.timestep_fraction);
         let student = self.student.valid();
         let single = ActiveAdapters::single(&student);
         let g = self.config.rollout.guidance;
@@ -211,7 +206,7 @@ impl<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> OpdTrainer<B, O> {
     /// accumulated AdamW update of the student (plus EMA).
     pub fn step_on(&mut self, ro: &Rollouts<B::InnerBackend>, device: &B::Device) -> Result<OpdStats, String> {
         let (_, task_metrics) = score(&ro.prompts, &ro.images, &BTreeMap::new())?;
-        let steps = self.trained_steps(ro);
+        let steps = ro.trained_steps(self.config.rollout.steps, self.config.timestep_fraction);
         let g = self.config.rollout.guidance;
         let cond = lift_conditioning::<B>(&ro.cond);
         let negative = lift_conditioning::<B>(&ro.negative);

@@ -6,7 +6,7 @@
 use burn::module::AutodiffModule;
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::optim::grad_clipping::GradientClippingConfig;
-use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -156,10 +156,7 @@ impl<B: AutodiffBackend, O: Optimizer<WorldModel<B>, B>> Pretrainer<B, O> {
         let x0 = self.pipeline.encode_images(images);
         let eps: Tensor<B, 4> = self.noise.sample(x0.dims(), device);
         let sigmas: Vec<f32> = (0..b).map(|_| self.config.timesteps.sample(&mut self.rng) as f32).collect();
-        let s = Tensor::<B, 1>::from_data(TensorData::new(sigmas, [b]), device);
-        let s4 = s.clone().reshape([b, 1, 1, 1]);
-        let x_s = x0.clone() * (s4.clone().neg() + 1.0) + eps.clone() * s4;
-        let target = eps - x0;
+        let FlowMatchingPair { x_s, s, target } = FlowMatchingPair::new(x0, eps, sigmas, device);
         let prompts: Vec<&str> = captions
             .iter()
             .map(|c| if self.rng.random_bool(self.config.caption_dropout) { "" } else { c.as_str() })
@@ -230,5 +227,25 @@ impl ImageCaptions for WorldPairs {
             captions.push(pair.caption);
         }
         (pixels, captions)
+    }
+}
+
+/// One flow-matching regression batch (REFERENCE section 1): the noised latents
+/// `x_s = (1 - s) x0 + s eps`, the times `s` (`[B]`, the transformer takes `1000 s`) and the
+/// velocity target `eps - x0`.
+pub struct FlowMatchingPair<B: Backend> {
+    pub x_s: Tensor<B, 4>,
+    pub s: Tensor<B, 1>,
+    pub target: Tensor<B, 4>,
+}
+
+impl<B: Backend> FlowMatchingPair<B> {
+    /// The pair for clean latents `x0`, noise `eps` (same shape) and one `s` per sample.
+    pub fn new(x0: Tensor<B, 4>, eps: Tensor<B, 4>, sigmas: Vec<f32>, device: &B::Device) -> Self {
+        let b = sigmas.len();
+        let s = Tensor::<B, 1>::from_data(TensorData::new(sigmas, [b]), device);
+        let s4 = s.clone().reshape([b, 1, 1, 1]);
+        let x_s = x0.clone() * (s4.clone().neg() + 1.0) + eps.clone() * s4;
+        Self { x_s, s, target: eps - x0 }
     }
 }

@@ -64,3 +64,12 @@ pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
     let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
     (num / den).sqrt()
 }
+
+/// A freshly initialised (seeded) tiny-world pipeline: the untrained default world model,
+/// small enough for trainer smoke tests.
+pub fn toy_world_pipeline(seed: u64) -> flow_opd::model::pipeline::Pipeline<burn::backend::Flex> {
+    use burn::tensor::backend::Backend;
+    type B = burn::backend::Flex;
+    B::seed(&Default::default(), seed);
+    flow_opd::model::pipeline::Pipeline::<B>::new_world(&Default::default(), &Default::default()).expect("default world model")
+}
