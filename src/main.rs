@@ -35,6 +35,11 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         device: DeviceSpec,
     },
+    /// Draw a run's training curves (metrics.jsonl -> curves.png in the run folder).
+    Plot {
+        /// The run folder (e.g. runs/teachers).
+        run: PathBuf,
+    },
     /// Print throughput figures: transformer forward and flow-matching training step.
     Bench {
         /// Preset or config.json.
@@ -281,6 +286,11 @@ fn main() -> Result<()> {
             println!("train step:        {:.1} samples/s (forward + backward)", report.train_samples_per_s);
             Ok(())
         }
+        Command::Plot { run } => {
+            let path = flow_opd::eval::curves::write_curves(&run)?;
+            println!("wrote {}", path.display());
+            Ok(())
+        }
         Command::Recipe { path, runs, device } => {
             let recipe = flow_opd::recipe::Recipe::from_file(&path)?;
             dispatch(device, RecipeTask { recipe, runs })?
@@ -298,6 +308,7 @@ fn main() -> Result<()> {
                     seed: 0,
                     tasks,
                 },
+                export: None,
             };
             let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "eval".into());
             let runs = out.parent().map(Path::to_path_buf).unwrap_or_default();

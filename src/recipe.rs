@@ -57,6 +57,19 @@ pub enum Stage {
     Sft(SftStage),
     Opd(OpdStage),
     Eval(EvalStage),
+    Rows(RowsStage),
+}
+
+/// Rows imported into this run's table from a table evaluated elsewhere (same prompts, seeds
+/// and sampler), so a recipe compares against shipped models without re-evaluating them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RowsStage {
+    /// A `results.json` file or a run folder holding one.
+    pub from: PathBuf,
+    /// The rows to import, by model name, in this order (all if absent).
+    #[serde(default)]
+    pub rows: Option<Vec<String>>,
 }
 
 /// Cold start by merging task adapters into one student adapter.
@@ -177,6 +190,10 @@ pub struct EvalStage {
     /// Sampling, prompts per task, seed, tasks.
     #[serde(default)]
     pub eval: EvalConfig,
+    /// Also add the row to this `results.json` (e.g. `models/results.json`, the table the
+    /// shipped models were evaluated into).
+    #[serde(default)]
+    pub export: Option<PathBuf>,
 }
 
 /// Why a recipe could not run.
@@ -227,9 +244,10 @@ impl Recipe {
                 "sft" => Stage::Sft(typed(i, &kind, table).map_err(parse)?),
                 "opd" => Stage::Opd(typed(i, &kind, table).map_err(parse)?),
                 "eval" => Stage::Eval(typed(i, &kind, table).map_err(parse)?),
+                "rows" => Stage::Rows(typed(i, &kind, table).map_err(parse)?),
                 other => {
                     return Err(parse(format!(
-                        "stage {i}: unknown `kind` = \"{other}\" (expected pretrain, grpo, merge, sft, opd or eval)"
+                        "stage {i}: unknown `kind` = \"{other}\" (expected pretrain, grpo, merge, sft, opd, eval or rows)"
                     )));
                 }
             };
@@ -296,6 +314,11 @@ impl Recipe {
                     need(&s.model, "model")?;
                     if let Some(a) = &s.adapter {
                         need(a, "adapter")?;
+                    }
+                }
+                Stage::Rows(s) => {
+                    if !s.from.exists() {
+                        return Err(format!("stage {i}: `from` = \"{}\" does not exist", s.from.display()));
                     }
                 }
             }
@@ -374,6 +397,13 @@ pub fn run_recipe<B: Backend>(recipe: &Recipe, runs_dir: &Path, device: &B::Devi
                 .map_err(|message| RecipeError::Stage { index, kind: "opd", message })?,
             Stage::Eval(s) => run_eval::<B>(s, &mut ctx, device)
                 .map_err(|message| RecipeError::Stage { index, kind: "eval", message })?,
+            Stage::Rows(s) => import_rows(s, &ctx).map_err(|message| RecipeError::Stage { index, kind: "rows", message })?,
+        }
+        if matches!(stage, Stage::Pretrain(_) | Stage::Grpo(_) | Stage::Sft(_) | Stage::Opd(_)) {
+            match crate::eval::curves::write_curves(&ctx.dir) {
+                Ok(path) => tracing::info!("curves: {}", path.display()),
+                Err(e) => tracing::warn!("no curves drawn: {e}"),
+            }
         }
     }
     Ok(ctx)
@@ -670,10 +700,36 @@ fn run_eval<B: Backend>(stage: &EvalStage, ctx: &mut RunContext, device: &B::Dev
         .filter_map(|(k, v)| v.map(|v| (k, v)))
         .collect();
     ctx.metrics.log(&format!("eval:{name}"), 0, &fields).map_err(|e| e.to_string())?;
+    if let Some(export) = &stage.export {
+        let mut shared = if export.exists() { ResultsTable::read_file(export)? } else { ResultsTable::default() };
+        shared.upsert(row.clone());
+        shared.write_json(export)?;
+    }
     let mut table = ResultsTable::read(&ctx.dir)?;
     table.upsert(row);
     table.write(&ctx.dir)?;
     write_grids(&ctx.dir.join("grids"), &name, &results).map_err(|e| e.to_string())?;
+    println!("{}", table.markdown());
+    Ok(())
+}
+
+/// Copies rows of another table into this run's table, marked with their source.
+fn import_rows(stage: &RowsStage, ctx: &RunContext) -> Result<(), String> {
+    let from = ResultsTable::read_file(&stage.from)?;
+    let names: Vec<String> = match &stage.rows {
+        Some(names) => names.clone(),
+        None => from.rows.iter().map(|r| r.model.clone()).collect(),
+    };
+    let mut table = ResultsTable::read(&ctx.dir)?;
+    for name in &names {
+        let Some(row) = from.rows.iter().find(|r| &r.model == name) else {
+            let known: Vec<&str> = from.rows.iter().map(|r| r.model.as_str()).collect();
+            return Err(format!("{}: no row `{name}` (rows: {})", stage.from.display(), known.join(", ")));
+        };
+        let source = row.source.clone().unwrap_or_else(|| stage.from.display().to_string());
+        table.upsert(crate::eval::EvalRow { source: Some(source), ..row.clone() });
+    }
+    table.write(&ctx.dir)?;
     println!("{}", table.markdown());
     Ok(())
 }
@@ -684,6 +740,32 @@ mod tests {
 
     fn parse(text: &str) -> Result<Recipe, String> {
         Recipe::from_toml(Path::new("test.toml"), text).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn rows_stage_imports_named_rows_with_their_source() {
+        use crate::eval::EvalRow;
+        let dir = tempfile::tempdir().unwrap();
+        let shipped = dir.path().join("results.json");
+        let mut from = ResultsTable::default();
+        from.upsert(EvalRow::new("Base", Some(0.1), Some(0.0), Some(21.0), Some(2.8), 5.0));
+        from.upsert(EvalRow::new("Teacher", Some(0.4), Some(0.0), Some(21.0), Some(2.8), 5.0));
+        from.write_json(&shipped).unwrap();
+        let run = dir.path().join("run");
+        let ctx = RunContext { dir: run.clone(), outputs: BTreeMap::new(), metrics: MetricsLog::open(&run.join("metrics.jsonl")).unwrap() };
+        let stage = RowsStage { from: shipped.clone(), rows: Some(vec!["Teacher".into(), "Base".into()]) };
+        import_rows(&stage, &ctx).unwrap();
+        let table = ResultsTable::read(&run).unwrap();
+        let names: Vec<&str> = table.rows.iter().map(|r| r.model.as_str()).collect();
+        assert_eq!(names, ["Teacher", "Base"]);
+        assert!(table.rows.iter().all(|r| r.source.as_deref() == Some(shipped.to_str().unwrap())));
+        assert_eq!(table.rows[0].geneval, Some(0.4));
+        let missing = RowsStage { from: shipped, rows: Some(vec!["GRPO-Mix".into()]) };
+        let err = import_rows(&missing, &ctx).unwrap_err();
+        assert!(err.contains("no row `GRPO-Mix`") && err.contains("Base, Teacher"), "{err}");
+        let text = "name = \"x\"\n[[stage]]\nkind = \"rows\"\nfrom = \"/nonexistent/results.json\"\n";
+        let err = parse(text).unwrap_err();
+        assert!(err.contains("`from` = \"/nonexistent/results.json\" does not exist"), "{err}");
     }
 
     #[test]

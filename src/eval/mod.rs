@@ -3,6 +3,7 @@
 //! table with one row per evaluated model (rows are added to or replaced in an existing table),
 //! `results.json`, and per-task PNG grids of samples.
 
+pub mod curves;
 pub mod generate;
 pub mod table;
 

@@ -24,6 +24,10 @@ pub struct EvalRow {
     pub avg: Option<f64>,
     /// Wall time of the evaluation in seconds.
     pub seconds: f64,
+    /// Where the row was evaluated when it was imported from another table (`None`: in this
+    /// run); marked with a dagger in `results.md`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
 }
 
 impl EvalRow {
@@ -32,7 +36,7 @@ impl EvalRow {
             (Some(g), Some(o), Some(p), Some(d)) => Some(paper_avg(g, o, p, d)),
             _ => None,
         };
-        Self { model: model.to_string(), geneval, ocr, pickscore, deqa, avg, seconds }
+        Self { model: model.to_string(), geneval, ocr, pickscore, deqa, avg, seconds, source: None }
     }
 }
 
@@ -74,8 +78,9 @@ impl ResultsTable {
         );
         for r in &self.rows {
             out.push_str(&format!(
-                "| {} | {} | {} | {} | {} | {} |\n",
+                "| {}{} | {} | {} | {} | {} | {} |\n",
                 r.model,
+                if r.source.is_some() { " †" } else { "" },
                 f(r.geneval, 3),
                 f(r.ocr, 3),
                 f(r.pickscore, 2),
@@ -83,7 +88,27 @@ impl ResultsTable {
                 f(r.avg, 4)
             ));
         }
+        let sources: std::collections::BTreeSet<&str> = self.rows.iter().filter_map(|r| r.source.as_deref()).collect();
+        for source in sources {
+            out.push_str(&format!("\n† imported from `{source}` (same test prompts, seeds and sampler).\n"));
+        }
         out
+    }
+
+    /// Reads a `results.json` file (or the one in a run folder), erroring if it is absent.
+    pub fn read_file(path: &Path) -> Result<Self, String> {
+        let file = if path.is_dir() { path.join("results.json") } else { path.to_path_buf() };
+        let text = std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", file.display()))
+    }
+
+    /// Writes only `results.json` at `path` (atomically), for tables that collect rows across
+    /// recipes (e.g. `models/results.json`).
+    pub fn write_json(&self, path: &Path) -> Result<(), String> {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+        }
+        write_text_atomic(path, &serde_json::to_string_pretty(self).expect("json")).map_err(|e| e.to_string())
     }
 
     /// Writes `results.json` and `results.md` into `dir` (atomically).
@@ -115,5 +140,20 @@ mod tests {
         assert_eq!(t.rows.len(), 2);
         assert_eq!(t.rows[0].geneval, Some(0.6));
         assert!(t.markdown().contains("| teacher | 0.900 | - |"));
+    }
+
+    #[test]
+    fn imported_rows_are_marked_with_their_source() {
+        let mut t = ResultsTable::default();
+        t.upsert(EvalRow { source: Some("models/results.json".into()), ..EvalRow::new("teacher", Some(0.9), None, None, None, 1.0) });
+        t.upsert(EvalRow::new("student", Some(0.8), None, None, None, 1.0));
+        let md = t.markdown();
+        assert!(md.contains("| teacher † | 0.900 |") && md.contains("| student | 0.800 |"), "{md}");
+        assert!(md.contains("† imported from `models/results.json`"), "{md}");
+        let dir = tempfile::tempdir().unwrap();
+        t.write_json(&dir.path().join("sub/results.json")).unwrap();
+        assert_eq!(ResultsTable::read_file(&dir.path().join("sub")).unwrap(), t);
+        let err = ResultsTable::read_file(&dir.path().join("missing.json")).unwrap_err();
+        assert!(err.contains("missing.json"), "{err}");
     }
 }
