@@ -9,7 +9,7 @@
 //! | reward | stands in for | `value` (training) | `metric` (tables) |
 //! | --- | --- | --- | --- |
 //! | [`CompositionReward`] | GenEval | fraction of checks passed | strict 0/1 accuracy |
-//! | [`OcrReward`] | OCR | `1 - d / len` | the same |
+//! | [`OcrReward`] | OCR | `(1 - d / len + text likeness) / 2` | `1 - d / len` |
 //! | [`PreferenceReward`] | PickScore | raw / 26 | raw, 17-26 |
 //! | [`QualityReward`] | DeQA | raw / 5 | raw, 1-5 |
 //!
@@ -230,6 +230,6 @@ mod tests {
         crate::world::font::Font::builtin().draw(&mut text, "A", 10, 10, [0.0; 3]);
         let good = RewardInput::from_image32(&text, "a sign that says \"A\"");
         let scores = OcrReward.score(&[blank, good.clone(), good]).unwrap();
-        assert_eq!(scores.iter().map(|s| s.value).collect::<Vec<_>>(), [0.0, 1.0, 1.0]);
+        assert_eq!(scores.iter().map(|s| s.metric).collect::<Vec<_>>(), [0.0, 1.0, 1.0]);
     }
 }

@@ -2,7 +2,7 @@
 
 use crate::reward::{Reward, RewardError, RewardInput, RewardScore, score_each};
 use crate::world::grammar::quoted_text;
-use crate::world::read::read_text;
+use crate::world::read::{read_text, text_likeness};
 
 /// OCR stand-in: reads the image with the world's template-matching reader ([`read_text`])
 /// and applies the public OCR reward's rule (REFERENCE section 6): the target is the text
@@ -10,7 +10,11 @@ use crate::world::read::read_text;
 /// is 0 if the target occurs in the (equally normalised) recognised text, else their
 /// Levenshtein distance capped at the target's length; the reward is `1 - d / len`.
 ///
-/// `value` and `metric` are both that reward.
+/// `metric` is that reward. `value`, the training reward, adds dense partial credit as
+/// GenEval's training reward does: `(R + text_likeness) / 2`, where
+/// [`text_likeness`](crate::world::read::text_likeness) scores how closely the image's ink
+/// matches the target's glyphs at their best placement. With the strict rule alone a base
+/// that draws no legible glyph gets 0 for every sample, so GRPO's group advantages vanish.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct OcrReward;
 
@@ -60,7 +64,7 @@ impl Reward for OcrReward {
                 return Err(refuse("quotes empty text"));
             }
             let r = ocr_score(&target, &normalise(&read_text(image)));
-            Ok(RewardScore { value: r, metric: r })
+            Ok(RewardScore { value: 0.5 * (r + text_likeness(image, &target)), metric: r })
         })
     }
 }
@@ -105,19 +109,26 @@ mod tests {
     fn ground_truth_reads_perfectly_and_everything_else_scores_low() {
         let prompts = test_prompts(Task::Text, 640);
         let images = renders(&prompts, 51);
-        let (gt, _) = mean_scores(&OcrReward, &prompts, &images, 0);
-        let (mismatched, _) = mean_scores(&OcrReward, &prompts, &images, mismatch_shift(&prompts));
-        let (blank_score, _) = mean_scores(&OcrReward, &prompts, &vec![blank(); prompts.len()], 0);
+        let (gt_value, gt) = mean_scores(&OcrReward, &prompts, &images, 0);
+        let (mismatched_value, mismatched) = mean_scores(&OcrReward, &prompts, &images, mismatch_shift(&prompts));
+        let (blank_value, blank_score) = mean_scores(&OcrReward, &prompts, &vec![blank(); prompts.len()], 0);
         let noises: Vec<Image32> = (0..prompts.len() as u64).map(noise).collect();
-        let (noise_score, _) = mean_scores(&OcrReward, &prompts, &noises, 0);
+        let (noise_value, noise_score) = mean_scores(&OcrReward, &prompts, &noises, 0);
         eprintln!(
-            "ocr over {} test prompts: ground truth {gt:.3}, mismatched prompt {mismatched:.3}, \
-             blank {blank_score:.3}, noise {noise_score:.3}",
+            "ocr over {} test prompts (metric / training value): ground truth {gt:.3} / {gt_value:.3}, \
+             mismatched prompt {mismatched:.3} / {mismatched_value:.3}, blank {blank_score:.3} / {blank_value:.3}, \
+             noise {noise_score:.3} / {noise_value:.3}",
             prompts.len()
         );
         assert_eq!(gt, 1.0);
         assert!(mismatched <= 0.15, "mismatched {mismatched}");
         assert_eq!(blank_score, 0.0);
         assert!(noise_score <= 0.02, "noise {noise_score}");
+        // the dense training value keeps the order, with partial credit in between
+        assert!(gt_value >= 0.95, "ground truth value {gt_value}");
+        assert!(mismatched_value < gt_value - 0.2, "mismatched value {mismatched_value}");
+        assert!(mismatched_value > mismatched, "partial credit for drawing glyphs at all");
+        assert_eq!(blank_value, 0.0);
+        assert!(noise_value < mismatched_value, "noise value {noise_value}");
     }
 }

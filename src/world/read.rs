@@ -63,6 +63,54 @@ pub fn read_text(image: &Image32) -> String {
         .collect()
 }
 
+/// Dense partial credit for rendering `target` (the OCR reward's training value, as GenEval's
+/// training reward gives partial credit): the best placement of the target's glyphs on the
+/// image's soft ink map (any row, any column), scored by the mean per-glyph template
+/// agreement `1 - ||ink_cell - glyph||^2 / 35`, minus the mean ink outside the placed cells
+/// (clutter). 1 for a clean render of `target`, 0 for an image without ink or an empty target.
+/// Characters are matched case-insensitively; one the font lacks counts as a blank cell.
+pub fn text_likeness(image: &Image32, target: &str) -> f32 {
+    let glyphs: Vec<[f32; CELL_PIXELS]> = target
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .map(|c| {
+            let upper = c.to_ascii_uppercase();
+            Font::builtin().glyph(upper).map_or([0.0; CELL_PIXELS], |g| g.ink.map(f32::from))
+        })
+        .collect();
+    let Some(ink) = ink_map(image) else { return 0.0 };
+    if glyphs.is_empty() {
+        return 0.0;
+    }
+    let width = glyphs.len() * GLYPH_PITCH - 1;
+    if width > IMAGE_SIZE {
+        return 0.0;
+    }
+    let total_ink: f32 = ink.iter().sum();
+    let mut best = 0.0f32;
+    for top in 0..=IMAGE_SIZE - GLYPH_HEIGHT {
+        for left in 0..=IMAGE_SIZE - width {
+            let mut agreement = 0.0;
+            let mut inside = 0.0;
+            for (k, glyph) in glyphs.iter().enumerate() {
+                let x0 = left + k * GLYPH_PITCH;
+                let mut error = 0.0;
+                for gy in 0..GLYPH_HEIGHT {
+                    for gx in 0..GLYPH_WIDTH {
+                        let p = ink[(top + gy) * IMAGE_SIZE + x0 + gx];
+                        inside += p;
+                        error += (p - glyph[gy * GLYPH_WIDTH + gx]).powi(2);
+                    }
+                }
+                agreement += 1.0 - error / CELL_PIXELS as f32;
+            }
+            let outside = (total_ink - inside).max(0.0) / (PIXELS - glyphs.len() * CELL_PIXELS) as f32;
+            best = best.max(agreement / glyphs.len() as f32 - outside);
+        }
+    }
+    best.clamp(0.0, 1.0)
+}
+
 /// The soft ink value of every pixel, or `None` for an image without ink.
 fn ink_map(image: &Image32) -> Option<Vec<f32>> {
     let lum = image.luminance();
@@ -188,6 +236,37 @@ mod tests {
     fn text_image(text: &str, x: i32, y: i32, background: Background, ink: [f32; 3]) -> Image32 {
         let text = Some(PlacedText { text: text.into(), x, y, ink });
         Scene { background, objects: Vec::new(), text }.draw()
+    }
+
+    #[test]
+    fn text_likeness_is_one_for_the_target_and_lower_for_anything_else() {
+        let paper = Background::Solid([0.9; 3]);
+        let right = text_image("AB3", 7, 12, paper.clone(), [0.1; 3]);
+        assert!((text_likeness(&right, "ab3") - 1.0).abs() < 1e-4, "{}", text_likeness(&right, "ab3"));
+        let wrong = text_image("XY7", 7, 12, paper.clone(), [0.1; 3]);
+        assert!(text_likeness(&wrong, "ab3") < 0.9, "{}", text_likeness(&wrong, "ab3"));
+        assert_eq!(text_likeness(&text_image("", 0, 0, paper.clone(), [0.1; 3]), "ab3"), 0.0, "no ink");
+        // erasing glyph pixels one column at a time lowers the credit step by step
+        let mut previous = 1.0;
+        for columns in 1..=3 {
+            let mut damaged = right.clone();
+            for x in 7..7 + columns {
+                for y in 12..19 {
+                    damaged.set(x, y, [0.9; 3]);
+                }
+            }
+            let value = text_likeness(&damaged, "ab3");
+            assert!(value < previous && value > 0.5, "{columns} columns erased: {value} (before {previous})");
+            previous = value;
+        }
+        // clutter away from the text costs credit
+        let mut cluttered = right.clone();
+        for x in 0..32 {
+            for y in 26..32 {
+                cluttered.set(x, y, [0.1; 3]);
+            }
+        }
+        assert!(text_likeness(&cluttered, "ab3") < 0.9);
     }
 
     #[test]
