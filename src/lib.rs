@@ -8,5 +8,6 @@ pub mod train;
 pub mod eval;
 pub mod model;
 pub mod recipe;
+pub mod sample;
 pub mod reward;
 pub mod world;
