@@ -58,10 +58,10 @@ IRREGULAR_PLURALS = {"person": "people", "mouse": "mice", "knife": "knives", "sh
 
 
 def plural(name: str) -> str:
-    if name in IRREGULAR_PLURALS:
-        return IRREGULAR_PLURALS[name]
     head, _, last = name.rpartition(" ")
-    if last.endswith(("s", "x", "ch", "sh")):
+    if last in IRREGULAR_PLURALS:
+        last = IRREGULAR_PLURALS[last]
+    elif last.endswith(("s", "x", "ch", "sh")):
         last += "es"
     else:
         last += "s"
