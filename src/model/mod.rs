@@ -7,6 +7,7 @@ pub mod lora;
 pub mod mmdit;
 pub mod pipeline;
 pub mod text_encoder;
+pub mod vae;
 pub mod weights;
 
 pub use error::ModelError;

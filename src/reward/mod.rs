@@ -27,11 +27,13 @@ pub mod composition;
 pub mod ocr;
 pub mod preference;
 pub mod quality;
+pub mod remote;
 
 pub use composition::CompositionReward;
 pub use ocr::OcrReward;
 pub use preference::PreferenceReward;
 pub use quality::QualityReward;
+pub use remote::{RemoteReward, RemoteRewardConfig};
 
 /// One image to score with the prompt it was generated from.
 #[derive(Clone, Debug, PartialEq)]
@@ -106,6 +108,84 @@ pub enum RewardError {
         prompt: String,
         /// Why it cannot be scored.
         reason: &'static str,
+    },
+    /// A remote reward's configuration is unusable.
+    #[error("reward `{reward}`: invalid remote reward config: {message}")]
+    RemoteConfig {
+        /// Reward name.
+        reward: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// An image could not be encoded for a remote reward.
+    #[error("reward `{reward}`, input {index}: cannot encode the image as PNG: {message}")]
+    Encode {
+        /// Reward name.
+        reward: String,
+        /// Index of the input in the batch.
+        index: usize,
+        /// The encoder's message.
+        message: String,
+    },
+    /// The reward server could not be reached (connection refused, DNS, reset).
+    #[error(
+        "reward `{reward}`: the reward server at {url} is not reachable after {attempts} attempt(s): {message}; is the server running and is the URL right?"
+    )]
+    RemoteUnreachable {
+        /// Reward name.
+        reward: String,
+        /// The URL requested.
+        url: String,
+        /// The transport error.
+        message: String,
+        /// Attempts made.
+        attempts: u32,
+    },
+    /// The reward server did not answer within the timeout.
+    #[error("reward `{reward}`: the reward server at {url} did not answer within {timeout_secs} s (timeout)")]
+    RemoteTimeout {
+        /// Reward name.
+        reward: String,
+        /// The URL requested.
+        url: String,
+        /// The configured per-request timeout.
+        timeout_secs: f64,
+    },
+    /// The reward server answered with an error status.
+    #[error("reward `{reward}`: the reward server at {url} answered HTTP {status}: {message}")]
+    RemoteStatus {
+        /// Reward name.
+        reward: String,
+        /// The URL requested.
+        url: String,
+        /// The HTTP status.
+        status: u16,
+        /// The server's error message (the `error` field of its JSON body, or the body).
+        message: String,
+    },
+    /// The reward server's reply is not the protocol's JSON.
+    #[error("reward `{reward}`: malformed reply from the reward server at {url}: {problem}; body: {body}")]
+    RemoteMalformed {
+        /// Reward name.
+        reward: String,
+        /// The URL requested.
+        url: String,
+        /// What is wrong with it.
+        problem: String,
+        /// The body received (truncated).
+        body: String,
+    },
+    /// The reward server returned a different number of scores than images sent.
+    #[error("reward `{reward}`: the reward server at {url} returned {found} scores for {expected} images")]
+    RemoteCount {
+        /// Reward name.
+        reward: String,
+        /// The URL requested.
+        url: String,
+        /// Images sent.
+        expected: usize,
+        /// Scores received.
+        found: usize,
     },
 }
 
