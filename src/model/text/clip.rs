@@ -376,3 +376,54 @@ impl<B: Backend> ClipTextModel<B> {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::TensorData;
+
+    type B = burn::backend::Flex;
+
+    /// transformers `ACT2FN[name](x)` at these points (torch 2.15, f32).
+    #[test]
+    fn activations_match_transformers() {
+        let x = [-3.0f32, -2.3, -1.0, 0.5, 1.5, 3.0];
+        let cases = [
+            ("quick_gelu", [-0.0180713, -0.0449842, -0.1542042, 0.3503884, 1.3916622, 2.9819288]),
+            ("gelu", [-0.0040499, -0.0246654, -0.1586553, 0.3457312, 1.3997891, 2.9959502]),
+            ("gelu_new", [-0.0036374, -0.0243270, -0.1588080, 0.3457140, 1.3995715, 2.9963627]),
+        ];
+        for (name, expected) in cases {
+            let act = ClipActivation::from_transformers_name(name).unwrap();
+            let input = Tensor::<B, 1>::from_data(TensorData::new(x.to_vec(), [x.len()]), &Default::default());
+            let got: Vec<f32> = act.forward(input).into_data().into_vec().unwrap();
+            for (g, e) in got.iter().zip(expected) {
+                assert!((g - e).abs() < 2e-6, "{name}: {got:?} vs {expected:?}");
+            }
+        }
+        assert!(ClipActivation::from_transformers_name("relu").is_none());
+    }
+
+    fn model(eos_token_id: u32) -> ClipTextModel<B> {
+        ClipTextConfig::new(100, 8, 16, 1, 2).with_eos_token_id(eos_token_id).init::<B>(&Default::default())
+    }
+
+    fn ids(rows: &[[i64; 6]]) -> Tensor<B, 2, Int> {
+        let flat: Vec<i64> = rows.iter().flatten().copied().collect();
+        Tensor::from_data(TensorData::new(flat, [rows.len(), 6]), &Default::default())
+    }
+
+    /// transformers pools at the first `eos_token_id` (argmax of a boolean row) ...
+    #[test]
+    fn pools_at_the_first_eos() {
+        let m = model(49);
+        assert_eq!(m.eos_positions(&ids(&[[48, 5, 49, 7, 49, 49], [48, 60, 61, 49, 0, 0], [48, 1, 2, 3, 4, 5]])), vec![2, 3, 0]);
+    }
+
+    /// ... or, for legacy configs with `eos_token_id == 2`, at the first largest id.
+    #[test]
+    fn legacy_configs_pool_at_the_largest_id() {
+        let m = model(2);
+        assert_eq!(m.eos_positions(&ids(&[[48, 5, 49, 7, 49, 49], [48, 60, 61, 49, 2, 2]])), vec![2, 2]);
+    }
+}

@@ -372,7 +372,39 @@ impl<B: Backend> T5Encoder<B> {
 
 #[cfg(test)]
 mod tests {
-    use super::relative_position_bucket;
+    use super::*;
+
+    /// transformers `ACT2FN["gelu_new"]` (what `gated-gelu` selects) and `ACT2FN["gelu"]`.
+    #[test]
+    fn gated_gelu_is_the_tanh_approximation() {
+        type B = burn::backend::Flex;
+        let x = [-3.0f32, -2.3, -1.0, 0.5, 1.5, 3.0];
+        let gelu_new = [-0.0036374f32, -0.0243270, -0.1588080, 0.3457140, 1.3995715, 2.9963627];
+        let gelu = [-0.0040499f32, -0.0246654, -0.1586553, 0.3457312, 1.3997891, 2.9959502];
+        for (act, expected) in [(T5Activation::GeluTanh, gelu_new), (T5Activation::Gelu, gelu)] {
+            let input = Tensor::<B, 1>::from_data(TensorData::new(x.to_vec(), [x.len()]), &Default::default());
+            let got: Vec<f32> = act.forward(input).into_data().into_vec().unwrap();
+            for (g, e) in got.iter().zip(expected) {
+                assert!((g - e).abs() < 2e-6, "{act:?}: {got:?} vs {expected:?}");
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        let base = r#""vocab_size": 10, "d_model": 8, "d_kv": 2, "d_ff": 16, "num_layers": 1, "num_heads": 4"#;
+        for (proj, gated, act) in [
+            ("gated-gelu", true, T5Activation::GeluTanh),
+            ("relu", false, T5Activation::Relu),
+            ("gated-silu", true, T5Activation::Silu),
+            ("gelu", false, T5Activation::Gelu),
+        ] {
+            std::fs::write(&path, format!(r#"{{{base}, "feed_forward_proj": "{proj}", "unknown_field": 1}}"#)).unwrap();
+            let config = T5EncoderConfig::from_transformers_file(&path).unwrap();
+            assert_eq!((config.gated, config.activation), (gated, act), "{proj}");
+        }
+        std::fs::write(&path, format!(r#"{{{base}, "feed_forward_proj": "gated-swish"}}"#)).unwrap();
+        let err = T5EncoderConfig::from_transformers_file(&path).unwrap_err().to_string();
+        assert!(err.contains("feed_forward_proj") && err.contains("config.json"), "{err}");
+    }
 
     /// Values of transformers' `T5Attention._relative_position_bucket(bidirectional=True,
     /// num_buckets=32, max_distance=128)` for these distances.
