@@ -159,10 +159,44 @@ fn t5_encoder_matches_transformers() {
     let device = Default::default();
     let (config, model) = T5Encoder::<Cpu>::load(&pipeline_dir().join("text_encoder_3"), &device).unwrap_or_else(|e| panic!("{e}"));
     assert!(config.gated && config.relative_attention_max_distance == 20);
+    assert_eq!(config.activation, flow_opd::model::text::T5Activation::GeluTanh, "gated-gelu is gelu_new");
     let ids = reference_ids("t5.input_ids");
     let flat: Vec<i64> = ids.iter().flatten().map(|&i| i as i64).collect();
     let ids = Tensor::<Cpu, 2, burn::tensor::Int>::from_data(burn::tensor::TensorData::new(flat, [ids.len(), ids[0].len()]), &device);
     assert_close("t5 last_hidden_state", model.forward(ids), "t5.last_hidden_state");
+}
+
+/// Real T5-XXL folders are sharded (`model.safetensors.index.json`) and some files store the
+/// embedding as `encoder.embed_tokens.weight` only: both load to the same encoder.
+#[test]
+fn t5_loads_from_shards_and_from_embed_tokens() {
+    let device = Default::default();
+    let ids = reference_ids("t5.input_ids");
+    let flat: Vec<i64> = ids.iter().flatten().map(|&i| i as i64).collect();
+    let ids = Tensor::<Cpu, 2, burn::tensor::Int>::from_data(burn::tensor::TensorData::new(flat, [ids.len(), ids[0].len()]), &device);
+
+    let src = pipeline_dir().join("text_encoder_3");
+    let tensors = read_all(&src.join("model.safetensors"));
+    let sharded = tempfile::tempdir().unwrap();
+    std::fs::copy(src.join("config.json"), sharded.path().join("config.json")).unwrap();
+    let (first, second) = tensors.split_at(tensors.len() / 2);
+    let mut weight_map = serde_json::Map::new();
+    for (name, part) in [("model-00001-of-00002.safetensors", first), ("model-00002-of-00002.safetensors", second)] {
+        write(&sharded.path().join(name), part);
+        for t in part {
+            weight_map.insert(t.name.clone(), name.into());
+        }
+    }
+    let index = serde_json::json!({"metadata": {"total_size": 0}, "weight_map": weight_map});
+    std::fs::write(sharded.path().join("model.safetensors.index.json"), index.to_string()).unwrap();
+    let (_, model) = T5Encoder::<Cpu>::load(sharded.path(), &device).unwrap_or_else(|e| panic!("{e}"));
+    assert_close("t5 from 2 shards", model.forward(ids.clone()), "t5.last_hidden_state");
+
+    let renamed = edited_copy("text_encoder_3", |tensors| {
+        tensors.iter_mut().find(|t| t.name == "shared.weight").unwrap().name = "encoder.embed_tokens.weight".into();
+    });
+    let (_, model) = T5Encoder::<Cpu>::load(renamed.path(), &device).unwrap_or_else(|e| panic!("{e}"));
+    assert_close("t5 from encoder.embed_tokens", model.forward(ids), "t5.last_hidden_state");
 }
 
 #[test]

@@ -15,6 +15,7 @@
 
 use std::path::Path;
 
+use burn::module::Module;
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 
@@ -75,13 +76,15 @@ pub struct Sd3TextEncoders<B: Backend> {
 }
 
 impl<B: Backend> Sd3TextEncoders<B> {
-    /// Loads from a diffusers SD3 pipeline folder (`text_encoder{,_2,_3}/`, `tokenizer{,_2,_3}/`).
+    /// Loads from a diffusers SD3 pipeline folder (`text_encoder{,_2,_3}/`, `tokenizer{,_2,_3}/`),
+    /// with every parameter frozen (`no_grad`).
     /// CLIP prompts have the first tokenizer's `model_max_length` ids (77), as in diffusers;
     /// T5 prompts have `t5_max_length` ids (diffusers' `max_sequence_length`).
     pub fn load(dir: &Path, t5_max_length: usize, device: &B::Device) -> Result<Self, TextError> {
-        let (_, clip_l) = ClipTextModel::load(&dir.join("text_encoder"), device)?;
-        let (_, clip_g) = ClipTextModel::load(&dir.join("text_encoder_2"), device)?;
-        let (_, t5) = T5Encoder::load(&dir.join("text_encoder_3"), device)?;
+        // Frozen: SD3 post-training never updates the text encoders.
+        let clip_l = ClipTextModel::load(&dir.join("text_encoder"), device)?.1.no_grad();
+        let clip_g = ClipTextModel::load(&dir.join("text_encoder_2"), device)?.1.no_grad();
+        let t5 = T5Encoder::load(&dir.join("text_encoder_3"), device)?.1.no_grad();
         let tokenizer = PromptTokenizer::from_folder(&dir.join("tokenizer"), None)?;
         let tokenizer_2 = PromptTokenizer::from_folder(&dir.join("tokenizer_2"), Some(tokenizer.max_length))?;
         let tokenizer_3 = PromptTokenizer::from_folder(&dir.join("tokenizer_3"), Some(t5_max_length))?;
