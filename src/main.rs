@@ -38,7 +38,7 @@ enum Command {
     /// Text to image: one PNG per prompt (40-step ODE, CFG 4.5 by default; prompt i is seeded
     /// with seed + i).
     Sample {
-        /// Pipeline folder (e.g. models/world_base).
+        /// Pipeline folder (e.g. models/world_base, or a diffusers SD3 / SD3.5 folder).
         #[arg(long)]
         model: PathBuf,
         /// A prompt (repeat for several).
@@ -62,6 +62,16 @@ enum Command {
         /// Nearest-neighbour upscaling of the saved images.
         #[arg(long, default_value_t = 1)]
         scale: u32,
+        /// SD3 folders: image height in pixels (default: the transformer's sample_size x the
+        /// VAE factor).
+        #[arg(long)]
+        height: Option<usize>,
+        /// SD3 folders: image width in pixels (default as the height).
+        #[arg(long)]
+        width: Option<usize>,
+        /// SD3 folders: T5 prompt length (diffusers' max_sequence_length).
+        #[arg(long, default_value_t = 256)]
+        t5_length: usize,
         #[arg(long, default_value = "cpu")]
         device: DeviceSpec,
     },
@@ -271,13 +281,13 @@ impl BackendTask for BenchTask {
     }
 }
 
-struct SampleTask(flow_opd::sample::SampleRequest);
+struct SampleTask(flow_opd::sample::SampleRequest, flow_opd::sample::Sd3SampleOptions);
 
 impl BackendTask for SampleTask {
     type Output = Result<Vec<PathBuf>>;
     fn run<B: Backend>(self, device: B::Device) -> Self::Output {
         let bar = flow_opd::recipe::progress_bar(self.0.prompts.len() as u64, "sample");
-        let paths = flow_opd::sample::run_sample::<B>(&self.0, &device, |n| bar.inc(n as u64)).map_err(anyhow::Error::msg)?;
+        let paths = flow_opd::sample::run_sample_with::<B>(&self.0, &self.1, &device, |n| bar.inc(n as u64)).map_err(anyhow::Error::msg)?;
         bar.finish();
         Ok(paths)
     }
@@ -328,14 +338,15 @@ fn main() -> Result<()> {
             println!("train step:        {:.1} samples/s (forward + backward)", report.train_samples_per_s);
             Ok(())
         }
-        Command::Sample { model, prompt, prompts, adapter, steps, cfg, seed, out, scale, device } => {
+        Command::Sample { model, prompt, prompts, adapter, steps, cfg, seed, out, scale, height, width, t5_length, device } => {
             let mut all = prompt;
             if let Some(file) = prompts {
                 all.extend(flow_opd::sample::read_prompt_file(&file).map_err(anyhow::Error::msg)?);
             }
             let sampling = flow_opd::eval::GenerateConfig { steps, guidance: cfg, ..Default::default() };
             let request = flow_opd::sample::SampleRequest { model, adapter, prompts: all, sampling, seed, out, scale };
-            for path in dispatch(device, SampleTask(request))?? {
+            let sd3 = flow_opd::sample::Sd3SampleOptions { height, width, t5_length };
+            for path in dispatch(device, SampleTask(request, sd3))?? {
                 println!("wrote {}", path.display());
             }
             Ok(())

@@ -6,6 +6,7 @@ pub mod forward_io;
 pub mod lora;
 pub mod mmdit;
 pub mod pipeline;
+pub mod sd3_pipeline;
 pub mod text;
 pub mod text_encoder;
 pub mod vae;
