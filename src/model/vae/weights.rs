@@ -13,15 +13,12 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::rc::Rc;
 
-use burn::module::ParamId;
 use burn::tensor::backend::Backend;
-use burn_store::{ModuleSnapshot, TensorSnapshot};
 
 use crate::model::error::ModelError;
 use crate::model::weights::file::is_float_dtype;
-use crate::model::weights::{CONFIG_FILE, MappedFile, ParamSpec, WEIGHTS_FILE, WeightSource, manifest};
+use crate::model::weights::{CONFIG_FILE, MappedFile, ParamSpec, WEIGHTS_FILE, WeightSource, apply_weights, manifest};
 
 use super::{AutoencoderKl, VaeConfig};
 
@@ -158,36 +155,7 @@ impl VaeSource {
         let mut model = self.config.init::<B>(device);
         let specs = vae_manifest(&model);
         self.check_against(&specs)?;
-        let snapshots = specs
-            .iter()
-            .map(|spec| {
-                let source = self.weights[&spec.key].clone();
-                let transpose = spec.linear_weight;
-                let shape = burn::tensor::Shape::from(source.burn_shape(transpose));
-                TensorSnapshot::from_closure(
-                    Rc::new(move || Ok(source.to_burn_data(transpose))),
-                    burn::tensor::DType::F32,
-                    shape,
-                    spec.burn_path.split('.').map(str::to_string).collect(),
-                    vec![],
-                    ParamId::new(),
-                )
-            })
-            .collect();
-        let result = model.apply(snapshots, None, None, false);
-        if let Some(problem) = result
-            .errors
-            .first()
-            .map(|e| e.to_string())
-            .or_else(|| result.missing.first().map(|m| m.0.clone()))
-            .or_else(|| result.unused.first().cloned())
-        {
-            return Err(ModelError::BadTensor {
-                path: self.weights_path.clone(),
-                key: problem,
-                message: "burn-store could not apply this weight".into(),
-            });
-        }
+        apply_weights(&mut model, &specs, &self.weights, &self.weights_path)?;
         Ok(model)
     }
 }

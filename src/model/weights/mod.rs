@@ -169,37 +169,50 @@ impl ModelSource {
     pub fn load_into<B: Backend>(&self, mut model: Mmdit<B>) -> Result<Mmdit<B>, ModelError> {
         let specs = manifest::<B, _>(&model);
         self.check_against(&specs)?;
-        let snapshots = specs
-            .iter()
-            .map(|spec| {
-                let source = self.weights[&spec.key].clone();
-                let transpose = spec.linear_weight;
-                let shape = burn::tensor::Shape::from(source.burn_shape(transpose));
-                TensorSnapshot::from_closure(
-                    Rc::new(move || Ok(source.to_burn_data(transpose))),
-                    burn::tensor::DType::F32,
-                    shape,
-                    spec.burn_path.split('.').map(str::to_string).collect(),
-                    vec![],
-                    ParamId::new(),
-                )
-            })
-            .collect();
-        let result = model.apply(snapshots, None, None, false);
-        if !result.errors.is_empty() || !result.missing.is_empty() || !result.unused.is_empty() {
-            return Err(ModelError::BadTensor {
-                path: self.origin.clone(),
-                key: result
-                    .errors
-                    .first()
-                    .map(|e| e.to_string())
-                    .or_else(|| result.missing.first().map(|m| m.0.clone()))
-                    .or_else(|| result.unused.first().cloned())
-                    .unwrap_or_default(),
-                message: "burn-store could not apply this weight".into(),
-            });
-        }
+        apply_weights(&mut model, &specs, &self.weights, &self.origin)?;
         Ok(model)
+    }
+}
+
+/// Loads `weights` into `model` along `specs` (already checked against the file: every key
+/// present with the right shape), converting to f32 lazily per tensor and transposing linear
+/// weights. Anything burn-store still refuses is an error naming `origin` and the key.
+pub(crate) fn apply_weights<B: Backend, M: ModuleSnapshot<B>>(
+    model: &mut M,
+    specs: &[ParamSpec],
+    weights: &BTreeMap<String, WeightSource>,
+    origin: &Path,
+) -> Result<(), ModelError> {
+    let snapshots = specs
+        .iter()
+        .map(|spec| {
+            let source = weights[&spec.key].clone();
+            let transpose = spec.linear_weight;
+            let shape = burn::tensor::Shape::from(source.burn_shape(transpose));
+            TensorSnapshot::from_closure(
+                Rc::new(move || Ok(source.to_burn_data(transpose))),
+                burn::tensor::DType::F32,
+                shape,
+                spec.burn_path.split('.').map(str::to_string).collect(),
+                vec![],
+                ParamId::new(),
+            )
+        })
+        .collect();
+    let result = model.apply(snapshots, None, None, false);
+    match result
+        .errors
+        .first()
+        .map(|e| e.to_string())
+        .or_else(|| result.missing.first().map(|m| m.0.clone()))
+        .or_else(|| result.unused.first().cloned())
+    {
+        Some(key) => Err(ModelError::BadTensor {
+            path: origin.to_path_buf(),
+            key,
+            message: "burn-store could not apply this weight".into(),
+        }),
+        None => Ok(()),
     }
 }
 
