@@ -114,12 +114,7 @@ pub fn run_sample_with<B: Backend>(
         } else {
             rgb
         };
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let tmp = path.with_file_name(format!(".{name}.tmp"));
-        rgb.save_with_format(&tmp, image::ImageFormat::Png)
-            .map_err(|e| e.to_string())
-            .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| e.to_string()))
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+        crate::model::weights::write_png_atomic(path, &rgb).map_err(|e| format!("{}: {e}", path.display()))?;
     }
     Ok(paths)
 }

@@ -213,10 +213,7 @@ pub fn write_curves(run_dir: &Path) -> Result<std::path::PathBuf, CurvesError> {
     let out_string = out.display().to_string();
     let (width, height, pixels) = draw_panels(&panels).map_err(|message| CurvesError::Draw { path: out_string.clone(), message })?;
     let image = image::RgbImage::from_raw(width, height, pixels).expect("buffer matches its size");
-    let tmp = run_dir.join(".curves.png.tmp");
-    image
-        .save_with_format(&tmp, image::ImageFormat::Png)
-        .and_then(|()| std::fs::rename(&tmp, &out).map_err(image::ImageError::IoError))
+    crate::model::weights::write_png_atomic(&out, &image)
         .map_err(|e| CurvesError::Draw { path: out_string, message: e.to_string() })?;
     Ok(out)
 }
@@ -276,7 +273,8 @@ mod tests {
         let dark = image.pixels().filter(|p| p.0.iter().all(|&c| c < 80)).count();
         assert!(coloured > 200, "the series lines are drawn in colour ({coloured} px)");
         assert!(dark > 500, "axes, ticks and captions are drawn ({dark} px)");
-        assert!(!dir.path().join(".curves.png.tmp").exists());
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().contains(".tmp")).collect();
+        assert!(leftovers.is_empty(), "no temporary file is left behind");
     }
 
     #[test]

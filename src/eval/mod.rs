@@ -120,9 +120,7 @@ pub fn write_grids(dir: &Path, model: &str, results: &[TaskResult]) -> Result<()
         let grid = image_grid(&r.images[..n], 8, 4);
         let stem = format!("grid_{}_{}", sanitize(model), r.task.name());
         let png = dir.join(format!("{stem}.png"));
-        let tmp = dir.join(format!(".{stem}.png.tmp"));
-        grid.save_with_format(&tmp, image::ImageFormat::Png)
-            .and_then(|_| std::fs::rename(&tmp, &png).map_err(image::ImageError::IoError))
+        crate::model::weights::write_png_atomic(&png, &grid)
             .map_err(|e| EvalError::Output { path: png.clone(), message: e.to_string() })?;
         let txt = dir.join(format!("{stem}.txt"));
         crate::model::weights::write_text_atomic(&txt, &(r.prompts[..n].join("\n") + "\n"))

@@ -358,6 +358,13 @@ pub fn write_text_atomic(path: &Path, text: &str) -> Result<(), ModelError> {
     std::fs::rename(&tmp, path).map_err(|source| ModelError::Io { path: path.to_path_buf(), source })
 }
 
+/// Writes a PNG through a temporary sibling and renames it into place.
+pub fn write_png_atomic(path: &Path, image: &image::RgbImage) -> Result<(), image::ImageError> {
+    let tmp = temporary_path(path);
+    image.save_with_format(&tmp, image::ImageFormat::Png)?;
+    std::fs::rename(&tmp, path).map_err(image::ImageError::IoError)
+}
+
 fn temporary_path(path: &Path) -> PathBuf {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
