@@ -4,12 +4,16 @@
 use std::time::Instant;
 
 use burn::backend::Autodiff;
-use burn::module::Module;
+use burn::module::{AutodiffModule, Module};
+use burn::optim::Optimizer;
 use burn::tensor::Tensor;
-use burn::tensor::backend::Backend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 
-use crate::flow::SeededNoise;
+use crate::flow::{GuidedModel, SeededNoise, TextConditioning, sample_trajectory};
 use crate::model::MmditConfig;
+use crate::model::lora::{ActiveAdapters, LoraAdapter};
+use crate::model::mmdit::Mmdit;
+use crate::train::pretrain::OptimConfig;
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -73,4 +77,119 @@ pub fn run_bench<B: Backend>(config: &BenchConfig, device: &B::Device) -> BenchR
     }
     let train = (b * config.iterations) as f64 / start.elapsed().as_secs_f64();
     BenchReport { parameters, forward_samples_per_s: forward, train_samples_per_s: train }
+}
+
+/// What one Flow-OPD benchmark step runs: random conditioning of the real shapes (SD3.5 at
+/// 512 px: latent 64, 77 + 256 text tokens), a student adapter and routed teachers.
+#[derive(Debug, Clone)]
+pub struct OpdBenchConfig {
+    pub model: MmditConfig,
+    /// Images per step (prompts x G).
+    pub batch: usize,
+    pub latent: usize,
+    pub tokens: usize,
+    /// LoRA rank and alpha of the student and teachers (paper: 32 / 64).
+    pub rank: usize,
+    pub alpha: f64,
+    /// Task teachers the batch is routed over (one more adapter is the MAR anchor).
+    pub teachers: usize,
+    /// SDE steps T (10) and CFG scale (4.5).
+    pub steps: usize,
+    pub guidance: f64,
+    /// Timed OPD iterations after one warm-up.
+    pub iterations: usize,
+}
+
+/// Measured figures of the OPD benchmark (wall-clock, synchronised at each phase's end).
+#[derive(Debug, Clone)]
+pub struct OpdBenchReport {
+    pub parameters: usize,
+    pub adapter_parameters: usize,
+    /// Seconds per rollout of `batch` images (T SDE steps with CFG, latents only).
+    pub rollout_s: f64,
+    /// Seconds per OPD update: routed teacher + anchor labels, student forward/backward at
+    /// every trained step, AdamW.
+    pub update_s: f64,
+    pub loss: f64,
+}
+
+impl OpdBenchReport {
+    /// Images per second of a whole iteration (rollout + update).
+    pub fn images_per_s(&self, batch: usize) -> f64 {
+        batch as f64 / (self.rollout_s + self.update_s)
+    }
+}
+
+/// One Flow-OPD iteration at full size, as the trainer runs it: the student's SDE rollout,
+/// then [`OpdObjective::gradients`] and an AdamW step.
+pub fn run_opd_bench<B: AutodiffBackend>(config: &OpdBenchConfig, device: &B::Device) -> Result<OpdBenchReport, String> {
+    use crate::train::opd::{OpdBatch, OpdConfig, OpdObjective, Teachers};
+    use crate::train::rollout::RolloutConfig;
+    let m = &config.model;
+    let b = config.batch;
+    let targets = crate::model::lora::LoraTarget::FLOW_GRPO.to_vec();
+    let lora = crate::model::lora::LoraConfig::new(config.rank, config.alpha, targets);
+    let inner: Mmdit<B::InnerBackend> = m.init(device);
+    let parameters = inner.num_params();
+    let base = <Mmdit<B> as AutodiffModule<B>>::from_inner(inner.clone()).no_grad();
+    let teachers = Teachers {
+        adapters: (0..=config.teachers).map(|_| lora.init(&inner, device)).collect(),
+        routing: Default::default(),
+        anchor: Some(config.teachers),
+    };
+    let mut student = crate::train::trainable(<LoraAdapter<B> as AutodiffModule<B>>::from_inner(lora.init(&inner, device)));
+    let adapter_parameters = student.num_params();
+    let opd = OpdConfig {
+        iterations: config.iterations,
+        rollout: RolloutConfig {
+            prompts: b,
+            group_size: 1,
+            steps: config.steps,
+            noise_level: 0.7,
+            kind: Default::default(),
+            sde_window: None,
+            guidance: config.guidance,
+        },
+        tasks: None,
+        mar_lambda: 0.02,
+        reduction: Default::default(),
+        timestep_fraction: 0.99,
+        optim: OptimConfig { lr: 1e-4, betas: (0.9, 0.999), weight_decay: 1e-4, grad_clip: 1.0 },
+        lora: None,
+        ema_max_decay: 0.9,
+        seed: 0,
+    };
+    let mut optimizer = opd.optim.adamw().init::<B, LoraAdapter<B>>();
+    let mut noise = SeededNoise::new(0);
+    let conditioning = |noise: &mut SeededNoise| TextConditioning {
+        tokens: noise.sample([b, config.tokens, m.joint_attention_dim], device),
+        pooled: noise.sample([b, m.pooled_projection_dim], device),
+    };
+    let (cond, negative) = (conditioning(&mut noise), conditioning(&mut noise));
+    let route: Vec<Option<usize>> = (0..b).map(|i| Some(i % config.teachers)).collect();
+    let objective = OpdObjective { base: &base, inner: &inner, teachers: &teachers, config: &opd };
+    let (mut rollout_s, mut update_s, mut loss) = (0.0, 0.0, 0.0);
+    for iteration in 0..=config.iterations {
+        let start = Instant::now();
+        let policy = student.valid();
+        let adapters = ActiveAdapters::single(&policy);
+        let field = GuidedModel { model: &inner, adapters: &adapters, cond: &cond, guidance: Some((&negative, config.guidance)) };
+        let x0 = noise.sample([b, m.in_channels, config.latent, config.latent], device);
+        let trajectory = sample_trajectory(&field, x0, &opd.rollout.sampler(), &mut |_, shape| noise.sample(shape, device));
+        sync(trajectory.final_state());
+        let rolled = start.elapsed().as_secs_f64();
+        let start = Instant::now();
+        let batch = OpdBatch { trajectory: &trajectory, cond: &cond, negative: &negative, route: route.clone() };
+        let (stats, grads) = objective.gradients(&student, &batch, device);
+        let grads = grads.ok_or("no trained step: the rollout has no stochastic transition")?;
+        student = optimizer.step(opd.optim.lr, student, grads);
+        B::sync(device).map_err(|e| format!("device sync: {e:?}"))?;
+        let updated = start.elapsed().as_secs_f64();
+        if iteration > 0 {
+            rollout_s += rolled / config.iterations as f64;
+            update_s += updated / config.iterations as f64;
+            loss = stats.loss;
+        }
+    }
+    Ok(OpdBenchReport { parameters, adapter_parameters, rollout_s, update_s, loss })
 }

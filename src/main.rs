@@ -95,6 +95,25 @@ enum Command {
         tokens: usize,
         #[arg(long, default_value_t = 5)]
         iterations: usize,
+        /// Time Flow-OPD iterations instead (student SDE rollout with CFG, routed teacher and
+        /// anchor labels, student forward/backward at every trained step, AdamW); `--batch`
+        /// is then images per iteration.
+        #[arg(long)]
+        opd: bool,
+        /// OPD: LoRA rank and alpha of the student and teachers.
+        #[arg(long, default_value_t = 32)]
+        rank: usize,
+        #[arg(long, default_value_t = 64.0)]
+        alpha: f64,
+        /// OPD: task teachers the batch is routed over (plus the MAR anchor).
+        #[arg(long, default_value_t = 3)]
+        teachers: usize,
+        /// OPD: SDE steps T.
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        /// OPD: CFG scale.
+        #[arg(long, default_value_t = 4.5)]
+        cfg: f64,
         #[arg(long, default_value = "cpu")]
         device: DeviceSpec,
     },
@@ -281,6 +300,15 @@ impl BackendTask for BenchTask {
     }
 }
 
+struct OpdBenchTask(flow_opd::bench::OpdBenchConfig);
+
+impl BackendTask for OpdBenchTask {
+    type Output = Result<flow_opd::bench::OpdBenchReport, String>;
+    fn run<B: Backend>(self, device: B::Device) -> Self::Output {
+        flow_opd::bench::run_opd_bench::<burn::backend::Autodiff<B>>(&self.0, &device)
+    }
+}
+
 struct SampleTask(flow_opd::sample::SampleRequest, flow_opd::sample::Sd3SampleOptions);
 
 impl BackendTask for SampleTask {
@@ -328,7 +356,20 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Model(ModelCommand::Info { path, config }) => info(&path, &config),
-        Command::Bench { config, batch, latent, tokens, iterations, device } => {
+        Command::Bench { config, batch, latent, tokens, iterations, opd: true, rank, alpha, teachers, steps, cfg, device } => {
+            let model = resolve_config(&Some(config))?.expect("given");
+            let bench = flow_opd::bench::OpdBenchConfig { model, batch, latent, tokens, rank, alpha, teachers, steps, guidance: cfg, iterations };
+            let report = dispatch(device, OpdBenchTask(bench))?.map_err(anyhow::Error::msg)?;
+            println!("device:            {device}");
+            println!("parameters:        {} (adapter {} per model, rank {rank})", report.parameters, report.adapter_parameters);
+            println!("batch x latent:    {batch} images x {latent}x{latent}, {tokens} text tokens, T {steps}, CFG {cfg}, {teachers} teachers + anchor");
+            println!("rollout:           {:.3} s ({:.2} images/s)", report.rollout_s, batch as f64 / report.rollout_s);
+            println!("OPD update:        {:.3} s", report.update_s);
+            println!("OPD iteration:     {:.3} s ({:.2} images/s)", report.rollout_s + report.update_s, report.images_per_s(batch));
+            println!("loss:              {:.4e}", report.loss);
+            Ok(())
+        }
+        Command::Bench { config, batch, latent, tokens, iterations, device, .. } => {
             let model = resolve_config(&Some(config))?.expect("given");
             let report = dispatch(device, BenchTask(flow_opd::bench::BenchConfig { model, batch, latent, tokens, iterations }))?;
             println!("device:            {device}");

@@ -243,3 +243,25 @@ train = {{ samples_per_task = 3, sampling = {{ steps = 2, guidance = 2.0 }}, ste
     let b_norm: f32 = cold.layers().map(|(_, _, l)| l.up.val().abs().max().into_scalar()).fold(0.0, f32::max);
     assert!(b_norm > 0.0, "the student adapter was trained");
 }
+
+/// `flow-opd bench --opd` runs the trainer's objective end to end on a config (here the tiny
+/// world transformer at the world's shapes; on a GPU, SD3.5-M at 512 px).
+#[test]
+fn opd_bench_times_a_full_iteration() {
+    let config = flow_opd::bench::OpdBenchConfig {
+        model: flow_opd::model::MmditConfig::tiny(),
+        batch: 2,
+        latent: 16,
+        tokens: 8,
+        rank: 4,
+        alpha: 8.0,
+        teachers: 2,
+        steps: 3,
+        guidance: 4.5,
+        iterations: 1,
+    };
+    let report = flow_opd::bench::run_opd_bench::<AD>(&config, &Default::default()).unwrap();
+    assert!(report.rollout_s > 0.0 && report.update_s > 0.0);
+    assert!(report.loss.is_finite());
+    assert!(report.adapter_parameters > 0 && report.adapter_parameters < report.parameters);
+}

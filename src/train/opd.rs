@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use burn::module::{AutodiffModule, Module};
 use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
-use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Tensor};
 use rand::SeedableRng;
 use rand::seq::IndexedRandom;
@@ -18,8 +18,8 @@ use serde::{Deserialize, Serialize};
 use super::ema::Ema;
 use super::grpo::{LoraSpec, lift_conditioning, score};
 use super::pretrain::OptimConfig;
-use super::rollout::{RolloutConfig, Rollouts, rollout};
-use crate::flow::{GuidedModel, KlReduction, VelocityField, kl_weight, opd_loss};
+use super::rollout::{RolloutConfig, Rollouts, rollout, trained_steps};
+use crate::flow::{GuidedModel, KlReduction, TextConditioning, Trajectory, VelocityField, kl_weight, opd_loss};
 use crate::model::lora::{ActiveAdapters, AdapterChoice, LoraAdapter};
 use crate::model::mmdit::Mmdit;
 use crate::model::pipeline::Pipeline;
@@ -65,7 +65,7 @@ fn default_ema() -> f64 {
 }
 
 /// The frozen teachers: adapters over the shared base, the routing table and the anchor.
-pub struct Teachers<B: burn::tensor::backend::Backend> {
+pub struct Teachers<B: Backend> {
     pub adapters: Vec<LoraAdapter<B>>,
     /// Task -> index into `adapters`.
     pub routing: BTreeMap<Task, usize>,
@@ -73,7 +73,7 @@ pub struct Teachers<B: burn::tensor::backend::Backend> {
     pub anchor: Option<usize>,
 }
 
-impl<B: burn::tensor::backend::Backend> Teachers<B> {
+impl<B: Backend> Teachers<B> {
     /// `R(c)` for every sample: the teacher its prompt's task is routed to.
     pub fn route(&self, tasks: &[Task]) -> Result<Vec<Option<usize>>, String> {
         tasks
@@ -160,84 +160,130 @@ impl<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> OpdTrainer<B, O> {
         rollout(&self.pipeline, Some(&policy), &prompts, &self.config.rollout, &mut self.rng, device)
     }
 
-    /// The trained transitions of `ro`: stochastic steps among the first `int(T * fraction)`.
-    /// Teacher (routed) and anchor velocities at trained step `j` of `ro` (no gradient).
-    fn labels(&self, ro: &Rollouts<B::InnerBackend>, j: usize, device: &B::Device) -> Result<(Tensor<B::InnerBackend, 4>, Option<Tensor<B::InnerBackend, 4>>), String> {
-        let g = self.config.rollout.guidance;
-        let route = self.teachers.route(&ro.tasks())?;
-        let teacher_refs: Vec<&LoraAdapter<B::InnerBackend>> = self.teachers.adapters.iter().collect();
-        let routed = ActiveAdapters::new(teacher_refs.clone(), &AdapterChoice::PerSample(route), device);
-        let anchor = match self.teachers.anchor {
-            Some(i) => ActiveAdapters::new(teacher_refs, &AdapterChoice::All(i), device),
-            None => ActiveAdapters::none(),
-        };
-        let inner = &self.pipeline.model.transformer;
-        let tr = &ro.trajectory.transitions[j];
-        let state = ro.trajectory.states[j].clone();
-        let teacher = GuidedModel { model: inner, adapters: &routed, cond: &ro.cond, guidance: ro.guidance(g) }
-            .velocity(state.clone(), tr.step.sigma);
-        let anchor = (self.config.mar_lambda != 0.0).then(|| {
-            GuidedModel { model: inner, adapters: &anchor, cond: &ro.cond, guidance: ro.guidance(g) }.velocity(state, tr.step.sigma)
-        });
-        Ok((teacher, anchor))
+    fn objective(&self) -> OpdObjective<'_, B> {
+        OpdObjective { base: &self.base, inner: &self.pipeline.model.transformer, teachers: &self.teachers, config: &self.config }
+    }
+
+    fn batch<'r>(&self, ro: &'r Rollouts<B::InnerBackend>) -> Result<OpdBatch<'r, B::InnerBackend>, String> {
+        Ok(OpdBatch { trajectory: &ro.trajectory, cond: &ro.cond, negative: &ro.negative, route: self.teachers.route(&ro.tasks())? })
     }
 
     /// The batch loss `mean_b mean_j [L_OPD + lambda L_MAR]` of `ro` under the current student
     /// (no update).
     pub fn loss_on(&self, ro: &Rollouts<B::InnerBackend>, device: &B::Device) -> Result<f64, String> {
-        let steps = ro.trained_steps(self.config.rollout.steps, self.config.timestep_fraction);
-        let student = self.student.valid();
-        let single = ActiveAdapters::single(&student);
-        let g = self.config.rollout.guidance;
-        let field = GuidedModel { model: &self.pipeline.model.transformer, adapters: &single, cond: &ro.cond, guidance: ro.guidance(g) };
-        let mut total = 0.0;
-        for &j in &steps {
-            let tr = &ro.trajectory.transitions[j];
-            let (teacher, anchor) = self.labels(ro, j, device)?;
-            let weight = kl_weight(tr.step, tr.step.sigma_t(self.config.rollout.noise_level), self.config.reduction);
-            let v = field.velocity(ro.trajectory.states[j].clone(), tr.step.sigma);
-            let loss = opd_loss(v, teacher, anchor, weight, self.config.mar_lambda, self.config.reduction);
-            total += loss.total.mean().into_scalar().elem::<f64>() / steps.len() as f64;
-        }
-        Ok(total)
+        Ok(self.objective().loss(&self.student.valid(), &self.batch(ro)?, device))
     }
 
     /// Routed teacher and anchor labels at every trained state of `ro`, the loss, and one
     /// accumulated AdamW update of the student (plus EMA).
     pub fn step_on(&mut self, ro: &Rollouts<B::InnerBackend>, device: &B::Device) -> Result<OpdStats, String> {
         let (_, task_metrics) = score(&ro.prompts, &ro.images, &BTreeMap::new())?;
-        let steps = ro.trained_steps(self.config.rollout.steps, self.config.timestep_fraction);
-        let g = self.config.rollout.guidance;
-        let cond = lift_conditioning::<B>(&ro.cond);
-        let negative = lift_conditioning::<B>(&ro.negative);
-        let guidance = (g != 1.0).then_some((&negative, g));
-        let mut accumulator = GradientsAccumulator::<LoraAdapter<B>>::new();
-        let mut stats = OpdStats { task_metrics, ..Default::default() };
-        for &j in &steps {
-            let tr = &ro.trajectory.transitions[j];
-            let state = ro.trajectory.states[j].clone();
-            let sigma_t = tr.step.sigma_t(self.config.rollout.noise_level);
-            let weight = kl_weight(tr.step, sigma_t, self.config.reduction);
-            let (teacher, anchor) = self.labels(ro, j, device)?;
-            let v_teacher = Tensor::<B, 4>::from_inner(teacher);
-            let v_anchor = anchor.map(Tensor::<B, 4>::from_inner);
-            let single = ActiveAdapters::single(&self.student);
-            let student_field = GuidedModel { model: &self.base, adapters: &single, cond: &cond, guidance };
-            let v = student_field.velocity(Tensor::from_inner(state), tr.step.sigma);
-            let loss = opd_loss(v, v_teacher, v_anchor, weight, self.config.mar_lambda, self.config.reduction);
-            stats.distill += loss.distill.mean().into_scalar().elem::<f64>() / steps.len() as f64;
-            stats.anchor += loss.anchor.mean().into_scalar().elem::<f64>() / steps.len() as f64;
-            let total = loss.total.mean() / steps.len() as f64;
-            stats.loss += total.clone().into_scalar().elem::<f64>();
-            let grads = GradientsParams::from_grads(total.backward(), &self.student);
-            accumulator.accumulate(&self.student, grads);
-        }
-        if !steps.is_empty() {
+        let (stats, grads) = self.objective().gradients(&self.student, &self.batch(ro)?, device);
+        let stats = OpdStats { task_metrics, ..stats };
+        if let Some(grads) = grads {
             let student = self.student.clone();
-            self.student = self.optimizer.step(self.config.optim.lr, student, accumulator.grads());
+            self.student = self.optimizer.step(self.config.optim.lr, student, grads);
             self.ema.update(&self.student);
         }
         self.iteration += 1;
         Ok(stats)
+    }
+}
+
+/// One batch of on-policy rollouts as the OPD objective sees it, whatever pipeline made it
+/// (the tiny world, SD3.5, or the random-conditioning benchmark).
+pub struct OpdBatch<'a, B: Backend> {
+    pub trajectory: &'a Trajectory<B>,
+    pub cond: &'a TextConditioning<B>,
+    pub negative: &'a TextConditioning<B>,
+    /// `R(c)` of every sample (index into the teachers' adapters; `None` = the base).
+    pub route: Vec<Option<usize>>,
+}
+
+/// The OPD objective over a shared base: the student's guided velocity against the routed
+/// teachers' and the anchor's (REFERENCE section 4).
+pub struct OpdObjective<'a, B: AutodiffBackend> {
+    /// The base on the autodiff backend (no gradient; same tensors as `inner`).
+    pub base: &'a Mmdit<B>,
+    pub inner: &'a Mmdit<B::InnerBackend>,
+    pub teachers: &'a Teachers<B::InnerBackend>,
+    pub config: &'a OpdConfig,
+}
+
+impl<B: AutodiffBackend> OpdObjective<'_, B> {
+    fn trained_steps(&self, batch: &OpdBatch<'_, B::InnerBackend>) -> Vec<usize> {
+        trained_steps(batch.trajectory, self.config.rollout.steps, self.config.timestep_fraction)
+    }
+
+    fn guidance<'c>(&self, negative: &'c TextConditioning<B::InnerBackend>) -> Option<(&'c TextConditioning<B::InnerBackend>, f64)> {
+        let g = self.config.rollout.guidance;
+        (g != 1.0).then_some((negative, g))
+    }
+
+    /// Teacher (routed) and anchor velocities at trained step `j` (no gradient).
+    fn labels(&self, batch: &OpdBatch<'_, B::InnerBackend>, j: usize, device: &B::Device) -> (Tensor<B::InnerBackend, 4>, Option<Tensor<B::InnerBackend, 4>>) {
+        let teacher_refs: Vec<&LoraAdapter<B::InnerBackend>> = self.teachers.adapters.iter().collect();
+        let routed = ActiveAdapters::new(teacher_refs.clone(), &AdapterChoice::PerSample(batch.route.clone()), device);
+        let anchor = match self.teachers.anchor {
+            Some(i) => ActiveAdapters::new(teacher_refs, &AdapterChoice::All(i), device),
+            None => ActiveAdapters::none(),
+        };
+        let sigma = batch.trajectory.transitions[j].step.sigma;
+        let state = batch.trajectory.states[j].clone();
+        let guidance = self.guidance(batch.negative);
+        let teacher = GuidedModel { model: self.inner, adapters: &routed, cond: batch.cond, guidance }.velocity(state.clone(), sigma);
+        let anchor = (self.config.mar_lambda != 0.0)
+            .then(|| GuidedModel { model: self.inner, adapters: &anchor, cond: batch.cond, guidance }.velocity(state, sigma));
+        (teacher, anchor)
+    }
+
+    fn weight(&self, batch: &OpdBatch<'_, B::InnerBackend>, j: usize) -> f64 {
+        let step = batch.trajectory.transitions[j].step;
+        kl_weight(step, step.sigma_t(self.config.rollout.noise_level), self.config.reduction)
+    }
+
+    /// `mean_b mean_j [L_OPD + lambda L_MAR]` under `student` (no gradient).
+    pub fn loss(&self, student: &LoraAdapter<B::InnerBackend>, batch: &OpdBatch<'_, B::InnerBackend>, device: &B::Device) -> f64 {
+        let steps = self.trained_steps(batch);
+        let single = ActiveAdapters::single(student);
+        let field = GuidedModel { model: self.inner, adapters: &single, cond: batch.cond, guidance: self.guidance(batch.negative) };
+        let mut total = 0.0;
+        for &j in &steps {
+            let (teacher, anchor) = self.labels(batch, j, device);
+            let sigma = batch.trajectory.transitions[j].step.sigma;
+            let v = field.velocity(batch.trajectory.states[j].clone(), sigma);
+            let loss = opd_loss(v, teacher, anchor, self.weight(batch, j), self.config.mar_lambda, self.config.reduction);
+            total += loss.total.mean().into_scalar().elem::<f64>() / steps.len() as f64;
+        }
+        total
+    }
+
+    /// The loss figures and the student's gradients, accumulated over the trained steps
+    /// (`None` when no step is trained).
+    pub fn gradients(&self, student: &LoraAdapter<B>, batch: &OpdBatch<'_, B::InnerBackend>, device: &B::Device) -> (OpdStats, Option<GradientsParams>) {
+        let steps = self.trained_steps(batch);
+        let cond = lift_conditioning::<B>(batch.cond);
+        let negative = lift_conditioning::<B>(batch.negative);
+        let g = self.config.rollout.guidance;
+        let guidance = (g != 1.0).then_some((&negative, g));
+        let mut accumulator = GradientsAccumulator::<LoraAdapter<B>>::new();
+        let mut stats = OpdStats::default();
+        for &j in &steps {
+            let (teacher, anchor) = self.labels(batch, j, device);
+            let v_teacher = Tensor::<B, 4>::from_inner(teacher);
+            let v_anchor = anchor.map(Tensor::<B, 4>::from_inner);
+            let single = ActiveAdapters::single(student);
+            let student_field = GuidedModel { model: self.base, adapters: &single, cond: &cond, guidance };
+            let sigma = batch.trajectory.transitions[j].step.sigma;
+            let v = student_field.velocity(Tensor::from_inner(batch.trajectory.states[j].clone()), sigma);
+            let loss = opd_loss(v, v_teacher, v_anchor, self.weight(batch, j), self.config.mar_lambda, self.config.reduction);
+            stats.distill += loss.distill.mean().into_scalar().elem::<f64>() / steps.len() as f64;
+            stats.anchor += loss.anchor.mean().into_scalar().elem::<f64>() / steps.len() as f64;
+            let total = loss.total.mean() / steps.len() as f64;
+            stats.loss += total.clone().into_scalar().elem::<f64>();
+            let grads = GradientsParams::from_grads(total.backward(), student);
+            accumulator.accumulate(student, grads);
+        }
+        (stats, (!steps.is_empty()).then(|| accumulator.grads()))
     }
 }

@@ -70,15 +70,20 @@ impl<B: Backend> Rollouts<B> {
     /// The transitions a trainer learns from: the stochastic ones among the first
     /// `int(T * timestep_fraction)` (Flow-GRPO's `timestep_fraction`; REFERENCE section 5).
     pub fn trained_steps(&self, steps: usize, timestep_fraction: f64) -> Vec<usize> {
-        let n = (steps as f64 * timestep_fraction) as usize;
-        let transitions = &self.trajectory.transitions;
-        (0..n.min(transitions.len())).filter(|&j| transitions[j].stochastic).collect()
+        trained_steps(&self.trajectory, steps, timestep_fraction)
     }
 
     /// The CFG pair of a guided forward over these samples.
     pub fn guidance(&self, scale: f64) -> Option<(&TextConditioning<B>, f64)> {
         (scale != 1.0).then_some((&self.negative, scale))
     }
+}
+
+/// The stochastic transitions among the first `int(steps * timestep_fraction)` of a trajectory.
+pub fn trained_steps<B: Backend>(trajectory: &Trajectory<B>, steps: usize, timestep_fraction: f64) -> Vec<usize> {
+    let n = (steps as f64 * timestep_fraction) as usize;
+    let transitions = &trajectory.transitions;
+    (0..n.min(transitions.len())).filter(|&j| transitions[j].stochastic).collect()
 }
 
 /// Samples `G` trajectories for each of `prompts` with the policy `base + adapter` (no
