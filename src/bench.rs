@@ -158,6 +158,9 @@ pub fn run_opd_bench<B: AutodiffBackend>(config: &OpdBenchConfig, device: &B::De
         lora: None,
         ema_max_decay: 0.9,
         seed: 0,
+        prompt_files: Default::default(),
+        train_metrics: false,
+        remote_rewards: Default::default(),
     };
     let mut optimizer = opd.optim.adamw().init::<B, LoraAdapter<B>>();
     let mut noise = SeededNoise::new(0);

@@ -34,6 +34,14 @@ enum Command {
         /// cpu, wgpu[:N] or cuda[:N].
         #[arg(long, default_value = "cpu")]
         device: DeviceSpec,
+        /// The model folder a recipe names as "$model" (e.g. a diffusers SD3.5-Medium folder
+        /// for recipes/sd35m/*).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Teacher adapters a recipe names as "$teachers" (a folder holding one adapter per
+        /// task, e.g. runs/sd35m_teachers).
+        #[arg(long)]
+        teachers: Option<PathBuf>,
     },
     /// Text to image: one PNG per prompt (40-step ODE, CFG 4.5 by default; prompt i is seeded
     /// with seed + i).
@@ -397,8 +405,12 @@ fn main() -> Result<()> {
             println!("wrote {}", path.display());
             Ok(())
         }
-        Command::Recipe { path, runs, device } => {
-            let recipe = flow_opd::recipe::Recipe::from_file(&path)?;
+        Command::Recipe { path, runs, device, model, teachers } => {
+            let inputs: std::collections::BTreeMap<String, String> = [("model", model), ("teachers", teachers)]
+                .into_iter()
+                .filter_map(|(k, v)| v.map(|v| (k.to_string(), v.to_string_lossy().into_owned())))
+                .collect();
+            let recipe = flow_opd::recipe::Recipe::from_file_with(&path, &inputs)?;
             dispatch(device, RecipeTask { recipe, runs })?
         }
         Command::Eval { model, adapter, tasks, prompts, steps, cfg, name, out, device } => {
@@ -418,7 +430,7 @@ fn main() -> Result<()> {
             };
             let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "eval".into());
             let runs = out.parent().map(Path::to_path_buf).unwrap_or_default();
-            let recipe = flow_opd::recipe::Recipe { name, stages: vec![flow_opd::recipe::Stage::Eval(stage)] };
+            let recipe = flow_opd::recipe::Recipe { name, sd3: Default::default(), stages: vec![flow_opd::recipe::Stage::Eval(stage)] };
             dispatch(device, RecipeTask { recipe, runs })?
         }
         Command::Model(ModelCommand::Forward { model, inputs, output, adapter, device }) => {

@@ -34,6 +34,7 @@ use crate::model::lora::{MergeMethod, combine};
 use crate::train::grpo::{GrpoConfig, grpo_trainer};
 use crate::train::opd::{OpdConfig, Teachers, opd_trainer};
 use crate::train::sft::{SftConfig, sft_trainer, teacher_samples};
+use crate::model::t2i::{AnyPipeline, Sd3Options, TextToImage};
 use crate::world::Task;
 use crate::train::pretrain::{PretrainConfig, WorldPairs, pretrainer, to_autodiff};
 
@@ -43,6 +44,9 @@ use crate::train::pretrain::{PretrainConfig, WorldPairs, pretrainer, to_autodiff
 pub struct Recipe {
     /// Run name: outputs go to `<runs>/<name>/`.
     pub name: String,
+    /// How SD3 / SD3.5 folders are run (image size, T5 length); unused by world pipelines.
+    #[serde(default)]
+    pub sd3: Sd3Options,
     #[serde(rename = "stage")]
     pub stages: Vec<Stage>,
 }
@@ -210,11 +214,21 @@ pub enum RecipeError {
 impl Recipe {
     /// Reads and validates a recipe; errors name the file and the field at fault.
     pub fn from_file(path: &Path) -> Result<Self, RecipeError> {
+        Self::from_file_with(path, &BTreeMap::new())
+    }
+
+    /// As [`Recipe::from_file`], with named inputs: a stage value `"$name"` or `"$name/rest"`
+    /// (e.g. `model = "$model"`) is replaced by `inputs[name]` (e.g. `recipe --model PATH`).
+    pub fn from_file_with(path: &Path, inputs: &BTreeMap<String, String>) -> Result<Self, RecipeError> {
         let text = std::fs::read_to_string(path).map_err(|source| RecipeError::Io { path: path.to_path_buf(), source })?;
-        Self::from_toml(path, &text)
+        Self::from_toml_with(path, &text, inputs)
     }
 
     pub fn from_toml(path: &Path, text: &str) -> Result<Self, RecipeError> {
+        Self::from_toml_with(path, text, &BTreeMap::new())
+    }
+
+    pub fn from_toml_with(path: &Path, text: &str, inputs: &BTreeMap<String, String>) -> Result<Self, RecipeError> {
         let parse = |message: String| RecipeError::Parse { path: path.to_path_buf(), message };
         // Stages are read one by one with their own type so errors carry the field path
         // (an internally tagged enum would hide it).
@@ -223,11 +237,14 @@ impl Recipe {
         struct Raw {
             name: String,
             #[serde(default)]
+            sd3: Sd3Options,
+            #[serde(default)]
             stage: Vec<toml::Table>,
         }
         let raw: Raw = toml::from_str(text).map_err(|e| parse(e.to_string()))?;
         let mut stages = Vec::with_capacity(raw.stage.len());
         for (i, mut table) in raw.stage.into_iter().enumerate() {
+            substitute_inputs(&mut table, inputs).map_err(|e| parse(format!("stage {i}: {e}")))?;
             let kind = match table.remove("kind") {
                 Some(toml::Value::String(kind)) => kind,
                 Some(other) => return Err(parse(format!("stage {i}: `kind` must be a string, found {other}"))),
@@ -253,7 +270,7 @@ impl Recipe {
             };
             stages.push(stage);
         }
-        let recipe = Recipe { name: raw.name, stages };
+        let recipe = Recipe { name: raw.name, sd3: raw.sd3, stages };
         recipe.validate().map_err(parse)?;
         Ok(recipe)
     }
@@ -327,17 +344,48 @@ impl Recipe {
     }
 }
 
+/// Replaces every string value `"$name"` or `"$name/rest"` in `table` (nested tables and
+/// arrays included) by `inputs[name]` (joined with `rest`); an input the command line did not
+/// give is an error naming its flag.
+fn substitute_inputs(table: &mut toml::Table, inputs: &BTreeMap<String, String>) -> Result<(), String> {
+    fn walk(value: &mut toml::Value, inputs: &BTreeMap<String, String>) -> Result<(), String> {
+        match value {
+            toml::Value::String(s) => {
+                if let Some(reference) = s.strip_prefix('$') {
+                    let (name, rest) = reference.split_once('/').map_or((reference, None), |(n, r)| (n, Some(r)));
+                    let given = inputs.get(name).ok_or_else(|| format!("`\"{s}\"` needs `--{name} PATH` on the command line"))?;
+                    *s = match rest {
+                        Some(rest) => Path::new(given).join(rest).to_string_lossy().into_owned(),
+                        None => given.clone(),
+                    };
+                }
+            }
+            toml::Value::Array(items) => items.iter_mut().try_for_each(|v| walk(v, inputs))?,
+            toml::Value::Table(t) => t.iter_mut().try_for_each(|(_, v)| walk(v, inputs))?,
+            _ => {}
+        }
+        Ok(())
+    }
+    table.iter_mut().try_for_each(|(_, v)| walk(v, inputs))
+}
+
 /// Where a run writes and what its stages produced.
 pub struct RunContext {
     pub dir: PathBuf,
     pub outputs: BTreeMap<String, PathBuf>,
     pub metrics: MetricsLog,
+    pub sd3: Sd3Options,
 }
 
 impl RunContext {
     /// A stage output by name, or the path itself.
     pub fn resolve(&self, name: &str) -> PathBuf {
         self.outputs.get(name).cloned().unwrap_or_else(|| PathBuf::from(name))
+    }
+
+    /// A stage's `model`: a world pipeline or an SD3 folder (at the recipe's `[sd3]` size).
+    pub fn pipeline<B: Backend>(&self, name: &str, device: &B::Device) -> Result<AnyPipeline<B>, String> {
+        AnyPipeline::load(&self.resolve(name), &self.sd3, device)
     }
 }
 
@@ -382,7 +430,7 @@ pub fn run_recipe<B: Backend>(recipe: &Recipe, runs_dir: &Path, device: &B::Devi
         .map_err(|e| RecipeError::Io { path: dir.join("recipe.toml"), source: std::io::Error::other(e.to_string()) })?;
     let metrics_path = dir.join("metrics.jsonl");
     let metrics = MetricsLog::open(&metrics_path).map_err(|source| RecipeError::Io { path: metrics_path, source })?;
-    let mut ctx = RunContext { dir, outputs: BTreeMap::new(), metrics };
+    let mut ctx = RunContext { dir, outputs: BTreeMap::new(), metrics, sd3: recipe.sd3.clone() };
     for (index, stage) in recipe.stages.iter().enumerate() {
         match stage {
             Stage::Pretrain(s) => run_pretrain::<B>(s, &mut ctx, device)
@@ -484,9 +532,9 @@ fn run_pretrain<B: Backend>(stage: &PretrainStage, ctx: &mut RunContext, device:
 
 fn run_grpo<B: Backend>(stage: &GrpoStage, ctx: &mut RunContext, device: &B::Device) -> Result<(), String> {
     type AD<B> = Autodiff<B>;
-    let pipeline = Pipeline::<B>::load(&ctx.resolve(&stage.model), device).map_err(|e| e.to_string())?;
+    let pipeline = ctx.pipeline::<B>(&stage.model, device)?;
     let init = match &stage.init {
-        Some(a) => Some(load_lora(&ctx.resolve(a), &pipeline.model.transformer, device).map_err(|e| e.to_string())?),
+        Some(a) => Some(load_lora(&ctx.resolve(a), pipeline.transformer(), device).map_err(|e| format!("{a}: {e}"))?),
         None => None,
     };
     let trainer = grpo_trainer::<AD<B>>(pipeline, init, stage.train.clone(), device)?;
@@ -597,10 +645,10 @@ pub fn save_adapter_atomic<B: Backend>(adapter: &crate::model::lora::LoraAdapter
 }
 
 fn run_merge<B: Backend>(stage: &MergeStage, ctx: &mut RunContext, device: &B::Device) -> Result<(), String> {
-    let pipeline = Pipeline::<B>::load(&ctx.resolve(&stage.model), device).map_err(|e| e.to_string())?;
+    let pipeline = ctx.pipeline::<B>(&stage.model, device)?;
     let mut adapters = Vec::new();
     for (name, weight) in &stage.adapters {
-        let a = load_lora(&ctx.resolve(name), &pipeline.model.transformer, device).map_err(|e| format!("{name}: {e}"))?;
+        let a = load_lora(&ctx.resolve(name), pipeline.transformer(), device).map_err(|e| format!("{name}: {e}"))?;
         adapters.push((a, *weight));
     }
     let refs: Vec<_> = adapters.iter().map(|(a, w)| (a, *w)).collect();
@@ -613,24 +661,24 @@ fn run_merge<B: Backend>(stage: &MergeStage, ctx: &mut RunContext, device: &B::D
 }
 
 fn run_sft<B: Backend>(stage: &SftStage, ctx: &mut RunContext, device: &B::Device) -> Result<(), String> {
-    let pipeline = Pipeline::<B>::load(&ctx.resolve(&stage.model), device).map_err(|e| e.to_string())?;
+    let pipeline = ctx.pipeline::<B>(&stage.model, device)?;
     let mut names: Vec<String> = stage.routing.values().cloned().collect();
     names.sort();
     names.dedup();
     let teachers = names
         .iter()
-        .map(|n| load_lora(&ctx.resolve(n), &pipeline.model.transformer, device).map_err(|e| format!("{n}: {e}")))
+        .map(|n| load_lora(&ctx.resolve(n), pipeline.transformer(), device).map_err(|e| format!("{n}: {e}")))
         .collect::<Result<Vec<_>, _>>()?;
     let routing = stage.routing.iter().map(|(t, n)| (*t, names.iter().position(|m| m == n).expect("listed"))).collect();
     let start = Instant::now();
-    let data = teacher_samples(&pipeline, &teachers, &routing, &stage.train, device);
+    let data = teacher_samples(&pipeline, &teachers, &routing, &stage.train, device)?;
     tracing::info!("sft `{}`: {} teacher samples in {:.0} s", stage.output, data.prompts.len(), start.elapsed().as_secs_f64());
     let mut trainer = sft_trainer::<Autodiff<B>>(pipeline, stage.train.clone(), device)?;
     let out = ctx.dir.join(&stage.output);
     let label = format!("sft:{}", stage.output);
     let bar = progress_bar(stage.train.steps as u64, &stage.output);
     for step in 1..=stage.train.steps {
-        let loss = trainer.step(&data, device);
+        let loss = trainer.step(&data, device)?;
         bar.set_message(format!("loss {loss:.4}"));
         bar.inc(1);
         ctx.metrics.log(&label, step, &[("loss", loss), ("seconds", start.elapsed().as_secs_f64())]).map_err(|e| e.to_string())?;
@@ -651,9 +699,9 @@ fn run_sft<B: Backend>(stage: &SftStage, ctx: &mut RunContext, device: &B::Devic
 
 fn run_opd<B: Backend>(stage: &OpdStage, ctx: &mut RunContext, device: &B::Device) -> Result<(), String> {
     type AD<B> = Autodiff<B>;
-    let pipeline = Pipeline::<B>::load(&ctx.resolve(&stage.model), device).map_err(|e| e.to_string())?;
+    let pipeline = ctx.pipeline::<B>(&stage.model, device)?;
     let load = |name: &str| {
-        load_lora(&ctx.resolve(name), &pipeline.model.transformer, device).map_err(|e| format!("{name}: {e}"))
+        load_lora(&ctx.resolve(name), pipeline.transformer(), device).map_err(|e| format!("{name}: {e}"))
     };
     // One adapter per distinct teacher name; the routing table points into them.
     let mut names: Vec<String> = stage.routing.values().cloned().collect();
@@ -678,6 +726,12 @@ fn run_opd<B: Backend>(stage: &OpdStage, ctx: &mut RunContext, device: &B::Devic
 
 fn run_eval<B: Backend>(stage: &EvalStage, ctx: &mut RunContext, device: &B::Device) -> Result<(), String> {
     let model_dir = ctx.resolve(&stage.model);
+    if crate::model::sd3_pipeline::is_sd3_pipeline(&model_dir) {
+        return Err(format!(
+            "{}: the eval stage scores the synthetic world's test prompts; evaluate SD3 models with `flow-opd sample` and the reward servers of tools/reward_servers",
+            model_dir.display()
+        ));
+    }
     let pipeline = Pipeline::<B>::load(&model_dir, device).map_err(|e| e.to_string())?;
     let adapter = match &stage.adapter {
         Some(a) => Some(load_lora(&ctx.resolve(a), &pipeline.model.transformer, device).map_err(|e| e.to_string())?),

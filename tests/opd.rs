@@ -137,7 +137,7 @@ fn one_opd_step_lowers_the_loss_on_its_batch() {
     };
     let config: OpdConfig = toml::from_str(OPD).unwrap();
     let mut trainer = opd_trainer::<AD>(p, None, teachers, config, &device).unwrap();
-    let batch = trainer.sample(&device);
+    let batch = trainer.sample(&device).unwrap();
     let before = trainer.loss_on(&batch, &device).unwrap();
     let stats = trainer.step_on(&batch, &device).unwrap();
     let after = trainer.loss_on(&batch, &device).unwrap();

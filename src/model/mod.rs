@@ -7,6 +7,7 @@ pub mod lora;
 pub mod mmdit;
 pub mod pipeline;
 pub mod sd3_pipeline;
+pub mod t2i;
 pub mod text;
 pub mod text_encoder;
 pub mod vae;

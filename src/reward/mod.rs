@@ -208,6 +208,36 @@ pub fn world_reward(task: Task) -> Box<dyn Reward> {
     }
 }
 
+/// The reward of every task: a remote server where one is configured, the world's built-in
+/// reward otherwise.
+pub struct RewardSet {
+    rewards: std::collections::BTreeMap<Task, Box<dyn Reward>>,
+}
+
+impl RewardSet {
+    /// `remote`: task -> server (docs/reward_protocol.md).
+    pub fn new(remote: &std::collections::BTreeMap<Task, RemoteRewardConfig>) -> Result<Self, RewardError> {
+        let mut rewards = std::collections::BTreeMap::new();
+        for task in [Task::Composition, Task::Text, Task::Preference, Task::Quality] {
+            let reward: Box<dyn Reward> = match remote.get(&task) {
+                Some(config) => Box::new(RemoteReward::new(config.clone())?),
+                None => world_reward(task),
+            };
+            rewards.insert(task, reward);
+        }
+        Ok(Self { rewards })
+    }
+
+    /// The world's four rewards.
+    pub fn world() -> Self {
+        Self::new(&Default::default()).expect("built-in rewards need no configuration")
+    }
+
+    pub fn get(&self, task: Task) -> &dyn Reward {
+        self.rewards[&task].as_ref()
+    }
+}
+
 /// Scores each input of a batch with `score_one(index, image, prompt)`, converting images to
 /// the world's [`Image32`] (which must be 32 x 32).
 pub(crate) fn score_each(

@@ -22,10 +22,12 @@ use super::rollout::{RolloutConfig, rollout, vector};
 use crate::flow::{GuidedModel, KlReduction, LogProbReduction, TextConditioning, VelocityField, gaussian_kl, log_prob, step_mean};
 use crate::model::lora::{ActiveAdapters, LoraAdapter, LoraConfig, LoraTarget};
 use crate::model::mmdit::Mmdit;
-use crate::model::pipeline::Pipeline;
-use crate::reward::{RewardInput, world_reward};
+use crate::model::t2i::{AnyPipeline, TextToImage};
+use crate::reward::{RemoteRewardConfig, RewardInput, RewardSet};
 use crate::world::Task;
-use crate::world::prompts::{Prompt, Split, shipped_prompts};
+use super::prompts::{TaskPrompt, training_prompts};
+use image::RgbImage;
+use std::path::PathBuf;
 
 /// A LoRA adapter's shape in a recipe.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -92,6 +94,14 @@ pub struct GrpoConfig {
     pub ema_max_decay: f64,
     #[serde(default)]
     pub seed: u64,
+    /// Prompt file per task (one prompt per line); the world's shipped training prompts when
+    /// empty.
+    #[serde(default)]
+    pub prompt_files: BTreeMap<Task, PathBuf>,
+    /// Tasks rewarded by a remote server (docs/reward_protocol.md); the world's built-in
+    /// rewards otherwise.
+    #[serde(default)]
+    pub remote_rewards: BTreeMap<Task, RemoteRewardConfig>,
 }
 
 fn default_beta() -> f64 {
@@ -124,22 +134,26 @@ pub struct GrpoStats {
 
 /// Scores `images` with the partition's weighted rewards; returns training values and, per
 /// task, the mean eval metric of that task's own reward.
-pub fn score(rollouts_prompts: &[Prompt], images: &[crate::world::Image32], rewards: &BTreeMap<Task, f64>) -> Result<(Vec<f64>, BTreeMap<Task, f64>), String> {
+pub fn score(
+    prompts: &[TaskPrompt],
+    images: &[RgbImage],
+    weights: &BTreeMap<Task, f64>,
+    rewards: &RewardSet,
+) -> Result<(Vec<f64>, BTreeMap<Task, f64>), String> {
+    let inputs = |task: Task, pairs: &mut dyn Iterator<Item = (&RgbImage, &TaskPrompt)>| -> Vec<RewardInput> {
+        pairs.map(|(img, p)| RewardInput::new(img.clone(), p.text.clone()).with_task(task)).collect()
+    };
     let mut total = vec![0.0; images.len()];
-    for (&task, &weight) in rewards {
-        let reward = world_reward(task);
-        let inputs: Vec<RewardInput> =
-            images.iter().zip(rollouts_prompts).map(|(img, p)| RewardInput::from_image32(img, p.text.clone())).collect();
-        let scores = reward.score(&inputs).map_err(|e| e.to_string())?;
+    for (&task, &weight) in weights {
+        let scores = rewards.get(task).score(&inputs(task, &mut images.iter().zip(prompts))).map_err(|e| e.to_string())?;
         for (t, s) in total.iter_mut().zip(&scores) {
             *t += weight * s.value as f64;
         }
     }
     let mut metrics = BTreeMap::new();
-    for task in rollouts_prompts.iter().map(Prompt::task).collect::<std::collections::BTreeSet<_>>() {
-        let (imgs, ps): (Vec<_>, Vec<_>) = images.iter().zip(rollouts_prompts).filter(|(_, p)| p.task() == task).unzip();
-        let inputs: Vec<RewardInput> = imgs.iter().zip(&ps).map(|(i, p)| RewardInput::from_image32(i, p.text.clone())).collect();
-        let scores = world_reward(task).score(&inputs).map_err(|e| e.to_string())?;
+    for task in prompts.iter().map(|p| p.task).collect::<std::collections::BTreeSet<_>>() {
+        let mut own = images.iter().zip(prompts).filter(|(_, p)| p.task == task);
+        let scores = rewards.get(task).score(&inputs(task, &mut own)).map_err(|e| e.to_string())?;
         metrics.insert(task, scores.iter().map(|s| s.metric as f64).sum::<f64>() / scores.len().max(1) as f64);
     }
     Ok((total, metrics))
@@ -148,7 +162,7 @@ pub fn score(rollouts_prompts: &[Prompt], images: &[crate::world::Image32], rewa
 /// The Flow-GRPO state: frozen pipeline (inner backend) and base (autodiff, no gradients),
 /// the trained adapter, its optimiser and EMA.
 pub struct GrpoTrainer<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> {
-    pub pipeline: Pipeline<B::InnerBackend>,
+    pub pipeline: AnyPipeline<B::InnerBackend>,
     pub base: Mmdit<B>,
     pub adapter: LoraAdapter<B>,
     pub optimizer: O,
@@ -156,13 +170,14 @@ pub struct GrpoTrainer<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> {
     pub config: GrpoConfig,
     pub iteration: usize,
     schedule: Vec<usize>,
-    prompts: Vec<Vec<Prompt>>,
+    prompts: Vec<Vec<TaskPrompt>>,
+    rewards: RewardSet,
     rng: ChaCha8Rng,
 }
 
 /// Builds a trainer; `init` starts from an existing adapter (else a fresh one, B = 0).
 pub fn grpo_trainer<B: AutodiffBackend>(
-    pipeline: Pipeline<B::InnerBackend>,
+    pipeline: impl Into<AnyPipeline<B::InnerBackend>>,
     init: Option<LoraAdapter<B::InnerBackend>>,
     config: GrpoConfig,
     device: &B::Device,
@@ -170,7 +185,8 @@ pub fn grpo_trainer<B: AutodiffBackend>(
     if config.partitions.is_empty() {
         return Err("`partitions`: at least one partition is needed".into());
     }
-    let base = <Mmdit<B> as AutodiffModule<B>>::from_inner(pipeline.model.transformer.clone()).no_grad();
+    let pipeline = pipeline.into();
+    let base = <Mmdit<B> as AutodiffModule<B>>::from_inner(pipeline.transformer().clone()).no_grad();
     let adapter = match init {
         Some(a) => super::trainable(<LoraAdapter<B> as AutodiffModule<B>>::from_inner(a)),
         None => {
@@ -178,17 +194,13 @@ pub fn grpo_trainer<B: AutodiffBackend>(
             config.lora.config()?.init(&base, device)
         }
     };
-    let train = shipped_prompts(Split::Train);
-    let prompts: Vec<Vec<Prompt>> = config
+    let prompts = config
         .partitions
         .iter()
-        .map(|p| train.iter().filter(|q| p.tasks.contains(&q.task())).cloned().collect())
-        .collect();
-    for (i, p) in prompts.iter().enumerate() {
-        if p.is_empty() {
-            return Err(format!("`partitions[{i}]`: no training prompts for tasks {:?}", config.partitions[i].tasks));
-        }
-    }
+        .enumerate()
+        .map(|(i, p)| training_prompts(&p.tasks, &config.prompt_files).map_err(|e| format!("`partitions[{i}]`: {e}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let rewards = RewardSet::new(&config.remote_rewards).map_err(|e| format!("`remote_rewards`: {e}"))?;
     let schedule = config.partitions.iter().enumerate().flat_map(|(i, p)| std::iter::repeat_n(i, p.ratio.max(1))).collect();
     let optimizer = config.optim.adamw().init::<B, LoraAdapter<B>>();
     let ema = Ema::new(&adapter, config.ema_max_decay);
@@ -203,6 +215,7 @@ pub fn grpo_trainer<B: AutodiffBackend>(
         iteration: 0,
         schedule,
         prompts,
+        rewards,
     })
 }
 
@@ -215,11 +228,11 @@ impl<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> GrpoTrainer<B, O> {
     /// One iteration: rollouts, rewards, advantages, one accumulated update.
     pub fn iteration(&mut self, device: &B::Device) -> Result<GrpoStats, String> {
         let part = self.schedule[self.iteration % self.schedule.len()];
-        let prompts: Vec<Prompt> =
+        let prompts: Vec<TaskPrompt> =
             (0..self.config.rollout.prompts).map(|_| self.prompts[part].choose(&mut self.rng).expect("non-empty").clone()).collect();
         let policy = self.adapter.valid();
-        let ro = rollout(&self.pipeline, Some(&policy), &prompts, &self.config.rollout, &mut self.rng, device);
-        let (rewards, task_metrics) = score(&ro.prompts, &ro.images, &self.config.partitions[part].rewards)?;
+        let ro = rollout(&self.pipeline, Some(&policy), &prompts, &self.config.rollout, &mut self.rng, device)?;
+        let (rewards, task_metrics) = score(&ro.prompts, &ro.images, &self.config.partitions[part].rewards, &self.rewards)?;
         let advantages = group_advantages(&rewards, self.config.rollout.group_size, self.config.advantage_std, self.config.advantage_clip);
         let advantages = vector::<B>(&advantages, device);
 
@@ -230,7 +243,7 @@ impl<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> GrpoTrainer<B, O> {
         let guidance = (g != 1.0).then_some((&negative, g));
         let (a, kind) = (self.config.rollout.noise_level, self.config.rollout.kind);
         let none_inner = ActiveAdapters::none();
-        let reference = GuidedModel { model: &self.pipeline.model.transformer, adapters: &none_inner, cond: &ro.cond, guidance: ro.guidance(g) };
+        let reference = GuidedModel { model: self.pipeline.transformer(), adapters: &none_inner, cond: &ro.cond, guidance: ro.guidance(g) };
         let mut accumulator = GradientsAccumulator::<LoraAdapter<B>>::new();
         let (mut pg_sum, mut kl_sum, mut clipped) = (0.0, 0.0, 0.0);
         for &j in &steps {

@@ -7,6 +7,7 @@ pub mod grpo_math;
 pub mod metrics;
 pub mod opd;
 pub mod pretrain;
+pub mod prompts;
 pub mod rollout;
 pub mod sft;
 

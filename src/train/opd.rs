@@ -22,9 +22,11 @@ use super::rollout::{RolloutConfig, Rollouts, rollout, trained_steps};
 use crate::flow::{GuidedModel, KlReduction, TextConditioning, Trajectory, VelocityField, kl_weight, opd_loss};
 use crate::model::lora::{ActiveAdapters, AdapterChoice, LoraAdapter};
 use crate::model::mmdit::Mmdit;
-use crate::model::pipeline::Pipeline;
+use crate::model::t2i::{AnyPipeline, TextToImage};
+use crate::reward::{RemoteRewardConfig, RewardSet};
 use crate::world::Task;
-use crate::world::prompts::{Prompt, Split, shipped_prompts};
+use super::prompts::{TaskPrompt, training_prompts};
+use std::path::PathBuf;
 
 /// Flow-OPD settings (paper defaults: T = 10, a = 0.7, lambda = 0.02).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -52,6 +54,21 @@ pub struct OpdConfig {
     pub ema_max_decay: f64,
     #[serde(default)]
     pub seed: u64,
+    /// Prompt file per task (one prompt per line); the world's shipped training prompts when
+    /// empty.
+    #[serde(default)]
+    pub prompt_files: BTreeMap<Task, PathBuf>,
+    /// Score each iteration's rollouts with the task rewards (logged as `train_<task>`; the
+    /// loss does not use them).
+    #[serde(default = "yes")]
+    pub train_metrics: bool,
+    /// Tasks whose train metric comes from a remote server (docs/reward_protocol.md).
+    #[serde(default)]
+    pub remote_rewards: BTreeMap<Task, RemoteRewardConfig>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_lambda() -> f64 {
@@ -94,7 +111,7 @@ pub struct OpdStats {
 
 /// The Flow-OPD state.
 pub struct OpdTrainer<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> {
-    pub pipeline: Pipeline<B::InnerBackend>,
+    pub pipeline: AnyPipeline<B::InnerBackend>,
     pub base: Mmdit<B>,
     pub student: LoraAdapter<B>,
     pub teachers: Teachers<B::InnerBackend>,
@@ -102,19 +119,21 @@ pub struct OpdTrainer<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> {
     pub ema: Ema<B, LoraAdapter<B>>,
     pub config: OpdConfig,
     pub iteration: usize,
-    prompts: Vec<Prompt>,
+    prompts: Vec<TaskPrompt>,
+    rewards: Option<RewardSet>,
     rng: ChaCha8Rng,
 }
 
 /// Builds a trainer; `init` is the cold-start student adapter (merge or SFT), else a fresh one.
 pub fn opd_trainer<B: AutodiffBackend>(
-    pipeline: Pipeline<B::InnerBackend>,
+    pipeline: impl Into<AnyPipeline<B::InnerBackend>>,
     init: Option<LoraAdapter<B::InnerBackend>>,
     teachers: Teachers<B::InnerBackend>,
     config: OpdConfig,
     device: &B::Device,
 ) -> Result<OpdTrainer<B, impl Optimizer<LoraAdapter<B>, B>>, String> {
-    let base = <Mmdit<B> as AutodiffModule<B>>::from_inner(pipeline.model.transformer.clone()).no_grad();
+    let pipeline = pipeline.into();
+    let base = <Mmdit<B> as AutodiffModule<B>>::from_inner(pipeline.transformer().clone()).no_grad();
     let student = match (init, &config.lora) {
         (Some(a), _) => super::trainable(<LoraAdapter<B> as AutodiffModule<B>>::from_inner(a)),
         (None, Some(spec)) => {
@@ -125,10 +144,11 @@ pub fn opd_trainer<B: AutodiffBackend>(
     };
     let tasks: Vec<Task> = config.tasks.clone().unwrap_or_else(|| teachers.routing.keys().copied().collect());
     teachers.route(&tasks)?;
-    let prompts: Vec<Prompt> = shipped_prompts(Split::Train).into_iter().filter(|p| tasks.contains(&p.task())).collect();
-    if prompts.is_empty() {
-        return Err(format!("`tasks`: no training prompts for {tasks:?}"));
-    }
+    let prompts = training_prompts(&tasks, &config.prompt_files).map_err(|e| format!("`tasks`: {e}"))?;
+    let rewards = match config.train_metrics {
+        true => Some(RewardSet::new(&config.remote_rewards).map_err(|e| format!("`remote_rewards`: {e}"))?),
+        false => None,
+    };
     let optimizer = config.optim.adamw().init::<B, LoraAdapter<B>>();
     let ema = Ema::new(&student, config.ema_max_decay);
     Ok(OpdTrainer {
@@ -142,26 +162,27 @@ pub fn opd_trainer<B: AutodiffBackend>(
         config,
         iteration: 0,
         prompts,
+        rewards,
     })
 }
 
 impl<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> OpdTrainer<B, O> {
     /// One iteration: on-policy rollouts of a mixed batch, then [`OpdTrainer::step_on`].
     pub fn iteration(&mut self, device: &B::Device) -> Result<OpdStats, String> {
-        let ro = self.sample(device);
+        let ro = self.sample(device)?;
         self.step_on(&ro, device)
     }
 
     /// Samples a mixed batch of training prompts and the student's on-policy rollouts.
-    pub fn sample(&mut self, device: &B::Device) -> Rollouts<B::InnerBackend> {
-        let prompts: Vec<Prompt> =
+    pub fn sample(&mut self, device: &B::Device) -> Result<Rollouts<B::InnerBackend>, String> {
+        let prompts: Vec<TaskPrompt> =
             (0..self.config.rollout.prompts).map(|_| self.prompts.choose(&mut self.rng).expect("non-empty").clone()).collect();
         let policy = self.student.valid();
         rollout(&self.pipeline, Some(&policy), &prompts, &self.config.rollout, &mut self.rng, device)
     }
 
     fn objective(&self) -> OpdObjective<'_, B> {
-        OpdObjective { base: &self.base, inner: &self.pipeline.model.transformer, teachers: &self.teachers, config: &self.config }
+        OpdObjective { base: &self.base, inner: self.pipeline.transformer(), teachers: &self.teachers, config: &self.config }
     }
 
     fn batch<'r>(&self, ro: &'r Rollouts<B::InnerBackend>) -> Result<OpdBatch<'r, B::InnerBackend>, String> {
@@ -177,7 +198,10 @@ impl<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> OpdTrainer<B, O> {
     /// Routed teacher and anchor labels at every trained state of `ro`, the loss, and one
     /// accumulated AdamW update of the student (plus EMA).
     pub fn step_on(&mut self, ro: &Rollouts<B::InnerBackend>, device: &B::Device) -> Result<OpdStats, String> {
-        let (_, task_metrics) = score(&ro.prompts, &ro.images, &BTreeMap::new())?;
+        let task_metrics = match &self.rewards {
+            Some(rewards) => score(&ro.prompts, &ro.images, &BTreeMap::new(), rewards)?.1,
+            None => BTreeMap::new(),
+        };
         let (stats, grads) = self.objective().gradients(&self.student, &self.batch(ro)?, device);
         let stats = OpdStats { task_metrics, ..stats };
         if let Some(grads) = grads {

@@ -7,12 +7,14 @@ use burn::tensor::{Tensor, TensorData};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::eval::generate::{initial_noise, to_images};
+use image::RgbImage;
+
+use super::prompts::TaskPrompt;
+use crate::eval::generate::initial_noise;
 use crate::flow::{GuidedModel, SamplerConfig, SdeKind, SeededNoise, TextConditioning, Trajectory, sample_trajectory};
 use crate::model::lora::{ActiveAdapters, LoraAdapter};
-use crate::model::pipeline::Pipeline;
-use crate::world::prompts::Prompt;
-use crate::world::{Image32, Task};
+use crate::model::t2i::TextToImage;
+use crate::world::Task;
 
 /// How rollouts are sampled (REFERENCE sections 3-5: T = 10, a = 0.7, CFG 4.5).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -55,16 +57,16 @@ impl RolloutConfig {
 /// One iteration's rollouts.
 pub struct Rollouts<B: Backend> {
     /// The prompt of every sample (each prompt repeated `G` times, consecutively).
-    pub prompts: Vec<Prompt>,
+    pub prompts: Vec<TaskPrompt>,
     pub cond: TextConditioning<B>,
     pub negative: TextConditioning<B>,
     pub trajectory: Trajectory<B>,
-    pub images: Vec<Image32>,
+    pub images: Vec<RgbImage>,
 }
 
 impl<B: Backend> Rollouts<B> {
     pub fn tasks(&self) -> Vec<Task> {
-        self.prompts.iter().map(Prompt::task).collect()
+        self.prompts.iter().map(|p| p.task).collect()
     }
 
     /// The transitions a trainer learns from: the stochastic ones among the first
@@ -88,28 +90,28 @@ pub fn trained_steps<B: Backend>(trajectory: &Trajectory<B>, steps: usize, times
 
 /// Samples `G` trajectories for each of `prompts` with the policy `base + adapter` (no
 /// gradient; run on the inner backend).
-pub fn rollout<B: Backend>(
-    pipeline: &Pipeline<B>,
+pub fn rollout<B: Backend, P: TextToImage<B> + ?Sized>(
+    pipeline: &P,
     adapter: Option<&LoraAdapter<B>>,
-    prompts: &[Prompt],
+    prompts: &[TaskPrompt],
     config: &RolloutConfig,
     rng: &mut impl Rng,
     device: &B::Device,
-) -> Rollouts<B> {
-    let expanded: Vec<Prompt> =
+) -> Result<Rollouts<B>, String> {
+    let expanded: Vec<TaskPrompt> =
         prompts.iter().flat_map(|p| std::iter::repeat_n(p.clone(), config.group_size)).collect();
     let texts: Vec<&str> = expanded.iter().map(|p| p.text.as_str()).collect();
-    let cond = pipeline.encode_prompts(&texts, device);
-    let negative = pipeline.encode_prompts(&vec![""; texts.len()], device);
+    let cond = pipeline.encode_prompts(&texts, device)?;
+    let negative = pipeline.encode_prompts(&vec![""; texts.len()], device)?;
     let seeds: Vec<u64> = (0..texts.len()).map(|_| rng.random()).collect();
     let x0 = initial_noise::<B>(pipeline.latent_shape(), &seeds, device);
     let adapters = adapter.map_or_else(ActiveAdapters::none, ActiveAdapters::single);
     let guidance = (config.guidance != 1.0).then_some((&negative, config.guidance));
-    let field = GuidedModel { model: &pipeline.model.transformer, adapters: &adapters, cond: &cond, guidance };
+    let field = GuidedModel { model: pipeline.transformer(), adapters: &adapters, cond: &cond, guidance };
     let mut noise = SeededNoise::new(rng.random());
     let trajectory = sample_trajectory(&field, x0, &config.sampler(), &mut |_, shape| noise.sample(shape, device));
-    let images = to_images(pipeline.decode(trajectory.final_state()));
-    Rollouts { prompts: expanded, cond, negative, trajectory, images }
+    let images = pipeline.decode_rgb(trajectory.final_state());
+    Ok(Rollouts { prompts: expanded, cond, negative, trajectory, images })
 }
 
 /// A `[B]` tensor from host values.

@@ -20,9 +20,10 @@ use crate::eval::generate::{GenerateConfig, initial_noise};
 use crate::flow::{GuidedModel, SeededNoise, sample_ode};
 use crate::model::lora::{ActiveAdapters, LoraAdapter};
 use crate::model::mmdit::Mmdit;
-use crate::model::pipeline::Pipeline;
+use crate::model::t2i::{AnyPipeline, TextToImage};
 use crate::world::Task;
-use crate::world::prompts::{Prompt, Split, shipped_prompts};
+use super::prompts::{TaskPrompt, training_prompts};
+use std::path::PathBuf;
 
 /// SFT settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -43,6 +44,10 @@ pub struct SftConfig {
     pub ema_max_decay: f64,
     #[serde(default)]
     pub seed: u64,
+    /// Prompt file per task (one prompt per line); the world's shipped training prompts when
+    /// empty.
+    #[serde(default)]
+    pub prompt_files: BTreeMap<Task, PathBuf>,
 }
 
 fn default_ema() -> f64 {
@@ -51,44 +56,44 @@ fn default_ema() -> f64 {
 
 /// Teacher samples: prompts and their final latents `[N, C, h, w]`.
 pub struct SftData<B: burn::tensor::backend::Backend> {
-    pub prompts: Vec<Prompt>,
+    pub prompts: Vec<TaskPrompt>,
     pub latents: Tensor<B, 4>,
 }
 
 /// Samples `samples_per_task` training prompts of every routed task with its teacher.
-pub fn teacher_samples<B: burn::tensor::backend::Backend>(
-    pipeline: &Pipeline<B>,
+pub fn teacher_samples<B: burn::tensor::backend::Backend, P: TextToImage<B> + ?Sized>(
+    pipeline: &P,
     teachers: &[LoraAdapter<B>],
     routing: &BTreeMap<Task, usize>,
     config: &SftConfig,
     device: &B::Device,
-) -> SftData<B> {
+) -> Result<SftData<B>, String> {
     let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
-    let train = shipped_prompts(Split::Train);
+    let tasks: Vec<Task> = routing.keys().copied().collect();
+    let train = training_prompts(&tasks, &config.prompt_files)?;
     let mut prompts = Vec::new();
     let mut latents = Vec::new();
     for (task, &teacher) in routing {
-        let pool: Vec<&Prompt> = train.iter().filter(|p| p.task() == *task).collect();
-        let chosen: Vec<Prompt> = (0..config.samples_per_task).map(|_| (*pool.choose(&mut rng).expect("prompts")).clone()).collect();
+        let pool: Vec<&TaskPrompt> = train.iter().filter(|p| p.task == *task).collect();
+        let chosen: Vec<TaskPrompt> = (0..config.samples_per_task).map(|_| (*pool.choose(&mut rng).expect("prompts")).clone()).collect();
         let adapters = ActiveAdapters::single(&teachers[teacher]);
         for chunk in chosen.chunks(config.sampling.batch.max(1)) {
             let texts: Vec<&str> = chunk.iter().map(|p| p.text.as_str()).collect();
-            let cond = pipeline.encode_prompts(&texts, device);
-            let negative = pipeline.encode_prompts(&vec![""; texts.len()], device);
+            let cond = pipeline.encode_prompts(&texts, device)?;
+            let negative = pipeline.encode_prompts(&vec![""; texts.len()], device)?;
             let g = config.sampling.guidance;
-            let field = GuidedModel { model: &pipeline.model.transformer, adapters: &adapters, cond: &cond, guidance: (g != 1.0).then_some((&negative, g)) };
+            let field = GuidedModel { model: pipeline.transformer(), adapters: &adapters, cond: &cond, guidance: (g != 1.0).then_some((&negative, g)) };
             let seeds: Vec<u64> = (0..texts.len()).map(|_| rng.random()).collect();
             let x0 = initial_noise::<B>(pipeline.latent_shape(), &seeds, device);
             latents.push(sample_ode(&field, x0, config.sampling.steps, config.sampling.schedule));
         }
         prompts.extend(chosen);
     }
-    SftData { prompts, latents: Tensor::cat(latents, 0) }
+    Ok(SftData { prompts, latents: Tensor::cat(latents, 0) })
 }
 
-/// The SFT state: frozen pipeline and base, the student adapter, optimiser, EMA.
 pub struct SftTrainer<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> {
-    pub pipeline: Pipeline<B::InnerBackend>,
+    pub pipeline: AnyPipeline<B::InnerBackend>,
     pub base: Mmdit<B>,
     pub student: LoraAdapter<B>,
     pub optimizer: O,
@@ -99,11 +104,12 @@ pub struct SftTrainer<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> {
 }
 
 pub fn sft_trainer<B: AutodiffBackend>(
-    pipeline: Pipeline<B::InnerBackend>,
+    pipeline: impl Into<AnyPipeline<B::InnerBackend>>,
     config: SftConfig,
     device: &B::Device,
 ) -> Result<SftTrainer<B, impl Optimizer<LoraAdapter<B>, B>>, String> {
-    let base = <Mmdit<B> as AutodiffModule<B>>::from_inner(pipeline.model.transformer.clone()).no_grad();
+    let pipeline = pipeline.into();
+    let base = <Mmdit<B> as AutodiffModule<B>>::from_inner(pipeline.transformer().clone()).no_grad();
     B::seed(device, config.seed);
     let student = config.lora.config()?.init(&base, device);
     let optimizer = config.optim.adamw().init::<B, LoraAdapter<B>>();
@@ -122,7 +128,7 @@ pub fn sft_trainer<B: AutodiffBackend>(
 
 impl<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> SftTrainer<B, O> {
     /// One flow-matching step of the student on a random batch of teacher samples.
-    pub fn step(&mut self, data: &SftData<B::InnerBackend>, device: &B::Device) -> f64 {
+    pub fn step(&mut self, data: &SftData<B::InnerBackend>, device: &B::Device) -> Result<f64, String> {
         let n = data.prompts.len();
         let b = self.config.batch_size.min(n);
         let rows: Vec<usize> = (0..b).map(|_| self.rng.random_range(0..n)).collect();
@@ -132,7 +138,7 @@ impl<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> SftTrainer<B, O> {
         );
         let x0 = Tensor::<B, 4>::from_inner(data.latents.clone().select(0, idx));
         let texts: Vec<&str> = rows.iter().map(|r| data.prompts[*r].text.as_str()).collect();
-        let cond = lift_conditioning::<B>(&self.pipeline.encode_prompts(&texts, device));
+        let cond = lift_conditioning::<B>(&self.pipeline.encode_prompts(&texts, device)?);
         let eps: Tensor<B, 4> = self.noise.sample(x0.dims(), device);
         let sigmas: Vec<f32> = (0..b).map(|_| self.config.timesteps.sample(&mut self.rng) as f32).collect();
         let FlowMatchingPair { x_s, s, target } = FlowMatchingPair::new(x0, eps, sigmas, device);
@@ -144,6 +150,6 @@ impl<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> SftTrainer<B, O> {
         let student = self.student.clone();
         self.student = self.optimizer.step(self.config.optim.lr, student, grads);
         self.ema.update(&self.student);
-        value
+        Ok(value)
     }
 }

@@ -1,0 +1,150 @@
+//! What the trainers need from a text-to-image pipeline, whichever it is: the synthetic
+//! world's ([`Pipeline`]) or a diffusers SD3 / SD3.5 folder ([`Sd3Pipeline`] at a chosen image
+//! size). Rollouts, Flow-GRPO, Flow-OPD and the SFT cold start are written against
+//! [`TextToImage`]; recipes load either kind with [`AnyPipeline::load`].
+
+use std::path::Path;
+
+use burn::tensor::Tensor;
+use burn::tensor::backend::Backend;
+use image::RgbImage;
+use serde::{Deserialize, Serialize};
+
+use super::mmdit::Mmdit;
+use super::pipeline::Pipeline;
+use super::sd3_pipeline::{Sd3Pipeline, is_sd3_pipeline, to_rgb_images};
+use crate::eval::generate::to_images;
+use crate::flow::TextConditioning;
+
+/// A text-to-image pipeline around an MMDiT, as the trainers see it.
+pub trait TextToImage<B: Backend> {
+    /// The (frozen) transformer adapters are trained on.
+    fn transformer(&self) -> &Mmdit<B>;
+    /// Prompt conditioning (the empty prompt gives CFG's negative).
+    fn encode_prompts(&self, prompts: &[&str], device: &B::Device) -> Result<TextConditioning<B>, String>;
+    /// `[C, h, w]` of one image's latents.
+    fn latent_shape(&self) -> [usize; 3];
+    /// Final latents to 8-bit RGB images (what rewards score).
+    fn decode_rgb(&self, latents: Tensor<B, 4>) -> Vec<RgbImage>;
+}
+
+impl<B: Backend> TextToImage<B> for Pipeline<B> {
+    fn transformer(&self) -> &Mmdit<B> {
+        &self.model.transformer
+    }
+    fn encode_prompts(&self, prompts: &[&str], device: &B::Device) -> Result<TextConditioning<B>, String> {
+        Ok(Pipeline::encode_prompts(self, prompts, device))
+    }
+    fn latent_shape(&self) -> [usize; 3] {
+        Pipeline::latent_shape(self)
+    }
+    fn decode_rgb(&self, latents: Tensor<B, 4>) -> Vec<RgbImage> {
+        to_images(self.decode(latents)).iter().map(|i| i.to_rgb_image()).collect()
+    }
+}
+
+/// Options for SD3 folders in training recipes (`[sd3]` of a recipe).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sd3Options {
+    /// Image side in pixels (the paper trains at 512).
+    #[serde(default = "default_resolution")]
+    pub resolution: usize,
+    /// T5 prompt length (diffusers' `max_sequence_length`; Flow-GRPO uses 128).
+    #[serde(default = "default_t5_length")]
+    pub t5_length: usize,
+}
+
+fn default_resolution() -> usize {
+    512
+}
+fn default_t5_length() -> usize {
+    128
+}
+
+impl Default for Sd3Options {
+    fn default() -> Self {
+        Self { resolution: default_resolution(), t5_length: default_t5_length() }
+    }
+}
+
+/// An SD3 pipeline at a fixed training resolution.
+#[derive(Debug)]
+pub struct Sd3AtSize<B: Backend> {
+    pub pipeline: Sd3Pipeline<B>,
+    latent: [usize; 3],
+}
+
+impl<B: Backend> TextToImage<B> for Sd3AtSize<B> {
+    fn transformer(&self) -> &Mmdit<B> {
+        &self.pipeline.transformer
+    }
+    fn encode_prompts(&self, prompts: &[&str], _device: &B::Device) -> Result<TextConditioning<B>, String> {
+        let embeds = self.pipeline.text.encode(prompts).map_err(|e| e.to_string())?;
+        Ok(TextConditioning { tokens: embeds.prompt_embeds, pooled: embeds.pooled })
+    }
+    fn latent_shape(&self) -> [usize; 3] {
+        self.latent
+    }
+    fn decode_rgb(&self, latents: Tensor<B, 4>) -> Vec<RgbImage> {
+        to_rgb_images(self.pipeline.decode(latents))
+    }
+}
+
+/// The world's pipeline or an SD3 folder.
+pub enum AnyPipeline<B: Backend> {
+    World(Pipeline<B>),
+    Sd3(Box<Sd3AtSize<B>>),
+}
+
+impl<B: Backend> AnyPipeline<B> {
+    /// Loads a world pipeline folder, or a diffusers SD3 folder (recognised by its
+    /// `model_index.json`) at `sd3`'s resolution.
+    pub fn load(dir: &Path, sd3: &Sd3Options, device: &B::Device) -> Result<Self, String> {
+        if is_sd3_pipeline(dir) {
+            let pipeline = Sd3Pipeline::load(dir, sd3.t5_length, device).map_err(|e| e.to_string())?;
+            let latent = pipeline
+                .latent_shape(sd3.resolution, sd3.resolution)
+                .map_err(|e| format!("{}: `sd3.resolution` = {}: {e}", dir.display(), sd3.resolution))?;
+            Ok(Self::Sd3(Box::new(Sd3AtSize { pipeline, latent })))
+        } else {
+            Pipeline::load(dir, device).map(Self::World).map_err(|e| e.to_string())
+        }
+    }
+
+    /// The world pipeline, for what only the world has (its evaluation harness).
+    pub fn world(&self) -> Option<&Pipeline<B>> {
+        match self {
+            Self::World(p) => Some(p),
+            Self::Sd3(_) => None,
+        }
+    }
+
+    fn inner(&self) -> &dyn TextToImage<B> {
+        match self {
+            Self::World(p) => p,
+            Self::Sd3(p) => p.as_ref(),
+        }
+    }
+}
+
+impl<B: Backend> From<Pipeline<B>> for AnyPipeline<B> {
+    fn from(p: Pipeline<B>) -> Self {
+        Self::World(p)
+    }
+}
+
+impl<B: Backend> TextToImage<B> for AnyPipeline<B> {
+    fn transformer(&self) -> &Mmdit<B> {
+        self.inner().transformer()
+    }
+    fn encode_prompts(&self, prompts: &[&str], device: &B::Device) -> Result<TextConditioning<B>, String> {
+        self.inner().encode_prompts(prompts, device)
+    }
+    fn latent_shape(&self) -> [usize; 3] {
+        self.inner().latent_shape()
+    }
+    fn decode_rgb(&self, latents: Tensor<B, 4>) -> Vec<RgbImage> {
+        self.inner().decode_rgb(latents)
+    }
+}
