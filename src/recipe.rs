@@ -344,29 +344,40 @@ impl Recipe {
     }
 }
 
-/// Replaces every string value `"$name"` or `"$name/rest"` in `table` (nested tables and
-/// arrays included) by `inputs[name]` (joined with `rest`); an input the command line did not
-/// give is an error naming its flag.
+/// Replaces every string `"$name"` or `"$name/rest"` in `table` (values and keys, nested
+/// tables and arrays included) by `inputs[name]` (joined with `rest`); an input the command
+/// line did not give is an error naming its flag.
 fn substitute_inputs(table: &mut toml::Table, inputs: &BTreeMap<String, String>) -> Result<(), String> {
+    fn text(s: &str, inputs: &BTreeMap<String, String>) -> Result<Option<String>, String> {
+        let Some(reference) = s.strip_prefix('$') else { return Ok(None) };
+        let (name, rest) = reference.split_once('/').map_or((reference, None), |(n, r)| (n, Some(r)));
+        let given = inputs.get(name).ok_or_else(|| format!("`\"{s}\"` needs `--{name} PATH` on the command line"))?;
+        Ok(Some(match rest {
+            Some(rest) => Path::new(given).join(rest).to_string_lossy().into_owned(),
+            None => given.clone(),
+        }))
+    }
     fn walk(value: &mut toml::Value, inputs: &BTreeMap<String, String>) -> Result<(), String> {
         match value {
             toml::Value::String(s) => {
-                if let Some(reference) = s.strip_prefix('$') {
-                    let (name, rest) = reference.split_once('/').map_or((reference, None), |(n, r)| (n, Some(r)));
-                    let given = inputs.get(name).ok_or_else(|| format!("`\"{s}\"` needs `--{name} PATH` on the command line"))?;
-                    *s = match rest {
-                        Some(rest) => Path::new(given).join(rest).to_string_lossy().into_owned(),
-                        None => given.clone(),
-                    };
+                if let Some(new) = text(s, inputs)? {
+                    *s = new;
                 }
             }
             toml::Value::Array(items) => items.iter_mut().try_for_each(|v| walk(v, inputs))?,
-            toml::Value::Table(t) => t.iter_mut().try_for_each(|(_, v)| walk(v, inputs))?,
+            toml::Value::Table(t) => substitute_inputs(t, inputs)?,
             _ => {}
         }
         Ok(())
     }
-    table.iter_mut().try_for_each(|(_, v)| walk(v, inputs))
+    // Keys too: `adapters = { "$teachers/geneval" = 0.5 }`.
+    let mut out = toml::Table::new();
+    for (key, mut value) in std::mem::take(table) {
+        walk(&mut value, inputs)?;
+        out.insert(text(&key, inputs)?.unwrap_or(key), value);
+    }
+    *table = out;
+    Ok(())
 }
 
 /// Where a run writes and what its stages produced.
@@ -806,7 +817,7 @@ mod tests {
         from.upsert(EvalRow::new("Teacher", Some(0.4), Some(0.0), Some(21.0), Some(2.8), 5.0));
         from.write_json(&shipped).unwrap();
         let run = dir.path().join("run");
-        let ctx = RunContext { dir: run.clone(), outputs: BTreeMap::new(), metrics: MetricsLog::open(&run.join("metrics.jsonl")).unwrap() };
+        let ctx = RunContext { dir: run.clone(), outputs: BTreeMap::new(), metrics: MetricsLog::open(&run.join("metrics.jsonl")).unwrap(), sd3: Default::default() };
         let stage = RowsStage { from: shipped.clone(), rows: Some(vec!["Teacher".into(), "Base".into()]) };
         import_rows(&stage, &ctx).unwrap();
         let table = ResultsTable::read(&run).unwrap();

@@ -133,28 +133,40 @@ pub struct GrpoStats {
 }
 
 /// Scores `images` with the partition's weighted rewards; returns training values and, per
-/// task, the mean eval metric of that task's own reward.
+/// task of the prompts, the mean eval metric of that task's own reward. Each reward is asked
+/// once per batch (a remote reward is one request).
 pub fn score(
     prompts: &[TaskPrompt],
     images: &[RgbImage],
     weights: &BTreeMap<Task, f64>,
     rewards: &RewardSet,
 ) -> Result<(Vec<f64>, BTreeMap<Task, f64>), String> {
-    let inputs = |task: Task, pairs: &mut dyn Iterator<Item = (&RgbImage, &TaskPrompt)>| -> Vec<RewardInput> {
-        pairs.map(|(img, p)| RewardInput::new(img.clone(), p.text.clone()).with_task(task)).collect()
+    let run = |task: Task, rows: &[usize]| -> Result<Vec<crate::reward::RewardScore>, String> {
+        let inputs: Vec<RewardInput> =
+            rows.iter().map(|&i| RewardInput::new(images[i].clone(), prompts[i].text.clone()).with_task(prompts[i].task)).collect();
+        rewards.get(task).score(&inputs).map_err(|e| e.to_string())
     };
+    let mean_metric = |scores: &[(usize, crate::reward::RewardScore)], task: Task| {
+        let own: Vec<f64> = scores.iter().filter(|(i, _)| prompts[*i].task == task).map(|(_, s)| s.metric as f64).collect();
+        own.iter().sum::<f64>() / own.len().max(1) as f64
+    };
+    let present: std::collections::BTreeSet<Task> = prompts.iter().map(|p| p.task).collect();
+    let all: Vec<usize> = (0..images.len()).collect();
     let mut total = vec![0.0; images.len()];
+    let mut metrics = BTreeMap::new();
     for (&task, &weight) in weights {
-        let scores = rewards.get(task).score(&inputs(task, &mut images.iter().zip(prompts))).map_err(|e| e.to_string())?;
-        for (t, s) in total.iter_mut().zip(&scores) {
-            *t += weight * s.value as f64;
+        let scores: Vec<(usize, _)> = all.iter().copied().zip(run(task, &all)?).collect();
+        for (i, s) in &scores {
+            total[*i] += weight * s.value as f64;
+        }
+        if present.contains(&task) {
+            metrics.insert(task, mean_metric(&scores, task));
         }
     }
-    let mut metrics = BTreeMap::new();
-    for task in prompts.iter().map(|p| p.task).collect::<std::collections::BTreeSet<_>>() {
-        let mut own = images.iter().zip(prompts).filter(|(_, p)| p.task == task);
-        let scores = rewards.get(task).score(&inputs(task, &mut own)).map_err(|e| e.to_string())?;
-        metrics.insert(task, scores.iter().map(|s| s.metric as f64).sum::<f64>() / scores.len().max(1) as f64);
+    for &task in present.iter().filter(|t| !weights.contains_key(t)) {
+        let rows: Vec<usize> = all.iter().copied().filter(|&i| prompts[i].task == task).collect();
+        let scores: Vec<(usize, _)> = rows.iter().copied().zip(run(task, &rows)?).collect();
+        metrics.insert(task, mean_metric(&scores, task));
     }
     Ok((total, metrics))
 }

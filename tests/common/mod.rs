@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests: fixture paths, tensor files, error norms.
 #![allow(dead_code)]
 
+pub mod fake_server;
+
 use std::path::{Path, PathBuf};
 
 use flow_opd::model::weights::{MappedFile, NamedTensor, SaveDtype, write_safetensors};
