@@ -9,7 +9,8 @@ use burn::optim::Optimizer;
 use burn::tensor::Tensor;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 
-use crate::flow::{GuidedModel, SeededNoise, TextConditioning, sample_trajectory};
+use crate::flow::{SeededNoise, TextConditioning};
+use crate::train::rollout::sample_micro_batched;
 use crate::model::MmditConfig;
 use crate::model::lora::{ActiveAdapters, LoraAdapter};
 use crate::model::mmdit::Mmdit;
@@ -98,6 +99,8 @@ pub struct OpdBenchConfig {
     pub guidance: f64,
     /// Timed OPD iterations after one warm-up.
     pub iterations: usize,
+    /// Samples per transformer pass (gradients accumulated); the whole batch if `None`.
+    pub micro_batch: Option<usize>,
 }
 
 /// Measured figures of the OPD benchmark (wall-clock, synchronised at each phase's end).
@@ -149,6 +152,7 @@ pub fn run_opd_bench<B: AutodiffBackend>(config: &OpdBenchConfig, device: &B::De
             kind: Default::default(),
             sde_window: None,
             guidance: config.guidance,
+            micro_batch: config.micro_batch,
         },
         tasks: None,
         mar_lambda: 0.02,
@@ -176,9 +180,8 @@ pub fn run_opd_bench<B: AutodiffBackend>(config: &OpdBenchConfig, device: &B::De
         let start = Instant::now();
         let policy = student.valid();
         let adapters = ActiveAdapters::single(&policy);
-        let field = GuidedModel { model: &inner, adapters: &adapters, cond: &cond, guidance: Some((&negative, config.guidance)) };
         let x0 = noise.sample([b, m.in_channels, config.latent, config.latent], device);
-        let trajectory = sample_trajectory(&field, x0, &opd.rollout.sampler(), &mut |_, shape| noise.sample(shape, device));
+        let trajectory = sample_micro_batched(&inner, &adapters, &cond, &negative, x0, &opd.rollout, &mut noise, device, |_| ());
         sync(trajectory.final_state());
         let rolled = start.elapsed().as_secs_f64();
         let start = Instant::now();

@@ -122,6 +122,9 @@ enum Command {
         /// OPD: CFG scale.
         #[arg(long, default_value_t = 4.5)]
         cfg: f64,
+        /// OPD: samples per transformer pass (gradients accumulated); the whole batch if absent.
+        #[arg(long)]
+        micro_batch: Option<usize>,
         #[arg(long, default_value = "cpu")]
         device: DeviceSpec,
     },
@@ -364,13 +367,17 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Model(ModelCommand::Info { path, config }) => info(&path, &config),
-        Command::Bench { config, batch, latent, tokens, iterations, opd: true, rank, alpha, teachers, steps, cfg, device } => {
+        Command::Bench { config, batch, latent, tokens, iterations, opd: true, rank, alpha, teachers, steps, cfg, micro_batch, device } => {
             let model = resolve_config(&Some(config))?.expect("given");
-            let bench = flow_opd::bench::OpdBenchConfig { model, batch, latent, tokens, rank, alpha, teachers, steps, guidance: cfg, iterations };
+            let bench =
+                flow_opd::bench::OpdBenchConfig { model, batch, latent, tokens, rank, alpha, teachers, steps, guidance: cfg, iterations, micro_batch };
             let report = dispatch(device, OpdBenchTask(bench))?.map_err(anyhow::Error::msg)?;
             println!("device:            {device}");
             println!("parameters:        {} (adapter {} per model, rank {rank})", report.parameters, report.adapter_parameters);
-            println!("batch x latent:    {batch} images x {latent}x{latent}, {tokens} text tokens, T {steps}, CFG {cfg}, {teachers} teachers + anchor");
+            println!(
+                "batch x latent:    {batch} images x {latent}x{latent} (micro-batch {}), {tokens} text tokens, T {steps}, CFG {cfg}, {teachers} teachers + anchor",
+                micro_batch.map_or("all".to_string(), |m| m.to_string())
+            );
             println!("rollout:           {:.3} s ({:.2} images/s)", report.rollout_s, batch as f64 / report.rollout_s);
             println!("OPD update:        {:.3} s", report.update_s);
             println!("OPD iteration:     {:.3} s ({:.2} images/s)", report.rollout_s + report.update_s, report.images_per_s(batch));

@@ -17,7 +17,7 @@ use flow_opd::model::lora::{ActiveAdapters, AdapterChoice, LoraAdapter, LoraConf
 use flow_opd::model::pipeline::Pipeline;
 use flow_opd::model::weights::SaveDtype;
 use flow_opd::recipe::{Recipe, run_recipe, save_pipeline_atomic};
-use flow_opd::train::opd::{OpdConfig, Teachers, opd_trainer};
+use flow_opd::train::opd::{OpdBatch, OpdConfig, OpdObjective, Teachers, opd_trainer};
 use flow_opd::world::Task;
 
 type B = Flex;
@@ -145,6 +145,47 @@ fn one_opd_step_lowers_the_loss_on_its_batch() {
     assert!(after < before, "loss {before} -> {after}");
 }
 
+/// Micro-batches change memory, not the update: the loss and the accumulated gradients of a
+/// batch are the same whole or one sample at a time.
+#[test]
+fn micro_batches_give_the_whole_batch_loss_and_gradients() {
+    let device = Default::default();
+    let p = pipeline();
+    let base_ad = <flow_opd::model::Mmdit<AD> as AutodiffModule<AD>>::from_inner(p.model.transformer.clone()).no_grad();
+    let teachers = Teachers {
+        adapters: vec![teacher(&p.model.transformer, 7, &device), teacher(&p.model.transformer, 8, &device)],
+        routing: BTreeMap::from([(Task::Composition, 0), (Task::Text, 1), (Task::Preference, 0)]),
+        anchor: Some(1),
+    };
+    let whole: OpdConfig = toml::from_str(OPD).unwrap();
+    let mut trainer = opd_trainer::<AD>(p.clone(), None, Teachers { adapters: teachers.adapters.clone(), routing: teachers.routing.clone(), anchor: teachers.anchor }, whole.clone(), &device).unwrap();
+    let ro = trainer.sample(&device).unwrap();
+    let student = flow_opd::train::trainable(<LoraAdapter<AD> as AutodiffModule<AD>>::from_inner(teacher(&p.model.transformer, 9, &device)));
+    let batch = OpdBatch { trajectory: &ro.trajectory, cond: &ro.cond, negative: &ro.negative, route: teachers.route(&ro.tasks()).unwrap() };
+    let run = |micro_batch: Option<usize>| {
+        let mut config = whole.clone();
+        config.rollout.micro_batch = micro_batch;
+        let objective = OpdObjective { base: &base_ad, inner: &p.model.transformer, teachers: &teachers, config: &config };
+        let loss = objective.loss(&student.valid(), &batch, &device);
+        let (stats, grads) = objective.gradients(&student, &batch, &device);
+        let grads = grads.unwrap();
+        let flat: Vec<f32> = student
+            .layers()
+            .flat_map(|(_, _, l)| grads.get::<B, 2>(l.up.id).map(|g| g.into_data().convert::<f32>().into_vec::<f32>().unwrap()).unwrap_or_default())
+            .collect();
+        (loss, stats.loss, flat)
+    };
+    let (loss_whole, step_whole, grads_whole) = run(None);
+    let (loss_micro, step_micro, grads_micro) = run(Some(1));
+    assert!(loss_whole > 0.0 && grads_whole.iter().any(|g| *g != 0.0));
+    assert!((loss_micro - loss_whole).abs() <= 1e-5 * loss_whole, "{loss_micro} vs {loss_whole}");
+    assert!((step_micro - step_whole).abs() <= 1e-5 * step_whole && (step_whole - loss_whole).abs() <= 1e-4 * loss_whole);
+    let scale = grads_whole.iter().map(|g| g.abs()).fold(0f32, f32::max);
+    let diff = grads_whole.iter().zip(&grads_micro).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert_eq!(grads_whole.len(), grads_micro.len());
+    assert!(diff <= 1e-4 * scale, "gradient difference {diff} (scale {scale})");
+}
+
 #[test]
 fn merge_then_opd_recipe_runs_end_to_end() {
     let runs = tempfile::tempdir().unwrap();
@@ -259,6 +300,7 @@ fn opd_bench_times_a_full_iteration() {
         steps: 3,
         guidance: 4.5,
         iterations: 1,
+        micro_batch: Some(1),
     };
     let report = flow_opd::bench::run_opd_bench::<AD>(&config, &Default::default()).unwrap();
     assert!(report.rollout_s > 0.0 && report.update_s > 0.0);

@@ -79,7 +79,7 @@ output = "grpo"
 model = "$model"
 [stage.train]
 iterations = 2
-rollout = {{ prompts = 2, group_size = 2, steps = 3 }}
+rollout = {{ prompts = 2, group_size = 2, steps = 3, micro_batch = 3 }}
 lora = {{ rank = 2, alpha = 4.0 }}
 optim = {{ lr = 1e-2 }}
 partitions = [{{ tasks = ["composition"], rewards = {{ composition = 1.0 }} }}]

@@ -44,6 +44,11 @@ impl<B: Backend> TextConditioning<B> {
         Self { tokens: Tensor::cat(tokens, 0), pooled: Tensor::cat(pooled, 0) }
     }
 
+    /// Samples `rows` (a range of the batch).
+    pub fn rows(&self, rows: std::ops::Range<usize>) -> Self {
+        Self { tokens: self.tokens.clone().slice([rows.clone()]), pooled: self.pooled.clone().slice([rows]) }
+    }
+
     /// Sample `b` repeated `times` times, for every `b` in order (G samples per prompt).
     pub fn repeat_each(&self, times: usize) -> Self {
         let [b, l, d] = self.tokens.dims();
@@ -182,6 +187,28 @@ impl<B: Backend> Trajectory<B> {
     /// The final latents.
     pub fn final_state(&self) -> Tensor<B, 4> {
         self.states.last().expect("a trajectory has its initial state").clone()
+    }
+
+    /// Trajectories of the same schedule over consecutive parts of a batch, as one.
+    pub fn cat(parts: Vec<Self>) -> Self {
+        let first = parts.first().expect("at least one part");
+        let (sigmas, steps) = (first.sigmas.clone(), first.states.len());
+        let states = (0..steps).map(|i| Tensor::cat(parts.iter().map(|p| p.states[i].clone()).collect(), 0)).collect();
+        let transitions = (0..first.transitions.len())
+            .map(|i| {
+                let t = &first.transitions[i];
+                Transition {
+                    step: t.step,
+                    stochastic: t.stochastic,
+                    mean: Tensor::cat(parts.iter().map(|p| p.transitions[i].mean.clone()).collect(), 0),
+                    std_dev_t: t.std_dev_t,
+                    log_prob: t.log_prob.as_ref().map(|_| {
+                        Tensor::cat(parts.iter().map(|p| p.transitions[i].log_prob.clone().expect("same schedule")).collect(), 0)
+                    }),
+                }
+            })
+            .collect();
+        Self { sigmas, states, transitions }
     }
 }
 

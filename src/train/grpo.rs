@@ -252,33 +252,42 @@ impl<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> GrpoTrainer<B, O> {
         let cond = lift_conditioning::<B>(&ro.cond);
         let negative = lift_conditioning::<B>(&ro.negative);
         let g = self.config.rollout.guidance;
-        let guidance = (g != 1.0).then_some((&negative, g));
         let (a, kind) = (self.config.rollout.noise_level, self.config.rollout.kind);
         let none_inner = ActiveAdapters::none();
-        let reference = GuidedModel { model: self.pipeline.transformer(), adapters: &none_inner, cond: &ro.cond, guidance: ro.guidance(g) };
         let mut accumulator = GradientsAccumulator::<LoraAdapter<B>>::new();
         let (mut pg_sum, mut kl_sum, mut clipped) = (0.0, 0.0, 0.0);
+        let n = ro.prompts.len();
+        let batches = self.config.rollout.micro_batches(n);
         for &j in &steps {
             let tr = &ro.trajectory.transitions[j];
-            let x = Tensor::<B, 4>::from_inner(ro.trajectory.states[j].clone());
-            let x_next = Tensor::<B, 4>::from_inner(ro.trajectory.states[j + 1].clone());
-            let single = ActiveAdapters::single(&self.adapter);
-            let policy_field = GuidedModel { model: &self.base, adapters: &single, cond: &cond, guidance };
-            let v = policy_field.velocity(x.clone(), tr.step.sigma);
-            let (mean, std_dev_t) = step_mean(x, v, tr.step, a, kind);
-            let logp = log_prob(x_next, mean.clone(), std_dev_t, tr.step, kind, LogProbReduction::Mean);
-            let old = Tensor::<B, 1>::from_inner(tr.log_prob.clone().expect("stochastic step"));
-            let ratio: Vec<f32> = (logp.clone().inner() - old.clone().inner()).exp().into_data().convert::<f32>().into_vec().expect("f32");
-            clipped += ratio.iter().filter(|r| (**r as f64 - 1.0).abs() > self.config.clip_range).count() as f64 / ratio.len() as f64;
-            let pg = clipped_policy_loss(logp, old, advantages.clone(), self.config.clip_range).mean();
-            let v_ref = reference.velocity(ro.trajectory.states[j].clone(), tr.step.sigma);
-            let (mean_ref, _) = step_mean(ro.trajectory.states[j].clone(), v_ref, tr.step, a, kind);
-            let kl = gaussian_kl(mean, Tensor::from_inner(mean_ref), tr.step, std_dev_t, KlReduction::Mean).mean();
-            pg_sum += pg.clone().into_scalar().elem::<f64>();
-            kl_sum += kl.clone().into_scalar().elem::<f64>();
-            let loss = (pg + kl * self.config.beta) / steps.len() as f64;
-            let grads = GradientsParams::from_grads(loss.backward(), &self.adapter);
-            accumulator.accumulate(&self.adapter, grads);
+            for rows in &batches {
+                // Each micro-batch adds its share (rows / n) of the batch means.
+                let share = rows.len() as f64 / n as f64;
+                let state = ro.trajectory.states[j].clone().slice([rows.clone()]);
+                let x = Tensor::<B, 4>::from_inner(state.clone());
+                let x_next = Tensor::<B, 4>::from_inner(ro.trajectory.states[j + 1].clone().slice([rows.clone()]));
+                let (c, neg) = (cond.rows(rows.clone()), negative.rows(rows.clone()));
+                let guidance = (g != 1.0).then_some((&neg, g));
+                let single = ActiveAdapters::single(&self.adapter);
+                let policy_field = GuidedModel { model: &self.base, adapters: &single, cond: &c, guidance };
+                let v = policy_field.velocity(x.clone(), tr.step.sigma);
+                let (mean, std_dev_t) = step_mean(x, v, tr.step, a, kind);
+                let logp = log_prob(x_next, mean.clone(), std_dev_t, tr.step, kind, LogProbReduction::Mean);
+                let old = Tensor::<B, 1>::from_inner(tr.log_prob.clone().expect("stochastic step").slice([rows.clone()]));
+                let ratio: Vec<f32> = (logp.clone().inner() - old.clone().inner()).exp().into_data().convert::<f32>().into_vec().expect("f32");
+                clipped += ratio.iter().filter(|r| (**r as f64 - 1.0).abs() > self.config.clip_range).count() as f64 / n as f64;
+                let pg = clipped_policy_loss(logp, old, advantages.clone().slice([rows.clone()]), self.config.clip_range).mean();
+                let (c_ref, n_ref) = (ro.cond.rows(rows.clone()), ro.negative.rows(rows.clone()));
+                let reference = GuidedModel { model: self.pipeline.transformer(), adapters: &none_inner, cond: &c_ref, guidance: (g != 1.0).then_some((&n_ref, g)) };
+                let v_ref = reference.velocity(state.clone(), tr.step.sigma);
+                let (mean_ref, _) = step_mean(state, v_ref, tr.step, a, kind);
+                let kl = gaussian_kl(mean, Tensor::from_inner(mean_ref), tr.step, std_dev_t, KlReduction::Mean).mean();
+                pg_sum += share * pg.clone().into_scalar().elem::<f64>();
+                kl_sum += share * kl.clone().into_scalar().elem::<f64>();
+                let loss = (pg + kl * self.config.beta) * (share / steps.len() as f64);
+                let grads = GradientsParams::from_grads(loss.backward(), &self.adapter);
+                accumulator.accumulate(&self.adapter, grads);
+            }
         }
         if !steps.is_empty() {
             let adapter = self.adapter.clone();

@@ -5,6 +5,7 @@
 //! minimises `w(s) ||v - SG(v_teacher)||^2 + lambda w(s) ||v - SG(v_anchor)||^2`.
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 
 use burn::module::{AutodiffModule, Module};
 use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
@@ -244,20 +245,29 @@ impl<B: AutodiffBackend> OpdObjective<'_, B> {
         (g != 1.0).then_some((negative, g))
     }
 
-    /// Teacher (routed) and anchor velocities at trained step `j` (no gradient).
-    fn labels(&self, batch: &OpdBatch<'_, B::InnerBackend>, j: usize, device: &B::Device) -> (Tensor<B::InnerBackend, 4>, Option<Tensor<B::InnerBackend, 4>>) {
+    /// Teacher (routed) and anchor velocities at trained step `j` for samples `rows` (no
+    /// gradient).
+    fn labels(
+        &self,
+        batch: &OpdBatch<'_, B::InnerBackend>,
+        j: usize,
+        rows: Range<usize>,
+        device: &B::Device,
+    ) -> (Tensor<B::InnerBackend, 4>, Option<Tensor<B::InnerBackend, 4>>) {
         let teacher_refs: Vec<&LoraAdapter<B::InnerBackend>> = self.teachers.adapters.iter().collect();
-        let routed = ActiveAdapters::new(teacher_refs.clone(), &AdapterChoice::PerSample(batch.route.clone()), device);
+        let route = batch.route[rows.clone()].to_vec();
+        let routed = ActiveAdapters::new(teacher_refs.clone(), &AdapterChoice::PerSample(route), device);
         let anchor = match self.teachers.anchor {
             Some(i) => ActiveAdapters::new(teacher_refs, &AdapterChoice::All(i), device),
             None => ActiveAdapters::none(),
         };
         let sigma = batch.trajectory.transitions[j].step.sigma;
-        let state = batch.trajectory.states[j].clone();
-        let guidance = self.guidance(batch.negative);
-        let teacher = GuidedModel { model: self.inner, adapters: &routed, cond: batch.cond, guidance }.velocity(state.clone(), sigma);
+        let state = batch.trajectory.states[j].clone().slice([rows.clone()]);
+        let (cond, negative) = (batch.cond.rows(rows.clone()), batch.negative.rows(rows));
+        let guidance = self.guidance(&negative);
+        let teacher = GuidedModel { model: self.inner, adapters: &routed, cond: &cond, guidance }.velocity(state.clone(), sigma);
         let anchor = (self.config.mar_lambda != 0.0)
-            .then(|| GuidedModel { model: self.inner, adapters: &anchor, cond: batch.cond, guidance }.velocity(state, sigma));
+            .then(|| GuidedModel { model: self.inner, adapters: &anchor, cond: &cond, guidance }.velocity(state, sigma));
         (teacher, anchor)
     }
 
@@ -270,43 +280,52 @@ impl<B: AutodiffBackend> OpdObjective<'_, B> {
     pub fn loss(&self, student: &LoraAdapter<B::InnerBackend>, batch: &OpdBatch<'_, B::InnerBackend>, device: &B::Device) -> f64 {
         let steps = self.trained_steps(batch);
         let single = ActiveAdapters::single(student);
-        let field = GuidedModel { model: self.inner, adapters: &single, cond: batch.cond, guidance: self.guidance(batch.negative) };
+        let n = batch.route.len();
         let mut total = 0.0;
         for &j in &steps {
-            let (teacher, anchor) = self.labels(batch, j, device);
             let sigma = batch.trajectory.transitions[j].step.sigma;
-            let v = field.velocity(batch.trajectory.states[j].clone(), sigma);
-            let loss = opd_loss(v, teacher, anchor, self.weight(batch, j), self.config.mar_lambda, self.config.reduction);
-            total += loss.total.mean().into_scalar().elem::<f64>() / steps.len() as f64;
+            for rows in self.config.rollout.micro_batches(n) {
+                let (teacher, anchor) = self.labels(batch, j, rows.clone(), device);
+                let (cond, negative) = (batch.cond.rows(rows.clone()), batch.negative.rows(rows.clone()));
+                let field = GuidedModel { model: self.inner, adapters: &single, cond: &cond, guidance: self.guidance(&negative) };
+                let v = field.velocity(batch.trajectory.states[j].clone().slice([rows.clone()]), sigma);
+                let loss = opd_loss(v, teacher, anchor, self.weight(batch, j), self.config.mar_lambda, self.config.reduction);
+                total += loss.total.sum().into_scalar().elem::<f64>() / (n * steps.len()) as f64;
+            }
         }
         total
     }
 
-    /// The loss figures and the student's gradients, accumulated over the trained steps
-    /// (`None` when no step is trained).
+    /// The loss figures and the student's gradients, accumulated over the trained steps and
+    /// micro-batches (`None` when no step is trained).
     pub fn gradients(&self, student: &LoraAdapter<B>, batch: &OpdBatch<'_, B::InnerBackend>, device: &B::Device) -> (OpdStats, Option<GradientsParams>) {
         let steps = self.trained_steps(batch);
-        let cond = lift_conditioning::<B>(batch.cond);
-        let negative = lift_conditioning::<B>(batch.negative);
+        let n = batch.route.len();
         let g = self.config.rollout.guidance;
-        let guidance = (g != 1.0).then_some((&negative, g));
         let mut accumulator = GradientsAccumulator::<LoraAdapter<B>>::new();
         let mut stats = OpdStats::default();
+        let scale = 1.0 / (n * steps.len()).max(1) as f64;
         for &j in &steps {
-            let (teacher, anchor) = self.labels(batch, j, device);
-            let v_teacher = Tensor::<B, 4>::from_inner(teacher);
-            let v_anchor = anchor.map(Tensor::<B, 4>::from_inner);
-            let single = ActiveAdapters::single(student);
-            let student_field = GuidedModel { model: self.base, adapters: &single, cond: &cond, guidance };
             let sigma = batch.trajectory.transitions[j].step.sigma;
-            let v = student_field.velocity(Tensor::from_inner(batch.trajectory.states[j].clone()), sigma);
-            let loss = opd_loss(v, v_teacher, v_anchor, self.weight(batch, j), self.config.mar_lambda, self.config.reduction);
-            stats.distill += loss.distill.mean().into_scalar().elem::<f64>() / steps.len() as f64;
-            stats.anchor += loss.anchor.mean().into_scalar().elem::<f64>() / steps.len() as f64;
-            let total = loss.total.mean() / steps.len() as f64;
-            stats.loss += total.clone().into_scalar().elem::<f64>();
-            let grads = GradientsParams::from_grads(total.backward(), student);
-            accumulator.accumulate(student, grads);
+            for rows in self.config.rollout.micro_batches(n) {
+                let (teacher, anchor) = self.labels(batch, j, rows.clone(), device);
+                let v_teacher = Tensor::<B, 4>::from_inner(teacher);
+                let v_anchor = anchor.map(Tensor::<B, 4>::from_inner);
+                let cond = lift_conditioning::<B>(&batch.cond.rows(rows.clone()));
+                let negative = lift_conditioning::<B>(&batch.negative.rows(rows.clone()));
+                let guidance = (g != 1.0).then_some((&negative, g));
+                let single = ActiveAdapters::single(student);
+                let student_field = GuidedModel { model: self.base, adapters: &single, cond: &cond, guidance };
+                let v = student_field.velocity(Tensor::from_inner(batch.trajectory.states[j].clone().slice([rows.clone()])), sigma);
+                let loss = opd_loss(v, v_teacher, v_anchor, self.weight(batch, j), self.config.mar_lambda, self.config.reduction);
+                // Sums over the micro-batch, scaled to the batch mean over samples and steps.
+                stats.distill += loss.distill.sum().into_scalar().elem::<f64>() * scale;
+                stats.anchor += loss.anchor.sum().into_scalar().elem::<f64>() * scale;
+                let total = loss.total.sum() * scale;
+                stats.loss += total.clone().into_scalar().elem::<f64>();
+                let grads = GradientsParams::from_grads(total.backward(), student);
+                accumulator.accumulate(student, grads);
+            }
         }
         (stats, (!steps.is_empty()).then(|| accumulator.grads()))
     }

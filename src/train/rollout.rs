@@ -13,6 +13,7 @@ use super::prompts::TaskPrompt;
 use crate::eval::generate::initial_noise;
 use crate::flow::{GuidedModel, SamplerConfig, SdeKind, SeededNoise, TextConditioning, Trajectory, sample_trajectory};
 use crate::model::lora::{ActiveAdapters, LoraAdapter};
+use crate::model::mmdit::Mmdit;
 use crate::model::t2i::TextToImage;
 use crate::world::Task;
 
@@ -36,6 +37,10 @@ pub struct RolloutConfig {
     /// CFG scale in sampling and training (1 disables it).
     #[serde(default = "default_guidance")]
     pub guidance: f64,
+    /// Samples per transformer pass in sampling and training (gradients are accumulated over
+    /// the passes, so the update is the same); all at once if absent. Bounds GPU memory.
+    #[serde(default)]
+    pub micro_batch: Option<usize>,
 }
 
 fn default_steps() -> usize {
@@ -49,6 +54,11 @@ fn default_guidance() -> f64 {
 }
 
 impl RolloutConfig {
+    /// The micro-batches of a batch of `n` samples, in order.
+    pub fn micro_batches(&self, n: usize) -> Vec<std::ops::Range<usize>> {
+        micro_batches(n, self.micro_batch)
+    }
+
     pub fn sampler(&self) -> SamplerConfig {
         SamplerConfig { sde_window: self.sde_window.clone(), kind: self.kind, ..SamplerConfig::sde(self.steps, self.noise_level) }
     }
@@ -81,6 +91,12 @@ impl<B: Backend> Rollouts<B> {
     }
 }
 
+/// `0..n` in consecutive ranges of at most `size` (one range if `None`).
+pub fn micro_batches(n: usize, size: Option<usize>) -> Vec<std::ops::Range<usize>> {
+    let size = size.unwrap_or(n).max(1);
+    (0..n).step_by(size).map(|start| start..(start + size).min(n)).collect()
+}
+
 /// The stochastic transitions among the first `int(steps * timestep_fraction)` of a trajectory.
 pub fn trained_steps<B: Backend>(trajectory: &Trajectory<B>, steps: usize, timestep_fraction: f64) -> Vec<usize> {
     let n = (steps as f64 * timestep_fraction) as usize;
@@ -106,16 +122,54 @@ pub fn rollout<B: Backend, P: TextToImage<B> + ?Sized>(
     let seeds: Vec<u64> = (0..texts.len()).map(|_| rng.random()).collect();
     let x0 = initial_noise::<B>(pipeline.latent_shape(), &seeds, device);
     let adapters = adapter.map_or_else(ActiveAdapters::none, ActiveAdapters::single);
-    let guidance = (config.guidance != 1.0).then_some((&negative, config.guidance));
-    let field = GuidedModel { model: pipeline.transformer(), adapters: &adapters, cond: &cond, guidance };
     let mut noise = SeededNoise::new(rng.random());
-    let trajectory = sample_trajectory(&field, x0, &config.sampler(), &mut |_, shape| noise.sample(shape, device));
-    let images = pipeline.decode_rgb(trajectory.final_state());
+    let mut images = Vec::with_capacity(texts.len());
+    let trajectory = sample_micro_batched(pipeline.transformer(), &adapters, &cond, &negative, x0, config, &mut noise, device, |part| {
+        images.extend(pipeline.decode_rgb(part.final_state()))
+    });
     Ok(Rollouts { prompts: expanded, cond, negative, trajectory, images })
+}
+
+/// SDE trajectories from `x0` with the policy `model + adapters` (CFG per `config`), one
+/// micro-batch at a time (`each` sees every part as it is done), joined into one.
+#[allow(clippy::too_many_arguments)]
+pub fn sample_micro_batched<B: Backend>(
+    model: &Mmdit<B>,
+    adapters: &ActiveAdapters<'_, B>,
+    cond: &TextConditioning<B>,
+    negative: &TextConditioning<B>,
+    x0: Tensor<B, 4>,
+    config: &RolloutConfig,
+    noise: &mut SeededNoise,
+    device: &B::Device,
+    mut each: impl FnMut(&Trajectory<B>),
+) -> Trajectory<B> {
+    let mut parts = Vec::new();
+    for rows in config.micro_batches(x0.dims()[0]) {
+        let (c, n) = (cond.rows(rows.clone()), negative.rows(rows.clone()));
+        let guidance = (config.guidance != 1.0).then_some((&n, config.guidance));
+        let field = GuidedModel { model, adapters, cond: &c, guidance };
+        let part = sample_trajectory(&field, x0.clone().slice([rows]), &config.sampler(), &mut |_, shape| noise.sample(shape, device));
+        each(&part);
+        parts.push(part);
+    }
+    Trajectory::cat(parts)
 }
 
 /// A `[B]` tensor from host values.
 pub fn vector<B: Backend>(values: &[f64], device: &B::Device) -> Tensor<B, 1> {
     let v: Vec<f32> = values.iter().map(|x| *x as f32).collect();
     Tensor::from_data(TensorData::new(v, [values.len()]), device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn micro_batches_cover_the_batch_in_order() {
+        assert_eq!(micro_batches(5, Some(2)), [0..2, 2..4, 4..5]);
+        assert_eq!(micro_batches(4, None), [0..4]);
+        assert_eq!(micro_batches(3, Some(8)), [0..3]);
+    }
 }
