@@ -42,6 +42,10 @@ enum Command {
         /// task, e.g. runs/sd35m_teachers).
         #[arg(long)]
         teachers: Option<PathBuf>,
+        /// Prompt files a recipe names as "$prompts" (e.g. a folder with geneval.txt, ocr.txt,
+        /// pickscore.txt, one prompt per line).
+        #[arg(long)]
+        prompts: Option<PathBuf>,
     },
     /// Text to image: one PNG per prompt (40-step ODE, CFG 4.5 by default; prompt i is seeded
     /// with seed + i).
@@ -412,8 +416,8 @@ fn main() -> Result<()> {
             println!("wrote {}", path.display());
             Ok(())
         }
-        Command::Recipe { path, runs, device, model, teachers } => {
-            let inputs: std::collections::BTreeMap<String, String> = [("model", model), ("teachers", teachers)]
+        Command::Recipe { path, runs, device, model, teachers, prompts } => {
+            let inputs: std::collections::BTreeMap<String, String> = [("model", model), ("teachers", teachers), ("prompts", prompts)]
                 .into_iter()
                 .filter_map(|(k, v)| v.map(|v| (k.to_string(), v.to_string_lossy().into_owned())))
                 .collect();
