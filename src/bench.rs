@@ -101,6 +101,8 @@ pub struct OpdBenchConfig {
     pub iterations: usize,
     /// Samples per transformer pass (gradients accumulated); the whole batch if `None`.
     pub micro_batch: Option<usize>,
+    /// Storage precision of the frozen base (the adapters stay f32).
+    pub weights: crate::model::t2i::WeightPrecision,
 }
 
 /// Measured figures of the OPD benchmark (wall-clock, synchronised at each phase's end).
@@ -132,7 +134,7 @@ pub fn run_opd_bench<B: AutodiffBackend>(config: &OpdBenchConfig, device: &B::De
     let b = config.batch;
     let targets = crate::model::lora::LoraTarget::FLOW_GRPO.to_vec();
     let lora = crate::model::lora::LoraConfig::new(config.rank, config.alpha, targets);
-    let inner: Mmdit<B::InnerBackend> = m.init(device);
+    let inner: Mmdit<B::InnerBackend> = config.weights.apply(m.init(device));
     let parameters = inner.num_params();
     let base = <Mmdit<B> as AutodiffModule<B>>::from_inner(inner.clone()).no_grad();
     let teachers = Teachers {

@@ -129,6 +129,9 @@ enum Command {
         /// OPD: samples per transformer pass (gradients accumulated); the whole batch if absent.
         #[arg(long)]
         micro_batch: Option<usize>,
+        /// OPD: storage precision of the frozen base, f32, bf16 or f16 (adapters stay f32).
+        #[arg(long, default_value = "f32")]
+        weights: flow_opd::model::t2i::WeightPrecision,
         #[arg(long, default_value = "cpu")]
         device: DeviceSpec,
     },
@@ -371,15 +374,15 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Model(ModelCommand::Info { path, config }) => info(&path, &config),
-        Command::Bench { config, batch, latent, tokens, iterations, opd: true, rank, alpha, teachers, steps, cfg, micro_batch, device } => {
+        Command::Bench { config, batch, latent, tokens, iterations, opd: true, rank, alpha, teachers, steps, cfg, micro_batch, weights, device } => {
             let model = resolve_config(&Some(config))?.expect("given");
             let bench =
-                flow_opd::bench::OpdBenchConfig { model, batch, latent, tokens, rank, alpha, teachers, steps, guidance: cfg, iterations, micro_batch };
+                flow_opd::bench::OpdBenchConfig { model, batch, latent, tokens, rank, alpha, teachers, steps, guidance: cfg, iterations, micro_batch, weights };
             let report = dispatch(device, OpdBenchTask(bench))?.map_err(anyhow::Error::msg)?;
             println!("device:            {device}");
             println!("parameters:        {} (adapter {} per model, rank {rank})", report.parameters, report.adapter_parameters);
             println!(
-                "batch x latent:    {batch} images x {latent}x{latent} (micro-batch {}), {tokens} text tokens, T {steps}, CFG {cfg}, {teachers} teachers + anchor",
+                "batch x latent:    {batch} images x {latent}x{latent} (micro-batch {}), {tokens} text tokens, T {steps}, CFG {cfg}, {teachers} teachers + anchor, base weights {weights:?}",
                 micro_batch.map_or("all".to_string(), |m| m.to_string())
             );
             println!("rollout:           {:.3} s ({:.2} images/s)", report.rollout_s, batch as f64 / report.rollout_s);

@@ -301,6 +301,7 @@ fn opd_bench_times_a_full_iteration() {
         guidance: 4.5,
         iterations: 1,
         micro_batch: Some(1),
+        weights: flow_opd::model::t2i::WeightPrecision::Bf16,
     };
     let report = flow_opd::bench::run_opd_bench::<AD>(&config, &Default::default()).unwrap();
     assert!(report.rollout_s > 0.0 && report.update_s > 0.0);

@@ -53,6 +53,43 @@ pub struct Sd3Options {
     /// T5 prompt length (diffusers' `max_sequence_length`; Flow-GRPO uses 128).
     #[serde(default = "default_t5_length")]
     pub t5_length: usize,
+    /// Storage precision of the frozen transformer's weights: `f32`, `bf16` or `f16` (inputs,
+    /// velocities, sampler arithmetic and adapters stay f32).
+    #[serde(default)]
+    pub weights: WeightPrecision,
+}
+
+/// Storage precision of a frozen transformer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WeightPrecision {
+    #[default]
+    F32,
+    Bf16,
+    F16,
+}
+
+impl WeightPrecision {
+    /// `model` stored at this precision.
+    pub fn apply<B: Backend>(self, model: Mmdit<B>) -> Mmdit<B> {
+        match self {
+            Self::F32 => model,
+            Self::Bf16 => model.cast_weights(burn::tensor::FloatDType::BF16),
+            Self::F16 => model.cast_weights(burn::tensor::FloatDType::F16),
+        }
+    }
+}
+
+impl std::str::FromStr for WeightPrecision {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" => Ok(Self::F32),
+            "bf16" => Ok(Self::Bf16),
+            "f16" => Ok(Self::F16),
+            other => Err(format!("unknown weight precision `{other}` (expected f32, bf16 or f16)")),
+        }
+    }
 }
 
 fn default_resolution() -> usize {
@@ -64,7 +101,7 @@ fn default_t5_length() -> usize {
 
 impl Default for Sd3Options {
     fn default() -> Self {
-        Self { resolution: default_resolution(), t5_length: default_t5_length() }
+        Self { resolution: default_resolution(), t5_length: default_t5_length(), weights: WeightPrecision::F32 }
     }
 }
 
@@ -102,7 +139,8 @@ impl<B: Backend> AnyPipeline<B> {
     /// `model_index.json`) at `sd3`'s resolution.
     pub fn load(dir: &Path, sd3: &Sd3Options, device: &B::Device) -> Result<Self, String> {
         if is_sd3_pipeline(dir) {
-            let pipeline = Sd3Pipeline::load(dir, sd3.t5_length, device).map_err(|e| e.to_string())?;
+            let mut pipeline = Sd3Pipeline::load(dir, sd3.t5_length, device).map_err(|e| e.to_string())?;
+            pipeline.transformer = sd3.weights.apply(pipeline.transformer);
             let latent = pipeline
                 .latent_shape(sd3.resolution, sd3.resolution)
                 .map_err(|e| format!("{}: `sd3.resolution` = {}: {e}", dir.display(), sd3.resolution))?;

@@ -82,7 +82,10 @@ impl<B: Backend> LoraLayer<B> {
 
     /// `(alpha / r) x A B` for `x [.., in]` (the adapter's contribution to the layer output).
     pub fn delta<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        linear(linear(x, self.down.val(), None), self.up.val(), None) * self.scale()
+        // In the adapter's precision (f32 over a bf16 / f16 base), returned in the input's.
+        let dtype = x.dtype();
+        let x = x.cast(self.down.val().dtype());
+        (linear(linear(x, self.down.val(), None), self.up.val(), None) * self.scale()).cast(dtype)
     }
 
     /// The dense update `ΔW = (alpha / r) A B`, `[in, out]` (Burn orientation).

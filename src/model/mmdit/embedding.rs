@@ -157,9 +157,11 @@ impl<B: Backend> TimeTextEmbed<B> {
     }
 
     pub fn forward(&self, timestep: Tensor<B, 1>, pooled: Tensor<B, 2>) -> Tensor<B, 2> {
+        // The sinusoid in f32, then the weights' precision (as diffusers).
+        let dtype = self.timestep_embedder.linear_1.weight.val().dtype();
         let t = self
             .timestep_embedder
-            .forward(timestep_sinusoid(timestep, TIMESTEP_FEATURES));
+            .forward(timestep_sinusoid(timestep, TIMESTEP_FEATURES).cast(dtype));
         t + self.text_embedder.forward(pooled)
     }
 }

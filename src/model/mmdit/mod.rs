@@ -13,7 +13,7 @@ pub mod embedding;
 
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
-use burn::tensor::Tensor;
+use burn::tensor::{FloatDType, Tensor};
 use burn::tensor::backend::Backend;
 
 pub use blocks::{AdaLnModulation, JointBlock};
@@ -171,6 +171,10 @@ impl<B: Backend> Mmdit<B> {
         let [batch, _, height, width] = x.dims();
         let p = self.patch_size;
         let (h, w) = (height / p, width / p);
+        // Weights may be stored in bf16 / f16 (`cast_weights`): the inputs are cast to their
+        // precision and the velocity back to the caller's, so samplers stay in f32.
+        let (io, compute) = (x.dtype(), self.proj_out.weight.val().dtype());
+        let (x, c, y) = (x.cast(compute), c.cast(compute), y.cast(compute));
 
         let mut image = self.pos_embed.forward(x);
         let temb = self.time_text_embed.forward(t, y);
@@ -184,7 +188,20 @@ impl<B: Backend> Mmdit<B> {
         }
         let image = self.norm_out.continuous(image, temb);
         let patches = self.proj_out.forward(image);
-        unpatchify(patches, batch, h, w, p, self.out_channels)
+        unpatchify(patches, batch, h, w, p, self.out_channels).cast(io)
+    }
+
+    /// The same model with every weight stored as `dtype` (bf16 / f16 halve the memory of a
+    /// frozen base; adapters keep their own precision).
+    pub fn cast_weights(self, dtype: FloatDType) -> Self {
+        struct CastWeights(FloatDType);
+        impl<B: Backend> burn::module::ModuleMapper<B> for CastWeights {
+            fn map_float<const D: usize>(&mut self, param: burn::module::Param<Tensor<B, D>>) -> burn::module::Param<Tensor<B, D>> {
+                let dtype = self.0;
+                param.map(|t| t.cast(dtype))
+            }
+        }
+        self.map(&mut CastWeights(dtype))
     }
 }
 

@@ -1,0 +1,101 @@
+//! Transformer weights in bf16 / f16 (`Mmdit::cast_weights`), as on GPUs: inputs and velocities
+//! stay f32 for the samplers, LoRA adapters keep f32, and the results follow the f32 model to
+//! the storage format's precision — forward, adapted forward, and the adapter's gradients.
+
+use burn::backend::{Autodiff, Flex};
+use burn::module::{AutodiffModule, Module};
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, FloatDType, Tensor};
+use flow_opd::flow::SeededNoise;
+use flow_opd::model::lora::{ActiveAdapters, LoraAdapter, LoraConfig, LoraTarget};
+use flow_opd::model::{Mmdit, MmditConfig};
+
+type B = Flex;
+type AD = Autodiff<Flex>;
+
+fn rel_l2(a: Tensor<B, 4>, b: Tensor<B, 4>) -> f32 {
+    let diff: f32 = (a.clone() - b).powi_scalar(2).sum().sqrt().into_scalar();
+    diff / a.powi_scalar(2).sum().sqrt().into_scalar()
+}
+
+struct Inputs {
+    x: Tensor<B, 4>,
+    c: Tensor<B, 3>,
+    y: Tensor<B, 2>,
+    t: Tensor<B, 1>,
+}
+
+fn setup() -> (Mmdit<B>, LoraAdapter<B>, Inputs) {
+    let device = Default::default();
+    B::seed(&device, 11);
+    let config = MmditConfig::tiny();
+    // Parameters initialise lazily; materialise them so clones share the same values.
+    let model = flow_opd::model::pipeline::materialize(config.init::<B>(&device));
+    let mut adapter = LoraConfig::new(4, 8.0, LoraTarget::FLOW_GRPO.to_vec()).init(&model, &device);
+    let mut noise = SeededNoise::new(3);
+    for layer in adapter.blocks.iter_mut().flat_map(|b| b.layers.iter_mut().flatten()) {
+        let up: Tensor<B, 2> = noise.sample(layer.up.dims(), &device);
+        layer.up = burn::module::Param::from_tensor(up * 0.2);
+    }
+    let inputs = Inputs {
+        x: noise.sample([2, config.in_channels, 16, 16], &device),
+        c: noise.sample([2, 7, config.joint_attention_dim], &device),
+        y: noise.sample([2, config.pooled_projection_dim], &device),
+        t: Tensor::from_floats([700.0, 250.0], &device),
+    };
+    (model, adapter, inputs)
+}
+
+#[test]
+fn half_precision_weights_follow_the_f32_model() {
+    let (model, adapter, i) = setup();
+    let reference = model.forward(i.x.clone(), i.c.clone(), i.y.clone(), i.t.clone());
+    let single = ActiveAdapters::single(&adapter);
+    let adapted = model.forward_adapted(i.x.clone(), i.c.clone(), i.y.clone(), i.t.clone(), &single);
+    for (dtype, tolerance) in [(FloatDType::BF16, 3e-2), (FloatDType::F16, 4e-3)] {
+        let half = model.clone().cast_weights(dtype);
+        assert_eq!(half.proj_out.weight.val().dtype(), DType::from(dtype));
+        let v = half.forward(i.x.clone(), i.c.clone(), i.y.clone(), i.t.clone());
+        assert_eq!(v.dtype(), DType::F32, "velocities come back in the caller's precision");
+        let err = rel_l2(reference.clone(), v);
+        assert!(err < tolerance && err > 0.0, "{dtype:?}: rel. L2 {err}");
+        let v = half.forward_adapted(i.x.clone(), i.c.clone(), i.y.clone(), i.t.clone(), &single);
+        let err = rel_l2(adapted.clone(), v);
+        assert!(err < tolerance, "{dtype:?} + f32 adapter: rel. L2 {err}");
+    }
+    // The adapter really contributes (so the adapted comparison is not the plain one).
+    assert!(rel_l2(reference, adapted) > 1e-2);
+}
+
+#[test]
+fn adapter_gradients_over_a_bf16_base_follow_f32() {
+    let (model, adapter, i) = setup();
+    let grads_of = |base: Mmdit<B>| {
+        let base = <Mmdit<AD> as AutodiffModule<AD>>::from_inner(base).no_grad();
+        let student = flow_opd::train::trainable(<LoraAdapter<AD> as AutodiffModule<AD>>::from_inner(adapter.clone()));
+        let single = ActiveAdapters::single(&student);
+        let lift3 = |t: Tensor<B, 3>| Tensor::<AD, 3>::from_inner(t);
+        let v = base.forward_adapted(
+            Tensor::from_inner(i.x.clone()),
+            lift3(i.c.clone()),
+            Tensor::from_inner(i.y.clone()),
+            Tensor::from_inner(i.t.clone()),
+            &single,
+        );
+        let grads = v.powi_scalar(2).mean().backward();
+        let flat: Vec<f32> = student
+            .layers()
+            .flat_map(|(_, _, l)| {
+                let g = l.up.val().grad(&grads).expect("every adapted layer gets a gradient");
+                assert_eq!(g.dtype(), DType::F32);
+                g.into_data().convert::<f32>().into_vec::<f32>().unwrap()
+            })
+            .collect();
+        flat
+    };
+    let full = grads_of(model.clone());
+    let half = grads_of(model.cast_weights(FloatDType::BF16));
+    let norm = full.iter().map(|g| g * g).sum::<f32>().sqrt();
+    let diff = full.iter().zip(&half).map(|(a, b)| (a - b) * (a - b)).sum::<f32>().sqrt();
+    assert!(norm > 0.0 && diff / norm < 5e-2, "rel. L2 of the gradients {}", diff / norm);
+}
