@@ -50,7 +50,7 @@ pub struct Sd3Options {
     /// Image side in pixels (the paper trains at 512).
     #[serde(default = "default_resolution")]
     pub resolution: usize,
-    /// T5 prompt length (diffusers' `max_sequence_length`; Flow-GRPO uses 128).
+    /// T5 prompt length (diffusers' `max_sequence_length`, 256; Flow-GRPO uses 128).
     #[serde(default = "default_t5_length")]
     pub t5_length: usize,
     /// Storage precision of the frozen transformer's weights: `f32`, `bf16` or `f16` (inputs,
@@ -96,7 +96,7 @@ fn default_resolution() -> usize {
     512
 }
 fn default_t5_length() -> usize {
-    128
+    256
 }
 
 impl Default for Sd3Options {
