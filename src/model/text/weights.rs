@@ -13,7 +13,8 @@ use burn::tensor::{Tensor, TensorData};
 use serde::de::DeserializeOwned;
 
 use crate::model::error::ModelError;
-use crate::model::weights::file::{MappedFile, StoredTensor, WeightSource, is_float_dtype};
+use crate::model::weights::file::{StoredTensor, WeightSource, is_float_dtype};
+use crate::model::weights::read_weight_files;
 
 /// transformers' file names inside a model folder.
 pub const CONFIG_FILE: &str = "config.json";
@@ -41,47 +42,8 @@ pub struct WeightFolder {
 impl WeightFolder {
     /// Opens `dir/model.safetensors`, or the shards `dir/model.safetensors.index.json` lists.
     pub fn open(dir: &Path) -> Result<Self, ModelError> {
-        let single = dir.join(WEIGHTS_FILE);
-        let index = dir.join(INDEX_FILE);
-        if single.exists() {
-            let (_, tensors) = MappedFile::open(&single)?;
-            let tensors = tensors.into_iter().map(|t| (t.name.clone(), t)).collect();
-            return Ok(Self { origin: single, tensors });
-        }
-        if !index.exists() {
-            return Err(ModelError::Io {
-                path: single,
-                source: std::io::Error::new(
-                    std::io::ErrorKind::NotFound,
-                    format!("no weights: neither this file nor {INDEX_FILE} exists"),
-                ),
-            });
-        }
-        let bad = |message: String| ModelError::ShardIndex { path: index.clone(), message };
-        let text = std::fs::read_to_string(&index).map_err(|source| ModelError::Io { path: index.clone(), source })?;
-        let parsed: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
-        let weight_map = parsed
-            .get("weight_map")
-            .and_then(|m| m.as_object())
-            .ok_or_else(|| bad("no `weight_map` object".into()))?;
-        let mut shards: Vec<String> = Vec::new();
-        for (key, shard) in weight_map {
-            let shard = shard.as_str().ok_or_else(|| bad(format!("`weight_map.{key}` is not a file name")))?;
-            if !shards.iter().any(|s| s == shard) {
-                shards.push(shard.to_string());
-            }
-        }
-        let mut tensors = BTreeMap::new();
-        for shard in shards {
-            let (_, stored) = MappedFile::open(&dir.join(&shard))?;
-            for t in stored {
-                let name = t.name.clone();
-                if tensors.insert(name.clone(), t).is_some() {
-                    return Err(bad(format!("`{name}` appears in more than one shard")));
-                }
-            }
-        }
-        Ok(Self { origin: index, tensors })
+        let files = read_weight_files(dir, WEIGHTS_FILE, INDEX_FILE)?;
+        Ok(Self { origin: files.origin, tensors: files.tensors })
     }
 
     /// Whether the folder stores `key`.

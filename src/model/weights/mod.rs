@@ -226,24 +226,37 @@ fn display_key(source: &WeightSource, key: &str) -> String {
 fn read_diffusers_weights(
     dir: &Path,
 ) -> Result<(Vec<Arc<MappedFile>>, BTreeMap<String, WeightSource>), ModelError> {
-    let single = dir.join(WEIGHTS_FILE);
-    let index = dir.join(INDEX_FILE);
-    let mut files = Vec::new();
-    let mut weights = BTreeMap::new();
-    if single.exists() {
-        let (file, tensors) = MappedFile::open(&single)?;
-        files.push(file);
-        weights.extend(tensors.into_iter().map(|t| (t.name.clone(), WeightSource::identity(t))));
-        return Ok((files, weights));
+    let folder = read_weight_files(dir, WEIGHTS_FILE, INDEX_FILE)?;
+    let weights = folder.tensors.into_iter().map(|(key, t)| (key, WeightSource::identity(t))).collect();
+    Ok((folder.files, weights))
+}
+
+/// The memory-mapped tensors of a model folder, by key.
+pub struct WeightFiles {
+    /// The single weight file, or the shard index: what error messages name.
+    pub origin: PathBuf,
+    pub files: Vec<Arc<MappedFile>>,
+    pub tensors: BTreeMap<String, StoredTensor>,
+}
+
+/// Reads `dir/single` (one safetensors file), or else the shards `dir/index` (a
+/// `*.safetensors.index.json` with a `weight_map`) lists: every listed key must be in its
+/// shard, and no key may be in two shards. Used for diffusers and transformers folders alike.
+pub fn read_weight_files(dir: &Path, single: &str, index: &str) -> Result<WeightFiles, ModelError> {
+    let (single_path, index_path) = (dir.join(single), dir.join(index));
+    if single_path.exists() {
+        let (file, tensors) = MappedFile::open(&single_path)?;
+        let tensors = tensors.into_iter().map(|t| (t.name.clone(), t)).collect();
+        return Ok(WeightFiles { origin: single_path, files: vec![file], tensors });
     }
-    if !index.exists() {
+    if !index_path.exists() {
         return Err(ModelError::Io {
-            path: single,
-            source: std::io::Error::new(std::io::ErrorKind::NotFound, format!("no weights: neither this file nor {INDEX_FILE} exists")),
+            path: single_path,
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, format!("no weights: neither this file nor {index} exists")),
         });
     }
-    let bad = |message: String| ModelError::ShardIndex { path: index.clone(), message };
-    let text = std::fs::read_to_string(&index).map_err(|source| ModelError::Io { path: index.clone(), source })?;
+    let bad = |message: String| ModelError::ShardIndex { path: index_path.clone(), message };
+    let text = std::fs::read_to_string(&index_path).map_err(|source| ModelError::Io { path: index_path.clone(), source })?;
     let parsed: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
     let weight_map = parsed
         .get("weight_map")
@@ -254,6 +267,7 @@ fn read_diffusers_weights(
         let shard = shard.as_str().ok_or_else(|| bad(format!("`weight_map.{key}` is not a file name")))?;
         shard_keys.entry(shard.to_string()).or_default().push(key.clone());
     }
+    let (mut files, mut weights) = (Vec::new(), BTreeMap::new());
     for (shard, keys) in shard_keys {
         let shard_path = dir.join(&shard);
         let (file, tensors) = MappedFile::open(&shard_path)?;
@@ -264,17 +278,17 @@ fn read_diffusers_weights(
                 key: key.clone(),
                 expected: vec![],
             })?;
-            weights.insert(key, WeightSource::identity(stored));
+            weights.insert(key, stored);
         }
         // Tensors the index does not list are still part of the checkpoint (diffusers loads them).
         for (key, stored) in by_name {
-            if weights.insert(key.clone(), WeightSource::identity(stored)).is_some() {
+            if weights.insert(key.clone(), stored).is_some() {
                 return Err(bad(format!("`{key}` appears in more than one shard")));
             }
         }
         files.push(file);
     }
-    Ok((files, weights))
+    Ok(WeightFiles { origin: index_path, files, tensors: weights })
 }
 
 /// Storage dtype for saved weights.
