@@ -439,6 +439,7 @@ fn main() -> Result<()> {
                     prompts_per_task: Some(prompts),
                     seed: 0,
                     tasks,
+                    ..Default::default()
                 },
                 export: None,
             };

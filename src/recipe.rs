@@ -736,16 +736,9 @@ fn run_opd<B: Backend>(stage: &OpdStage, ctx: &mut RunContext, device: &B::Devic
 }
 
 fn run_eval<B: Backend>(stage: &EvalStage, ctx: &mut RunContext, device: &B::Device) -> Result<(), String> {
-    let model_dir = ctx.resolve(&stage.model);
-    if crate::model::sd3_pipeline::is_sd3_pipeline(&model_dir) {
-        return Err(format!(
-            "{}: the eval stage scores the synthetic world's test prompts; evaluate SD3 models with `flow-opd sample` and the reward servers of tools/reward_servers",
-            model_dir.display()
-        ));
-    }
-    let pipeline = Pipeline::<B>::load(&model_dir, device).map_err(|e| e.to_string())?;
+    let pipeline = ctx.pipeline::<B>(&stage.model, device)?;
     let adapter = match &stage.adapter {
-        Some(a) => Some(load_lora(&ctx.resolve(a), &pipeline.model.transformer, device).map_err(|e| e.to_string())?),
+        Some(a) => Some(load_lora(&ctx.resolve(a), pipeline.transformer(), device).map_err(|e| format!("{a}: {e}"))?),
         None => None,
     };
     let adapters = adapter.as_ref().map_or_else(ActiveAdapters::none, ActiveAdapters::single);

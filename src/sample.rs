@@ -133,8 +133,7 @@ fn sample_world<B: Backend>(
         None => None,
     };
     let adapters = adapter.as_ref().map_or_else(ActiveAdapters::none, ActiveAdapters::single);
-    let images = generate(&pipeline, &adapters, prompts, seeds, &request.sampling, device, progress);
-    Ok(images.iter().map(|image| image.to_rgb_image()).collect())
+    generate(&pipeline, &adapters, prompts, seeds, &request.sampling, device, progress)
 }
 
 /// A diffusers SD3 folder: [`Sd3Pipeline::generate`] on chunks of `sampling.batch` prompts, each

@@ -2,7 +2,8 @@
 //! `tools/make_sd3_pipeline_fixtures.py`) through the same recipe stages as the world:
 //! Flow-GRPO with a remote reward (a fake server on loopback scoring the PNGs it receives),
 //! the merge and SFT cold starts, and Flow-OPD with routing and MAR, with prompts from files
-//! and the model and teachers given as recipe inputs (`--model`, `--teachers`).
+//! and the model and teachers given as recipe inputs (`--model`, `--teachers`), then the eval
+//! stage on test prompts from a file with the remote reward.
 
 mod common;
 
@@ -112,6 +113,13 @@ rollout = {{ prompts = 2, group_size = 2, steps = 3 }}
 optim = {{ lr = 1e-2 }}
 prompt_files = {{ composition = "{geneval}", text = "{ocr}" }}
 train_metrics = false
+
+[[stage]]
+kind = "eval"
+model = "$model"
+adapter = "student"
+row = "Flow-OPD"
+eval = {{ sampling = {{ steps = 2, guidance = 2.0, batch = 2 }}, prompts_per_task = 3, tasks = ["composition"], prompt_files = {{ composition = "{geneval}" }}, remote_rewards = {{ composition = {{ url = "{url}", name = "mean_pixel" }} }} }}
 "#,
         geneval = p("geneval.txt"),
         ocr = p("ocr.txt"),
@@ -128,8 +136,9 @@ train_metrics = false
     assert_eq!(grpo.len(), 2);
     assert!(grpo.iter().all(|m| m["train_composition"] == 64.0), "{grpo:?}");
     let scored: Vec<_> = server.seen().into_iter().filter(|s| s.path == "/score").collect();
-    assert_eq!(scored.len(), 2, "one request per iteration");
-    assert!(scored.iter().all(|s| s.body["images"].as_array().unwrap().len() == 4 && s.body["prompts"][0].as_str().unwrap().starts_with("a photo of")));
+    assert_eq!(scored.len(), 3, "one request per GRPO iteration, then one for the eval");
+    assert!(scored[..2].iter().all(|s| s.body["images"].as_array().unwrap().len() == 4 && s.body["prompts"][0].as_str().unwrap().starts_with("a photo of")));
+    assert_eq!(scored[2].body["images"].as_array().unwrap().len(), 2, "the eval's two test prompts");
     let trained = load_lora(&dir.join("grpo"), &base, &device).unwrap();
     assert!(max_up(&trained) > 0.0, "the GRPO adapter moved from B = 0");
 
@@ -144,6 +153,16 @@ train_metrics = false
         (a.up.val() - b.up.val()).abs().max().into_scalar() > 0.0
     });
     assert!(moved, "OPD updated the cold-start student");
+
+    // Eval: the two test prompts of the file, scored by the server (metric = image width), a
+    // table row and a grid of 64 x 64 samples enlarged 4x (two cells + separators).
+    let results: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("results.json")).unwrap()).unwrap();
+    assert_eq!(results["rows"][0]["model"], "Flow-OPD", "{results}");
+    assert_eq!(results["rows"][0]["geneval"], 64.0, "{results}");
+    let grid = image::open(dir.join("grids/grid_Flow-OPD_composition.png")).unwrap();
+    assert_eq!((grid.width(), grid.height()), (8 * 257 + 1, 257 + 1));
+    let listed = std::fs::read_to_string(dir.join("grids/grid_Flow-OPD_composition.txt")).unwrap();
+    assert_eq!(listed, "a photo of a red cube\na photo of two cats\n");
 }
 
 #[test]

@@ -1,13 +1,15 @@
 //! Image generation with a pipeline: per-prompt seeded noise, CFG, ODE or SDE sampling,
-//! decoding to [`Image32`]s. Each image depends only on its prompt, its seed and the model, not
+//! decoding to 8-bit RGB images. Each image depends only on its prompt, its seed and the model, not
 //! on how prompts are batched.
 
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 
-use crate::flow::{FlowSchedule, GuidedModel, SeededNoise, TextConditioning, sample_ode};
+use image::RgbImage;
+
+use crate::flow::{FlowSchedule, GuidedModel, SeededNoise, sample_ode};
 use crate::model::lora::ActiveAdapters;
-use crate::model::pipeline::Pipeline;
+use crate::model::t2i::TextToImage;
 use crate::world::Image32;
 
 /// How images are sampled for evaluation (REFERENCE: 40 ODE steps, CFG 4.5).
@@ -51,34 +53,30 @@ pub fn initial_noise<B: Backend>(shape: [usize; 3], seeds: &[u64], device: &B::D
     Tensor::cat(parts, 0)
 }
 
-/// The empty-prompt conditioning repeated `batch` times (the CFG negative).
-pub fn negative_conditioning<B: Backend>(pipeline: &Pipeline<B>, batch: usize, device: &B::Device) -> TextConditioning<B> {
-    pipeline.encode_prompts(&vec![""; batch], device)
-}
-
 /// Generates one image per prompt with ODE sampling; `seeds[i]` seeds prompt `i`'s noise.
-pub fn generate<B: Backend>(
-    pipeline: &Pipeline<B>,
+/// Works with any [`TextToImage`] pipeline (the world's 32 x 32 images or SD3 folders).
+pub fn generate<B: Backend, P: TextToImage<B> + ?Sized>(
+    pipeline: &P,
     adapters: &ActiveAdapters<'_, B>,
     prompts: &[&str],
     seeds: &[u64],
     config: &GenerateConfig,
     device: &B::Device,
     mut progress: impl FnMut(usize),
-) -> Vec<Image32> {
+) -> Result<Vec<RgbImage>, String> {
     assert_eq!(prompts.len(), seeds.len(), "one seed per prompt");
     let mut images = Vec::with_capacity(prompts.len());
     for (chunk, seeds) in prompts.chunks(config.batch.max(1)).zip(seeds.chunks(config.batch.max(1))) {
-        let cond = pipeline.encode_prompts(chunk, device);
-        let negative = negative_conditioning(pipeline, chunk.len(), device);
+        let cond = pipeline.encode_prompts(chunk, device)?;
+        let negative = pipeline.encode_prompts(&vec![""; chunk.len()], device)?;
         let guidance = (config.guidance != 1.0).then_some((&negative, config.guidance));
-        let field = GuidedModel { model: &pipeline.model.transformer, adapters, cond: &cond, guidance };
+        let field = GuidedModel { model: pipeline.transformer(), adapters, cond: &cond, guidance };
         let x0 = initial_noise::<B>(pipeline.latent_shape(), seeds, device);
         let latents = sample_ode(&field, x0, config.steps, config.schedule);
-        images.extend(to_images(pipeline.decode(latents)));
+        images.extend(pipeline.decode_rgb(latents));
         progress(chunk.len());
     }
-    images
+    Ok(images)
 }
 
 /// `[B, 3, 32, 32]` in `[0, 1]` to images.

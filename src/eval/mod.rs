@@ -13,13 +13,14 @@ use std::time::Instant;
 use burn::tensor::backend::Backend;
 use serde::{Deserialize, Serialize};
 
+use image::RgbImage;
+
 use crate::model::lora::ActiveAdapters;
-use crate::model::pipeline::Pipeline;
-use crate::reward::{RewardInput, world_reward};
+use crate::model::t2i::TextToImage;
+use crate::reward::{RemoteRewardConfig, RewardInput, RewardSet};
 use crate::world::Task;
-use crate::world::image::image_grid;
+use crate::world::image::rgb_grid;
 use crate::world::prompts::{Split, shipped_prompts};
-use crate::world::Image32;
 pub use generate::{GenerateConfig, generate};
 pub use table::{EvalRow, ResultsTable};
 
@@ -38,6 +39,13 @@ pub struct EvalConfig {
     /// Tasks to evaluate (all four by default).
     #[serde(default = "all_tasks")]
     pub tasks: Vec<Task>,
+    /// Test prompt file per task (one prompt per line); the world's shipped test prompts for
+    /// tasks without one.
+    #[serde(default)]
+    pub prompt_files: std::collections::BTreeMap<Task, std::path::PathBuf>,
+    /// Tasks scored by a remote server (docs/reward_protocol.md); the world's rewards otherwise.
+    #[serde(default)]
+    pub remote_rewards: std::collections::BTreeMap<Task, RemoteRewardConfig>,
 }
 
 pub fn all_tasks() -> Vec<Task> {
@@ -46,7 +54,14 @@ pub fn all_tasks() -> Vec<Task> {
 
 impl Default for EvalConfig {
     fn default() -> Self {
-        Self { sampling: GenerateConfig::default(), prompts_per_task: None, seed: 0, tasks: all_tasks() }
+        Self {
+            sampling: GenerateConfig::default(),
+            prompts_per_task: None,
+            seed: 0,
+            tasks: all_tasks(),
+            prompt_files: Default::default(),
+            remote_rewards: Default::default(),
+        }
     }
 }
 
@@ -57,7 +72,7 @@ pub struct TaskResult {
     pub mean: f64,
     pub stderr: f64,
     pub count: usize,
-    pub images: Vec<Image32>,
+    pub images: Vec<RgbImage>,
     pub prompts: Vec<String>,
 }
 
@@ -71,29 +86,30 @@ pub enum EvalError {
 }
 
 /// Samples and scores the test prompts of every task in `config` with the model and adapters.
-pub fn evaluate<B: Backend>(
-    pipeline: &Pipeline<B>,
+pub fn evaluate<B: Backend, P: TextToImage<B> + ?Sized>(
+    pipeline: &P,
     adapters: &ActiveAdapters<'_, B>,
     config: &EvalConfig,
     device: &B::Device,
     mut progress: impl FnMut(&str, usize),
 ) -> Result<Vec<TaskResult>, EvalError> {
     let test = shipped_prompts(Split::Test);
+    let rewards = RewardSet::new(&config.remote_rewards).map_err(|e| EvalError::Reward { task: "remote_rewards".into(), message: e.to_string() })?;
     let mut results = Vec::new();
     for &task in &config.tasks {
-        let prompts: Vec<String> = test
-            .iter()
-            .filter(|p| p.task() == task)
-            .take(config.prompts_per_task.unwrap_or(usize::MAX))
-            .map(|p| p.text.clone())
-            .collect();
+        let all: Vec<String> = match config.prompt_files.get(&task) {
+            Some(path) => crate::sample::read_prompt_file(path).map_err(|message| EvalError::Output { path: path.clone(), message })?,
+            None => test.iter().filter(|p| p.task() == task).map(|p| p.text.clone()).collect(),
+        };
+        let prompts: Vec<String> = all.into_iter().take(config.prompts_per_task.unwrap_or(usize::MAX)).collect();
         let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
         let seeds: Vec<u64> = (0..prompts.len() as u64).map(|i| config.seed + i).collect();
-        let images = generate(pipeline, adapters, &refs, &seeds, &config.sampling, device, |n| progress(task.name(), n));
-        let reward = world_reward(task);
+        let images = generate(pipeline, adapters, &refs, &seeds, &config.sampling, device, |n| progress(task.name(), n))
+            .map_err(|message| EvalError::Reward { task: task.name().to_string(), message })?;
         let inputs: Vec<RewardInput> =
-            images.iter().zip(&prompts).map(|(img, p)| RewardInput::from_image32(img, p.clone()).with_task(task)).collect();
-        let scores = reward
+            images.iter().zip(&prompts).map(|(img, p)| RewardInput::new(img.clone(), p.clone()).with_task(task)).collect();
+        let scores = rewards
+            .get(task)
             .score(&inputs)
             .map_err(|e| EvalError::Reward { task: task.name().to_string(), message: e.to_string() })?;
         let metrics: Vec<f64> = scores.iter().map(|s| s.metric as f64).collect();
@@ -111,13 +127,15 @@ pub fn row(name: &str, results: &[TaskResult], seconds: f64) -> EvalRow {
     EvalRow::new(name, get(Task::Composition), get(Task::Text), get(Task::Preference), get(Task::Quality), seconds)
 }
 
-/// Writes `grid_<model>_<task>.png` (the first 32 samples, 8 per row, 4x scale) and the
-/// matching prompt list `grid_<model>_<task>.txt` into `dir`.
+/// Writes `grid_<model>_<task>.png` (the first 32 samples, 8 per row; world images enlarged
+/// 4x, large ones shown at 256 px) and the matching prompt list `grid_<model>_<task>.txt`.
 pub fn write_grids(dir: &Path, model: &str, results: &[TaskResult]) -> Result<(), EvalError> {
     std::fs::create_dir_all(dir).map_err(|e| EvalError::Output { path: dir.to_path_buf(), message: e.to_string() })?;
     for r in results {
         let n = r.images.len().min(32);
-        let grid = image_grid(&r.images[..n], 8, 4);
+        let side = r.images.first().map_or(32, |i| i.width().max(i.height()));
+        let cell = if side <= 64 { side * 4 } else { side.min(256) };
+        let grid = rgb_grid(&r.images[..n], 8, cell);
         let stem = format!("grid_{}_{}", sanitize(model), r.task.name());
         let png = dir.join(format!("{stem}.png"));
         crate::model::weights::write_png_atomic(&png, &grid)

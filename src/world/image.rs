@@ -196,20 +196,24 @@ fn to_byte(v: f32) -> u8 {
 /// Tiles images into one 8-bit picture: `columns` per row, each enlarged `scale` times by
 /// nearest neighbour, separated by 1-pixel grey lines. For sample grids and quick looks.
 pub fn image_grid(images: &[Image32], columns: usize, scale: u32) -> RgbImage {
+    let rgb: Vec<RgbImage> = images.iter().map(Image32::to_rgb_image).collect();
+    rgb_grid(&rgb, columns, IMAGE_SIZE as u32 * scale.max(1))
+}
+
+/// Tiles 8-bit images of any size into one picture: `columns` per row, each resized to `cell`
+/// pixels a side (nearest neighbour when enlarging, so pixels stay sharp; a triangle filter
+/// when shrinking), separated by 1-pixel grey lines.
+pub fn rgb_grid(images: &[RgbImage], columns: usize, cell: u32) -> RgbImage {
+    use image::imageops::{FilterType, overlay, resize};
     let columns = columns.max(1);
     let rows = images.len().div_ceil(columns).max(1);
-    let tile = IMAGE_SIZE as u32 * scale.max(1);
-    let width = columns as u32 * (tile + 1) + 1;
-    let height = rows as u32 * (tile + 1) + 1;
+    let width = columns as u32 * (cell + 1) + 1;
+    let height = rows as u32 * (cell + 1) + 1;
     let mut grid = RgbImage::from_pixel(width, height, image::Rgb([128, 128, 128]));
     for (i, img) in images.iter().enumerate() {
-        let (ox, oy) = ((i % columns) as u32 * (tile + 1) + 1, (i / columns) as u32 * (tile + 1) + 1);
-        for ty in 0..tile {
-            for tx in 0..tile {
-                let p = img.get((tx / scale.max(1)) as usize, (ty / scale.max(1)) as usize);
-                grid.put_pixel(ox + tx, oy + ty, image::Rgb(p.map(to_byte)));
-            }
-        }
+        let (ox, oy) = ((i % columns) as u32 * (cell + 1) + 1, (i / columns) as u32 * (cell + 1) + 1);
+        let filter = if img.width() <= cell && img.height() <= cell { FilterType::Nearest } else { FilterType::Triangle };
+        overlay(&mut grid, &resize(img, cell, cell, filter), ox as i64, oy as i64);
     }
     grid
 }
