@@ -743,8 +743,18 @@ fn run_eval<B: Backend>(stage: &EvalStage, ctx: &mut RunContext, device: &B::Dev
     };
     let adapters = adapter.as_ref().map_or_else(ActiveAdapters::none, ActiveAdapters::single);
     let name = stage.row.clone().unwrap_or_else(|| stage.adapter.clone().unwrap_or_else(|| stage.model.clone()));
-    let per_task = stage.eval.prompts_per_task.unwrap_or(640).min(640);
-    let bar = progress_bar((per_task * stage.eval.tasks.len()) as u64, "eval");
+    let limit = stage.eval.prompts_per_task.unwrap_or(usize::MAX);
+    let total: usize = stage
+        .eval
+        .tasks
+        .iter()
+        .map(|t| match stage.eval.prompt_files.get(t) {
+            Some(path) => crate::sample::read_prompt_file(path).map(|p| p.len()).unwrap_or(0),
+            None => 640,
+        })
+        .map(|n| n.min(limit))
+        .sum();
+    let bar = progress_bar(total as u64, "eval");
     bar.set_message(name.clone());
     let (results, seconds) = crate::eval::timed(|| evaluate(&pipeline, &adapters, &stage.eval, device, |_, n| bar.inc(n as u64)));
     bar.finish();
