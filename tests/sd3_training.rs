@@ -178,3 +178,43 @@ adapters = { "a" = 1.0 }
     let err = Recipe::from_toml_with(Path::new("x.toml"), text, &BTreeMap::new()).unwrap_err().to_string();
     assert!(err.contains("x.toml") && err.contains("--model"), "{err}");
 }
+
+/// Rollouts on an SD3 folder follow the folder's own scheduler (here a copy with shift 1.5).
+#[test]
+fn rollouts_use_the_folders_scheduler() {
+    use flow_opd::flow::FlowSchedule;
+    use flow_opd::model::t2i::{AnyPipeline, Sd3Options, TextToImage};
+    use flow_opd::train::prompts::TaskPrompt;
+    use flow_opd::train::rollout::{RolloutConfig, rollout};
+    use rand::SeedableRng;
+    let tmp = tempfile::tempdir().unwrap();
+    let copy = tmp.path().join("sd3");
+    for entry in walk(&folder()) {
+        let dest = copy.join(entry.strip_prefix(folder()).unwrap());
+        std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+        std::fs::copy(&entry, &dest).unwrap();
+    }
+    let config_path = copy.join("scheduler/scheduler_config.json");
+    let text = std::fs::read_to_string(&config_path).unwrap().replace("\"shift\": 3.0", "\"shift\": 1.5");
+    std::fs::write(&config_path, text).unwrap();
+    let device = Default::default();
+    let options = Sd3Options { resolution: 64, t5_length: 32, ..Default::default() };
+    let pipeline = AnyPipeline::<B>::load(&copy, &options, &device).unwrap();
+    assert_eq!(pipeline.schedule(), Some(FlowSchedule::new(1.5)));
+    let config: RolloutConfig = toml::from_str("prompts = 1\ngroup_size = 2\nsteps = 3\nguidance = 1.0").unwrap();
+    let prompts = [TaskPrompt { text: "a red cube".into(), task: flow_opd::world::Task::Composition }];
+    let ro = rollout(&pipeline, None, &prompts, &config, &mut rand_chacha::ChaCha8Rng::seed_from_u64(0), &device).unwrap();
+    assert_eq!(ro.trajectory.sigmas, FlowSchedule::new(1.5).sigmas(3));
+    assert_ne!(ro.trajectory.sigmas, FlowSchedule::sd3().sigmas(3));
+    assert_eq!(ro.images.len(), 2);
+    assert_eq!(ro.images[0].dimensions(), (64, 64));
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() { files.extend(walk(&path)) } else { files.push(path) }
+    }
+    files
+}

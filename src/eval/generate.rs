@@ -72,7 +72,7 @@ pub fn generate<B: Backend, P: TextToImage<B> + ?Sized>(
         let guidance = (config.guidance != 1.0).then_some((&negative, config.guidance));
         let field = GuidedModel { model: pipeline.transformer(), adapters, cond: &cond, guidance };
         let x0 = initial_noise::<B>(pipeline.latent_shape(), seeds, device);
-        let latents = sample_ode(&field, x0, config.steps, config.schedule);
+        let latents = sample_ode(&field, x0, config.steps, pipeline.schedule().unwrap_or(config.schedule));
         images.extend(pipeline.decode_rgb(latents));
         progress(chunk.len());
     }

@@ -14,7 +14,7 @@ use super::mmdit::Mmdit;
 use super::pipeline::Pipeline;
 use super::sd3_pipeline::{Sd3Pipeline, is_sd3_pipeline, to_rgb_images};
 use crate::eval::generate::to_images;
-use crate::flow::TextConditioning;
+use crate::flow::{FlowSchedule, TextConditioning};
 
 /// A text-to-image pipeline around an MMDiT, as the trainers see it.
 pub trait TextToImage<B: Backend> {
@@ -26,6 +26,11 @@ pub trait TextToImage<B: Backend> {
     fn latent_shape(&self) -> [usize; 3];
     /// Final latents to 8-bit RGB images (what rewards score).
     fn decode_rgb(&self, latents: Tensor<B, 4>) -> Vec<RgbImage>;
+    /// The pipeline's own sampling schedule (an SD3 folder's `scheduler_config.json`), which
+    /// then replaces the configured one; `None` for the world.
+    fn schedule(&self) -> Option<FlowSchedule> {
+        None
+    }
 }
 
 impl<B: Backend> TextToImage<B> for Pipeline<B> {
@@ -126,6 +131,9 @@ impl<B: Backend> TextToImage<B> for Sd3AtSize<B> {
     fn decode_rgb(&self, latents: Tensor<B, 4>) -> Vec<RgbImage> {
         to_rgb_images(self.pipeline.decode(latents))
     }
+    fn schedule(&self) -> Option<FlowSchedule> {
+        Some(self.pipeline.schedule)
+    }
 }
 
 /// The world's pipeline or an SD3 folder.
@@ -184,5 +192,8 @@ impl<B: Backend> TextToImage<B> for AnyPipeline<B> {
     }
     fn decode_rgb(&self, latents: Tensor<B, 4>) -> Vec<RgbImage> {
         self.inner().decode_rgb(latents)
+    }
+    fn schedule(&self) -> Option<FlowSchedule> {
+        self.inner().schedule()
     }
 }

@@ -124,14 +124,16 @@ pub fn rollout<B: Backend, P: TextToImage<B> + ?Sized>(
     let adapters = adapter.map_or_else(ActiveAdapters::none, ActiveAdapters::single);
     let mut noise = SeededNoise::new(rng.random());
     let mut images = Vec::with_capacity(texts.len());
-    let trajectory = sample_micro_batched(pipeline.transformer(), &adapters, &cond, &negative, x0, config, &mut noise, device, |part| {
+    let (model, schedule) = (pipeline.transformer(), pipeline.schedule());
+    let trajectory = sample_micro_batched(model, &adapters, &cond, &negative, x0, config, schedule, &mut noise, device, |part| {
         images.extend(pipeline.decode_rgb(part.final_state()))
     });
     Ok(Rollouts { prompts: expanded, cond, negative, trajectory, images })
 }
 
-/// SDE trajectories from `x0` with the policy `model + adapters` (CFG per `config`), one
-/// micro-batch at a time (`each` sees every part as it is done), joined into one.
+/// SDE trajectories from `x0` with the policy `model + adapters` (CFG per `config`; `schedule`
+/// replaces the configured one when given), one micro-batch at a time (`each` sees every part
+/// as it is done), joined into one.
 #[allow(clippy::too_many_arguments)]
 pub fn sample_micro_batched<B: Backend>(
     model: &Mmdit<B>,
@@ -140,16 +142,21 @@ pub fn sample_micro_batched<B: Backend>(
     negative: &TextConditioning<B>,
     x0: Tensor<B, 4>,
     config: &RolloutConfig,
+    schedule: Option<crate::flow::FlowSchedule>,
     noise: &mut SeededNoise,
     device: &B::Device,
     mut each: impl FnMut(&Trajectory<B>),
 ) -> Trajectory<B> {
+    let mut sampler = config.sampler();
+    if let Some(schedule) = schedule {
+        sampler.schedule = schedule;
+    }
     let mut parts = Vec::new();
     for rows in config.micro_batches(x0.dims()[0]) {
         let (c, n) = (cond.rows(rows.clone()), negative.rows(rows.clone()));
         let guidance = (config.guidance != 1.0).then_some((&n, config.guidance));
         let field = GuidedModel { model, adapters, cond: &c, guidance };
-        let part = sample_trajectory(&field, x0.clone().slice([rows]), &config.sampler(), &mut |_, shape| noise.sample(shape, device));
+        let part = sample_trajectory(&field, x0.clone().slice([rows]), &sampler, &mut |_, shape| noise.sample(shape, device));
         each(&part);
         parts.push(part);
     }

@@ -85,7 +85,8 @@ pub fn teacher_samples<B: burn::tensor::backend::Backend, P: TextToImage<B> + ?S
             let field = GuidedModel { model: pipeline.transformer(), adapters: &adapters, cond: &cond, guidance: (g != 1.0).then_some((&negative, g)) };
             let seeds: Vec<u64> = (0..texts.len()).map(|_| rng.random()).collect();
             let x0 = initial_noise::<B>(pipeline.latent_shape(), &seeds, device);
-            latents.push(sample_ode(&field, x0, config.sampling.steps, config.sampling.schedule));
+            let schedule = pipeline.schedule().unwrap_or(config.sampling.schedule);
+            latents.push(sample_ode(&field, x0, config.sampling.steps, schedule));
         }
         prompts.extend(chosen);
     }
