@@ -743,20 +743,10 @@ fn run_eval<B: Backend>(stage: &EvalStage, ctx: &mut RunContext, device: &B::Dev
     };
     let adapters = adapter.as_ref().map_or_else(ActiveAdapters::none, ActiveAdapters::single);
     let name = stage.row.clone().unwrap_or_else(|| stage.adapter.clone().unwrap_or_else(|| stage.model.clone()));
-    let limit = stage.eval.prompts_per_task.unwrap_or(usize::MAX);
-    let total: usize = stage
-        .eval
-        .tasks
-        .iter()
-        .map(|t| match stage.eval.prompt_files.get(t) {
-            Some(path) => crate::sample::read_prompt_file(path).map(|p| p.len()).unwrap_or(0),
-            None => 640,
-        })
-        .map(|n| n.min(limit))
-        .sum();
-    let bar = progress_bar(total as u64, "eval");
+    let prompts = crate::eval::eval_prompts(&stage.eval).map_err(|e| e.to_string())?;
+    let bar = progress_bar(prompts.iter().map(|(_, p)| p.len() as u64).sum(), "eval");
     bar.set_message(name.clone());
-    let (results, seconds) = crate::eval::timed(|| evaluate(&pipeline, &adapters, &stage.eval, device, |_, n| bar.inc(n as u64)));
+    let (results, seconds) = crate::eval::timed(|| evaluate(&pipeline, &adapters, &stage.eval, prompts, device, |_, n| bar.inc(n as u64)));
     bar.finish();
     let results = results.map_err(|e| e.to_string())?;
     let row = row(&name, &results, seconds);

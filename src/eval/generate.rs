@@ -69,8 +69,7 @@ pub fn generate<B: Backend, P: TextToImage<B> + ?Sized>(
     for (chunk, seeds) in prompts.chunks(config.batch.max(1)).zip(seeds.chunks(config.batch.max(1))) {
         let cond = pipeline.encode_prompts(chunk, device)?;
         let negative = pipeline.encode_prompts(&vec![""; chunk.len()], device)?;
-        let guidance = (config.guidance != 1.0).then_some((&negative, config.guidance));
-        let field = GuidedModel { model: pipeline.transformer(), adapters, cond: &cond, guidance };
+        let field = GuidedModel { model: pipeline.transformer(), adapters, cond: &cond, guidance: negative.cfg(config.guidance) };
         let x0 = initial_noise::<B>(pipeline.latent_shape(), seeds, device);
         let latents = sample_ode(&field, x0, config.steps, pipeline.schedule().unwrap_or(config.schedule));
         images.extend(pipeline.decode_rgb(latents));

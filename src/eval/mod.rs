@@ -85,23 +85,36 @@ pub enum EvalError {
     Output { path: std::path::PathBuf, message: String },
 }
 
-/// Samples and scores the test prompts of every task in `config` with the model and adapters.
+/// The test prompts `config` evaluates, per task in order: its prompt file or the world's
+/// shipped test split, at most `prompts_per_task` of them.
+pub fn eval_prompts(config: &EvalConfig) -> Result<Vec<(Task, Vec<String>)>, EvalError> {
+    let test = shipped_prompts(Split::Test);
+    config
+        .tasks
+        .iter()
+        .map(|&task| {
+            let all: Vec<String> = match config.prompt_files.get(&task) {
+                Some(path) => crate::sample::read_prompt_file(path).map_err(|message| EvalError::Output { path: path.clone(), message })?,
+                None => test.iter().filter(|p| p.task() == task).map(|p| p.text.clone()).collect(),
+            };
+            Ok((task, all.into_iter().take(config.prompts_per_task.unwrap_or(usize::MAX)).collect()))
+        })
+        .collect()
+}
+
+/// Samples and scores `prompts` (from [`eval_prompts`]) with the model and adapters, with
+/// `config`'s sampling, seeds and rewards.
 pub fn evaluate<B: Backend, P: TextToImage<B> + ?Sized>(
     pipeline: &P,
     adapters: &ActiveAdapters<'_, B>,
     config: &EvalConfig,
+    prompts: Vec<(Task, Vec<String>)>,
     device: &B::Device,
     mut progress: impl FnMut(&str, usize),
 ) -> Result<Vec<TaskResult>, EvalError> {
-    let test = shipped_prompts(Split::Test);
     let rewards = RewardSet::new(&config.remote_rewards).map_err(|e| EvalError::Reward { task: "remote_rewards".into(), message: e.to_string() })?;
     let mut results = Vec::new();
-    for &task in &config.tasks {
-        let all: Vec<String> = match config.prompt_files.get(&task) {
-            Some(path) => crate::sample::read_prompt_file(path).map_err(|message| EvalError::Output { path: path.clone(), message })?,
-            None => test.iter().filter(|p| p.task() == task).map(|p| p.text.clone()).collect(),
-        };
-        let prompts: Vec<String> = all.into_iter().take(config.prompts_per_task.unwrap_or(usize::MAX)).collect();
+    for (task, prompts) in prompts {
         let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
         let seeds: Vec<u64> = (0..prompts.len() as u64).map(|i| config.seed + i).collect();
         let images = generate(pipeline, adapters, &refs, &seeds, &config.sampling, device, |n| progress(task.name(), n))

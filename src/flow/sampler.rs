@@ -44,6 +44,12 @@ impl<B: Backend> TextConditioning<B> {
         Self { tokens: Tensor::cat(tokens, 0), pooled: Tensor::cat(pooled, 0) }
     }
 
+    /// This conditioning as CFG's negative at `scale`, as [`GuidedModel::guidance`] takes it:
+    /// `None` for `scale = 1` (the conditional model alone).
+    pub fn cfg(&self, scale: f64) -> Option<(&Self, f64)> {
+        (scale != 1.0).then_some((self, scale))
+    }
+
     /// Samples `rows` (a range of the batch).
     pub fn rows(&self, rows: std::ops::Range<usize>) -> Self {
         Self { tokens: self.tokens.clone().slice([rows.clone()]), pooled: self.pooled.clone().slice([rows]) }

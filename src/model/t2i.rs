@@ -158,14 +158,6 @@ impl<B: Backend> AnyPipeline<B> {
         }
     }
 
-    /// The world pipeline, for what only the world has (its evaluation harness).
-    pub fn world(&self) -> Option<&Pipeline<B>> {
-        match self {
-            Self::World(p) => Some(p),
-            Self::Sd3(_) => None,
-        }
-    }
-
     fn inner(&self) -> &dyn TextToImage<B> {
         match self {
             Self::World(p) => p,

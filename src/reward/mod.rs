@@ -228,11 +228,6 @@ impl RewardSet {
         Ok(Self { rewards })
     }
 
-    /// The world's four rewards.
-    pub fn world() -> Self {
-        Self::new(&Default::default()).expect("built-in rewards need no configuration")
-    }
-
     pub fn get(&self, task: Task) -> &dyn Reward {
         self.rewards[&task].as_ref()
     }

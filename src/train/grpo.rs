@@ -249,36 +249,33 @@ impl<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> GrpoTrainer<B, O> {
         let advantages = vector::<B>(&advantages, device);
 
         let steps = ro.trained_steps(self.config.rollout.steps, self.config.timestep_fraction);
-        let cond = lift_conditioning::<B>(&ro.cond);
-        let negative = lift_conditioning::<B>(&ro.negative);
         let g = self.config.rollout.guidance;
         let (a, kind) = (self.config.rollout.noise_level, self.config.rollout.kind);
         let none_inner = ActiveAdapters::none();
         let mut accumulator = GradientsAccumulator::<LoraAdapter<B>>::new();
         let (mut pg_sum, mut kl_sum, mut clipped) = (0.0, 0.0, 0.0);
         let n = ro.prompts.len();
-        let batches = self.config.rollout.micro_batches(n);
-        for &j in &steps {
-            let tr = &ro.trajectory.transitions[j];
-            for rows in &batches {
-                // Each micro-batch adds its share (rows / n) of the batch means.
-                let share = rows.len() as f64 / n as f64;
+        for rows in self.config.rollout.micro_batches(n) {
+            // Each micro-batch adds its share (rows / n) of the batch means.
+            let share = rows.len() as f64 / n as f64;
+            let (c_ref, n_ref) = (ro.cond.rows(rows.clone()), ro.negative.rows(rows.clone()));
+            let (c, neg) = (lift_conditioning::<B>(&c_ref), lift_conditioning::<B>(&n_ref));
+            let single = ActiveAdapters::single(&self.adapter);
+            let policy_field = GuidedModel { model: &self.base, adapters: &single, cond: &c, guidance: neg.cfg(g) };
+            let reference = GuidedModel { model: self.pipeline.transformer(), adapters: &none_inner, cond: &c_ref, guidance: n_ref.cfg(g) };
+            let advantages = advantages.clone().slice([rows.clone()]);
+            for &j in &steps {
+                let tr = &ro.trajectory.transitions[j];
                 let state = ro.trajectory.states[j].clone().slice([rows.clone()]);
                 let x = Tensor::<B, 4>::from_inner(state.clone());
                 let x_next = Tensor::<B, 4>::from_inner(ro.trajectory.states[j + 1].clone().slice([rows.clone()]));
-                let (c, neg) = (cond.rows(rows.clone()), negative.rows(rows.clone()));
-                let guidance = (g != 1.0).then_some((&neg, g));
-                let single = ActiveAdapters::single(&self.adapter);
-                let policy_field = GuidedModel { model: &self.base, adapters: &single, cond: &c, guidance };
                 let v = policy_field.velocity(x.clone(), tr.step.sigma);
                 let (mean, std_dev_t) = step_mean(x, v, tr.step, a, kind);
                 let logp = log_prob(x_next, mean.clone(), std_dev_t, tr.step, kind, LogProbReduction::Mean);
                 let old = Tensor::<B, 1>::from_inner(tr.log_prob.clone().expect("stochastic step").slice([rows.clone()]));
                 let ratio: Vec<f32> = (logp.clone().inner() - old.clone().inner()).exp().into_data().convert::<f32>().into_vec().expect("f32");
                 clipped += ratio.iter().filter(|r| (**r as f64 - 1.0).abs() > self.config.clip_range).count() as f64 / n as f64;
-                let pg = clipped_policy_loss(logp, old, advantages.clone().slice([rows.clone()]), self.config.clip_range).mean();
-                let (c_ref, n_ref) = (ro.cond.rows(rows.clone()), ro.negative.rows(rows.clone()));
-                let reference = GuidedModel { model: self.pipeline.transformer(), adapters: &none_inner, cond: &c_ref, guidance: (g != 1.0).then_some((&n_ref, g)) };
+                let pg = clipped_policy_loss(logp, old, advantages.clone(), self.config.clip_range).mean();
                 let v_ref = reference.velocity(state.clone(), tr.step.sigma);
                 let (mean_ref, _) = step_mean(state, v_ref, tr.step, a, kind);
                 let kl = gaussian_kl(mean, Tensor::from_inner(mean_ref), tr.step, std_dev_t, KlReduction::Mean).mean();

@@ -240,20 +240,9 @@ impl<B: AutodiffBackend> OpdObjective<'_, B> {
         trained_steps(batch.trajectory, self.config.rollout.steps, self.config.timestep_fraction)
     }
 
-    fn guidance<'c>(&self, negative: &'c TextConditioning<B::InnerBackend>) -> Option<(&'c TextConditioning<B::InnerBackend>, f64)> {
-        let g = self.config.rollout.guidance;
-        (g != 1.0).then_some((negative, g))
-    }
-
-    /// Teacher (routed) and anchor velocities at trained step `j` for samples `rows` (no
-    /// gradient).
-    fn labels(
-        &self,
-        batch: &OpdBatch<'_, B::InnerBackend>,
-        j: usize,
-        rows: Range<usize>,
-        device: &B::Device,
-    ) -> (Tensor<B::InnerBackend, 4>, Option<Tensor<B::InnerBackend, 4>>) {
+    /// What every trained step of micro-batch `rows` shares: its conditioning and the routed
+    /// teacher and anchor adapters (built once, used at each step).
+    fn micro_batch<'s>(&'s self, batch: &OpdBatch<'_, B::InnerBackend>, rows: Range<usize>, device: &B::Device) -> MicroBatch<'s, B::InnerBackend> {
         let teacher_refs: Vec<&LoraAdapter<B::InnerBackend>> = self.teachers.adapters.iter().collect();
         let route = batch.route[rows.clone()].to_vec();
         let routed = ActiveAdapters::new(teacher_refs.clone(), &AdapterChoice::PerSample(route), device);
@@ -261,14 +250,24 @@ impl<B: AutodiffBackend> OpdObjective<'_, B> {
             Some(i) => ActiveAdapters::new(teacher_refs, &AdapterChoice::All(i), device),
             None => ActiveAdapters::none(),
         };
+        MicroBatch { cond: batch.cond.rows(rows.clone()), negative: batch.negative.rows(rows.clone()), rows, routed, anchor }
+    }
+
+    /// Teacher (routed) and anchor velocities of micro-batch `mb` at trained step `j` (no
+    /// gradient), and the micro-batch's state there.
+    fn labels(
+        &self,
+        batch: &OpdBatch<'_, B::InnerBackend>,
+        mb: &MicroBatch<'_, B::InnerBackend>,
+        j: usize,
+    ) -> (Tensor<B::InnerBackend, 4>, Tensor<B::InnerBackend, 4>, Option<Tensor<B::InnerBackend, 4>>) {
         let sigma = batch.trajectory.transitions[j].step.sigma;
-        let state = batch.trajectory.states[j].clone().slice([rows.clone()]);
-        let (cond, negative) = (batch.cond.rows(rows.clone()), batch.negative.rows(rows));
-        let guidance = self.guidance(&negative);
-        let teacher = GuidedModel { model: self.inner, adapters: &routed, cond: &cond, guidance }.velocity(state.clone(), sigma);
+        let state = batch.trajectory.states[j].clone().slice([mb.rows.clone()]);
+        let guidance = mb.negative.cfg(self.config.rollout.guidance);
+        let teacher = GuidedModel { model: self.inner, adapters: &mb.routed, cond: &mb.cond, guidance }.velocity(state.clone(), sigma);
         let anchor = (self.config.mar_lambda != 0.0)
-            .then(|| GuidedModel { model: self.inner, adapters: &anchor, cond: &cond, guidance }.velocity(state, sigma));
-        (teacher, anchor)
+            .then(|| GuidedModel { model: self.inner, adapters: &mb.anchor, cond: &mb.cond, guidance }.velocity(state.clone(), sigma));
+        (state, teacher, anchor)
     }
 
     fn weight(&self, batch: &OpdBatch<'_, B::InnerBackend>, j: usize) -> f64 {
@@ -281,14 +280,14 @@ impl<B: AutodiffBackend> OpdObjective<'_, B> {
         let steps = self.trained_steps(batch);
         let single = ActiveAdapters::single(student);
         let n = batch.route.len();
+        let g = self.config.rollout.guidance;
         let mut total = 0.0;
-        for &j in &steps {
-            let sigma = batch.trajectory.transitions[j].step.sigma;
-            for rows in self.config.rollout.micro_batches(n) {
-                let (teacher, anchor) = self.labels(batch, j, rows.clone(), device);
-                let (cond, negative) = (batch.cond.rows(rows.clone()), batch.negative.rows(rows.clone()));
-                let field = GuidedModel { model: self.inner, adapters: &single, cond: &cond, guidance: self.guidance(&negative) };
-                let v = field.velocity(batch.trajectory.states[j].clone().slice([rows.clone()]), sigma);
+        for rows in self.config.rollout.micro_batches(n) {
+            let mb = self.micro_batch(batch, rows, device);
+            let field = GuidedModel { model: self.inner, adapters: &single, cond: &mb.cond, guidance: mb.negative.cfg(g) };
+            for &j in &steps {
+                let (state, teacher, anchor) = self.labels(batch, &mb, j);
+                let v = field.velocity(state, batch.trajectory.transitions[j].step.sigma);
                 let loss = opd_loss(v, teacher, anchor, self.weight(batch, j), self.config.mar_lambda, self.config.reduction);
                 total += loss.total.sum().into_scalar().elem::<f64>() / (n * steps.len()) as f64;
             }
@@ -302,21 +301,19 @@ impl<B: AutodiffBackend> OpdObjective<'_, B> {
         let steps = self.trained_steps(batch);
         let n = batch.route.len();
         let g = self.config.rollout.guidance;
+        let single = ActiveAdapters::single(student);
         let mut accumulator = GradientsAccumulator::<LoraAdapter<B>>::new();
         let mut stats = OpdStats::default();
         let scale = 1.0 / (n * steps.len()).max(1) as f64;
-        for &j in &steps {
-            let sigma = batch.trajectory.transitions[j].step.sigma;
-            for rows in self.config.rollout.micro_batches(n) {
-                let (teacher, anchor) = self.labels(batch, j, rows.clone(), device);
+        for rows in self.config.rollout.micro_batches(n) {
+            let mb = self.micro_batch(batch, rows, device);
+            let (cond, negative) = (lift_conditioning::<B>(&mb.cond), lift_conditioning::<B>(&mb.negative));
+            let student_field = GuidedModel { model: self.base, adapters: &single, cond: &cond, guidance: negative.cfg(g) };
+            for &j in &steps {
+                let (state, teacher, anchor) = self.labels(batch, &mb, j);
                 let v_teacher = Tensor::<B, 4>::from_inner(teacher);
                 let v_anchor = anchor.map(Tensor::<B, 4>::from_inner);
-                let cond = lift_conditioning::<B>(&batch.cond.rows(rows.clone()));
-                let negative = lift_conditioning::<B>(&batch.negative.rows(rows.clone()));
-                let guidance = (g != 1.0).then_some((&negative, g));
-                let single = ActiveAdapters::single(student);
-                let student_field = GuidedModel { model: self.base, adapters: &single, cond: &cond, guidance };
-                let v = student_field.velocity(Tensor::from_inner(batch.trajectory.states[j].clone().slice([rows.clone()])), sigma);
+                let v = student_field.velocity(Tensor::from_inner(state), batch.trajectory.transitions[j].step.sigma);
                 let loss = opd_loss(v, v_teacher, v_anchor, self.weight(batch, j), self.config.mar_lambda, self.config.reduction);
                 // Sums over the micro-batch, scaled to the batch mean over samples and steps.
                 stats.distill += loss.distill.sum().into_scalar().elem::<f64>() * scale;
@@ -329,4 +326,13 @@ impl<B: AutodiffBackend> OpdObjective<'_, B> {
         }
         (stats, (!steps.is_empty()).then(|| accumulator.grads()))
     }
+}
+
+/// One micro-batch of an [`OpdBatch`]: its rows, conditioning and routed adapters.
+struct MicroBatch<'a, B: Backend> {
+    rows: Range<usize>,
+    cond: TextConditioning<B>,
+    negative: TextConditioning<B>,
+    routed: ActiveAdapters<'a, B>,
+    anchor: ActiveAdapters<'a, B>,
 }

@@ -84,11 +84,6 @@ impl<B: Backend> Rollouts<B> {
     pub fn trained_steps(&self, steps: usize, timestep_fraction: f64) -> Vec<usize> {
         trained_steps(&self.trajectory, steps, timestep_fraction)
     }
-
-    /// The CFG pair of a guided forward over these samples.
-    pub fn guidance(&self, scale: f64) -> Option<(&TextConditioning<B>, f64)> {
-        (scale != 1.0).then_some((&self.negative, scale))
-    }
 }
 
 /// `0..n` in consecutive ranges of at most `size` (one range if `None`).
@@ -154,8 +149,7 @@ pub fn sample_micro_batched<B: Backend>(
     let mut parts = Vec::new();
     for rows in config.micro_batches(x0.dims()[0]) {
         let (c, n) = (cond.rows(rows.clone()), negative.rows(rows.clone()));
-        let guidance = (config.guidance != 1.0).then_some((&n, config.guidance));
-        let field = GuidedModel { model, adapters, cond: &c, guidance };
+        let field = GuidedModel { model, adapters, cond: &c, guidance: n.cfg(config.guidance) };
         let part = sample_trajectory(&field, x0.clone().slice([rows]), &sampler, &mut |_, shape| noise.sample(shape, device));
         each(&part);
         parts.push(part);

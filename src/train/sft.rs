@@ -82,7 +82,7 @@ pub fn teacher_samples<B: burn::tensor::backend::Backend, P: TextToImage<B> + ?S
             let cond = pipeline.encode_prompts(&texts, device)?;
             let negative = pipeline.encode_prompts(&vec![""; texts.len()], device)?;
             let g = config.sampling.guidance;
-            let field = GuidedModel { model: pipeline.transformer(), adapters: &adapters, cond: &cond, guidance: (g != 1.0).then_some((&negative, g)) };
+            let field = GuidedModel { model: pipeline.transformer(), adapters: &adapters, cond: &cond, guidance: negative.cfg(g) };
             let seeds: Vec<u64> = (0..texts.len()).map(|_| rng.random()).collect();
             let x0 = initial_noise::<B>(pipeline.latent_shape(), &seeds, device);
             let schedule = pipeline.schedule().unwrap_or(config.sampling.schedule);
