@@ -2,6 +2,8 @@
 //! stay f32 for the samplers, LoRA adapters keep f32, and the results follow the f32 model to
 //! the storage format's precision — forward, adapted forward, and the adapter's gradients.
 
+mod common;
+
 use burn::backend::{Autodiff, Flex};
 use burn::module::{AutodiffModule, Module};
 use burn::tensor::backend::Backend;
@@ -13,9 +15,10 @@ use flow_opd::model::{Mmdit, MmditConfig};
 type B = Flex;
 type AD = Autodiff<Flex>;
 
-fn rel_l2(a: Tensor<B, 4>, b: Tensor<B, 4>) -> f32 {
-    let diff: f32 = (a.clone() - b).powi_scalar(2).sum().sqrt().into_scalar();
-    diff / a.powi_scalar(2).sum().sqrt().into_scalar()
+/// `||v - reference|| / ||reference||`.
+fn rel_l2(reference: Tensor<B, 4>, v: Tensor<B, 4>) -> f64 {
+    let values = |t: Tensor<B, 4>| t.into_data().convert::<f32>().into_vec::<f32>().unwrap();
+    common::rel_l2(&values(v), &values(reference))
 }
 
 struct Inputs {

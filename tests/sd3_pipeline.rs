@@ -191,29 +191,12 @@ fn sample_writes_pngs_of_the_requested_size() {
     assert!(err.contains("multiples of 8") && err.contains("36"), "{err}");
 }
 
-/// A copy of the tiny folder (components linked, not copied) without `skip`.
-fn folder_without(dest: &Path, skip: &str) {
-    for entry in std::fs::read_dir(folder()).unwrap() {
-        let entry = entry.unwrap();
-        let name = entry.file_name();
-        if name == skip {
-            continue;
-        }
-        let target = dest.join(&name);
-        if entry.path().is_dir() {
-            std::os::unix::fs::symlink(entry.path(), target).unwrap();
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
-}
-
 #[test]
 fn a_missing_component_or_bad_index_names_the_path() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("no_vae");
     std::fs::create_dir(&model).unwrap();
-    folder_without(&model, "vae");
+    common::link_folder_without(&folder(), &model, "vae");
     let err = Sd3Pipeline::<B>::load(&model, 16, &Default::default()).unwrap_err().to_string();
     let vae = model.join("vae");
     assert!(err.contains(&vae.display().to_string()) && err.contains("`vae`"), "{err}");
@@ -235,7 +218,7 @@ fn a_missing_component_or_bad_index_names_the_path() {
     // A model_index.json without a component entry.
     let bad = dir.path().join("bad_index");
     std::fs::create_dir(&bad).unwrap();
-    folder_without(&bad, "model_index.json");
+    common::link_folder_without(&folder(), &bad, "model_index.json");
     std::fs::write(bad.join("model_index.json"), r#"{"_class_name": "StableDiffusion3Pipeline", "transformer": ["diffusers", "SD3Transformer2DModel"]}"#)
         .unwrap();
     let err = Sd3Pipeline::<B>::load(&bad, 16, &Default::default()).unwrap_err().to_string();

@@ -189,14 +189,11 @@ fn rollouts_use_the_folders_scheduler() {
     use rand::SeedableRng;
     let tmp = tempfile::tempdir().unwrap();
     let copy = tmp.path().join("sd3");
-    for entry in walk(&folder()) {
-        let dest = copy.join(entry.strip_prefix(folder()).unwrap());
-        std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
-        std::fs::copy(&entry, &dest).unwrap();
-    }
-    let config_path = copy.join("scheduler/scheduler_config.json");
-    let text = std::fs::read_to_string(&config_path).unwrap().replace("\"shift\": 3.0", "\"shift\": 1.5");
-    std::fs::write(&config_path, text).unwrap();
+    std::fs::create_dir_all(copy.join("scheduler")).unwrap();
+    common::link_folder_without(&folder(), &copy, "scheduler");
+    let config = std::fs::read_to_string(folder().join("scheduler/scheduler_config.json")).unwrap();
+    assert!(config.contains("\"shift\": 3.0"));
+    std::fs::write(copy.join("scheduler/scheduler_config.json"), config.replace("\"shift\": 3.0", "\"shift\": 1.5")).unwrap();
     let device = Default::default();
     let options = Sd3Options { resolution: 64, t5_length: 32, ..Default::default() };
     let pipeline = AnyPipeline::<B>::load(&copy, &options, &device).unwrap();
@@ -208,13 +205,4 @@ fn rollouts_use_the_folders_scheduler() {
     assert_ne!(ro.trajectory.sigmas, FlowSchedule::sd3().sigmas(3));
     assert_eq!(ro.images.len(), 2);
     assert_eq!(ro.images[0].dimensions(), (64, 64));
-}
-
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut files = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() { files.extend(walk(&path)) } else { files.push(path) }
-    }
-    files
 }

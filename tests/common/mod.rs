@@ -75,3 +75,21 @@ pub fn toy_world_pipeline(seed: u64) -> flow_opd::model::pipeline::Pipeline<burn
     B::seed(&Default::default(), seed);
     flow_opd::model::pipeline::Pipeline::<B>::new_world(&Default::default(), &Default::default()).expect("default world model")
 }
+
+/// Fills the existing folder `dest` with the entries of `src` except `skip`: folders linked,
+/// files copied (a cheap editable copy of a fixture pipeline folder).
+pub fn link_folder_without(src: &Path, dest: &Path, skip: &str) {
+    for entry in std::fs::read_dir(src).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name();
+        if name == skip {
+            continue;
+        }
+        let target = dest.join(&name);
+        if entry.path().is_dir() {
+            std::os::unix::fs::symlink(entry.path(), target).unwrap();
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
