@@ -36,7 +36,8 @@ use crate::train::opd::{OpdConfig, Teachers, opd_trainer};
 use crate::train::sft::{SftConfig, sft_trainer, teacher_samples};
 use crate::model::t2i::{AnyPipeline, Sd3Options, TextToImage};
 use crate::world::Task;
-use crate::train::pretrain::{PretrainConfig, WorldPairs, pretrainer, to_autodiff};
+use crate::train::pretrain::{CaptionSource, PretrainConfig, WorldPairs, pretrainer, to_autodiff};
+use crate::world::render::Layout;
 
 /// A recipe file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -162,6 +163,14 @@ pub struct PretrainStage {
     /// Fraction of training pairs whose image departs from the caption.
     #[serde(default = "default_wrong")]
     pub wrong_caption_fraction: f32,
+    /// Where captions come from: `train_split` (the RL training prompts) or `grammar` (fresh
+    /// draws that avoid the test prompts where the family allows).
+    #[serde(default)]
+    pub captions: CaptionSource,
+    /// How training images are laid out: `scattered` (as anywhere in the world) or
+    /// `canonical` (fixed slots and default colours a tiny model can learn to draw).
+    #[serde(default)]
+    pub layout: Layout,
     /// Save the EMA pipeline every this many steps (and at the end).
     #[serde(default = "default_checkpoint")]
     pub checkpoint_every: usize,
@@ -501,7 +510,7 @@ fn run_pretrain<B: Backend>(stage: &PretrainStage, ctx: &mut RunContext, device:
     let params = burn::module::Module::num_params(&pipeline.model);
     tracing::info!("pretrain `{}`: {params} parameters, {} steps of batch {}", stage.output, stage.train.steps, stage.train.batch_size);
     let mut trainer = pretrainer::<AD<B>>(to_autodiff::<AD<B>>(pipeline), stage.train.clone());
-    let mut data = WorldPairs::new(stage.wrong_caption_fraction, stage.train.seed);
+    let mut data = WorldPairs::new(stage.captions, stage.layout, stage.wrong_caption_fraction, stage.train.seed);
     let out = ctx.dir.join(&stage.output);
     let bar = progress_bar(stage.train.steps as u64, "pretrain");
     let start = Instant::now();

@@ -265,7 +265,7 @@ pub(crate) mod fixtures {
     use crate::world::image::Image32;
     use crate::world::prompts::{Prompt, Split, shipped_prompts};
     use crate::world::random::unit;
-    use crate::world::render::render;
+    use crate::world::render::{Layout, render_with};
     use crate::world::spec::Task;
 
     /// The first `n` shipped test prompts of a task.
@@ -275,8 +275,13 @@ pub(crate) mod fixtures {
 
     /// One ground-truth render per prompt (seeded by position).
     pub fn renders(prompts: &[Prompt], seed: u64) -> Vec<Image32> {
+        renders_with(prompts, Layout::Scattered, seed)
+    }
+
+    /// One ground-truth render per prompt in the given layout.
+    pub fn renders_with(prompts: &[Prompt], style: Layout, seed: u64) -> Vec<Image32> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        prompts.iter().map(|p| render(&p.spec, &mut rng)).collect()
+        prompts.iter().map(|p| render_with(&p.spec, style, &mut rng)).collect()
     }
 
     /// A mid-grey image.
@@ -312,6 +317,25 @@ pub(crate) mod fixtures {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A canonical scene is a valid scene: its renders of every test prompt pass the strict
+    /// composition check and read back exactly, and score as clean images.
+    #[test]
+    fn canonical_renders_are_ground_truth() {
+        use fixtures::{mean_scores, renders_with, test_prompts};
+        use crate::world::render::Layout;
+        for (task, seed) in [(Task::Composition, 81), (Task::Text, 82), (Task::Quality, 83)] {
+            let prompts = test_prompts(task, 640);
+            let images = renders_with(&prompts, Layout::Canonical, seed);
+            let (_, metric) = mean_scores(world_reward(task).as_ref(), &prompts, &images, 0);
+            let (_, scattered) =
+                mean_scores(world_reward(task).as_ref(), &prompts, &fixtures::renders(&prompts, seed), 0);
+            match task {
+                Task::Quality => assert!(metric >= scattered - 0.1, "quality {metric} vs scattered {scattered}"),
+                _ => assert_eq!(metric, 1.0, "{task}: canonical ground truth scores {metric}"),
+            }
+        }
+    }
 
     #[test]
     fn wrong_image_sizes_name_the_reward_and_input() {

@@ -169,6 +169,7 @@ mod tests {
     use super::*;
     use crate::reward::fixtures::{blank, mean_scores, mismatch_shift, noise, renders, test_prompts};
     use crate::world::pairs::{Perturbation, training_pair};
+    use crate::world::render::Layout;
     use crate::world::spec::Task;
     use rand::SeedableRng;
     use rand_chacha::ChaCha8Rng;
@@ -201,8 +202,8 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(62);
         let (mut flip, mut ugly) = ((0.0, 0.0, 0), (0.0, 0.0, 0));
         for prompt in &prompts {
-            let pair = training_pair(prompt, 1.0, &mut rng);
-            let truth = training_pair(prompt, 0.0, &mut rng);
+            let pair = training_pair(prompt, 1.0, Layout::Scattered, &mut rng);
+            let truth = training_pair(prompt, 0.0, Layout::Scattered, &mut rng);
             let s = |img: &Image32| {
                 PreferenceReward.score(&[RewardInput::from_image32(img, prompt.text.clone())]).unwrap()[0].metric
             };

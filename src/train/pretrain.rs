@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::flow::SeededNoise;
 use crate::model::pipeline::{Pipeline, WorldModel};
+use crate::world::render::Layout;
 
 /// How training sigmas are drawn.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -197,21 +198,59 @@ pub fn to_autodiff<B: AutodiffBackend>(pipeline: Pipeline<B::InnerBackend>) -> P
     }
 }
 
-/// Captioned renders of the world's training prompts: each pair draws a random training
-/// prompt; with probability `wrong_fraction` the image departs from its caption (wrong
-/// colour, count, character, style, ...), so the pre-trained model follows prompts only partly.
+/// Where pre-training captions come from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CaptionSource {
+    /// The shipped training prompts (`assets/world/prompts_train.jsonl`, 2,000 per task), the
+    /// RL stages' own prompts: a small model memorises them.
+    #[default]
+    TrainSplit,
+    /// Fresh prompts drawn from the grammar at every pair (tasks uniform), redrawn in their
+    /// family while they are test prompts (up to 100 times: the small families, such as
+    /// `a photo of a circle` or the colours, are all in the test set and cannot avoid it), so
+    /// the base meets the test prompts' two-object combinations first at evaluation.
+    Grammar,
+}
+
+/// Captioned renders for pre-training: each pair draws a prompt from its [`CaptionSource`] and
+/// renders it in a [`Layout`]; with probability `wrong_fraction` the image departs from its
+/// caption (wrong colour, count, character, style, ...), so the pre-trained model follows
+/// prompts only partly.
 pub struct WorldPairs {
+    source: CaptionSource,
     prompts: Vec<crate::world::prompts::Prompt>,
+    test_prompts: std::collections::HashSet<String>,
     wrong_fraction: f32,
+    layout: Layout,
     rng: ChaCha8Rng,
 }
 
 impl WorldPairs {
-    pub fn new(wrong_fraction: f32, seed: u64) -> Self {
-        Self {
-            prompts: crate::world::prompts::shipped_prompts(crate::world::prompts::Split::Train),
-            wrong_fraction,
-            rng: ChaCha8Rng::seed_from_u64(seed),
+    pub fn new(source: CaptionSource, layout: Layout, wrong_fraction: f32, seed: u64) -> Self {
+        use crate::world::prompts::{Split, shipped_prompts};
+        let (prompts, test_prompts) = match source {
+            CaptionSource::TrainSplit => (shipped_prompts(Split::Train), Default::default()),
+            CaptionSource::Grammar => (Vec::new(), shipped_prompts(Split::Test).into_iter().map(|p| p.text).collect()),
+        };
+        Self { source, prompts, test_prompts, wrong_fraction, layout, rng: ChaCha8Rng::seed_from_u64(seed) }
+    }
+
+    /// The next caption's prompt.
+    pub fn next_prompt(&mut self) -> crate::world::prompts::Prompt {
+        match self.source {
+            CaptionSource::TrainSplit => self.prompts[self.rng.random_range(0..self.prompts.len())].clone(),
+            CaptionSource::Grammar => {
+                let mut prompt = crate::world::prompts::sample_any_prompt(&mut self.rng);
+                for _ in 0..100 {
+                    if !self.test_prompts.contains(&prompt.text) {
+                        break;
+                    }
+                    let spec = crate::world::prompts::sample_spec(prompt.family(), &mut self.rng);
+                    prompt = crate::world::prompts::Prompt::from_spec(spec);
+                }
+                prompt
+            }
         }
     }
 }
@@ -221,8 +260,8 @@ impl ImageCaptions for WorldPairs {
         let mut pixels = Vec::with_capacity(count * 3 * 32 * 32);
         let mut captions = Vec::with_capacity(count);
         for _ in 0..count {
-            let prompt = &self.prompts[self.rng.random_range(0..self.prompts.len())];
-            let pair = crate::world::pairs::training_pair(prompt, self.wrong_fraction, &mut self.rng);
+            let prompt = self.next_prompt();
+            let pair = crate::world::pairs::training_pair(&prompt, self.wrong_fraction, self.layout, &mut self.rng);
             pixels.extend(pair.image.to_chw());
             captions.push(pair.caption);
         }

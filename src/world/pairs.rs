@@ -19,7 +19,7 @@ use crate::world::image::{IMAGE_SIZE, Image32};
 use crate::world::palette::{BackgroundTone, Colour};
 use crate::world::prompts::{Prompt, sample_any_prompt};
 use crate::world::random::{below, chance, int_in, pick};
-use crate::world::render::{Background, GradientDirection, layout, noisy_background, render};
+use crate::world::render::{Background, GradientDirection, Layout, layout_with, noisy_background, render_with};
 use crate::world::spec::{CompositionSpec, Link, ObjectSpec, PreferenceSpec, Spec, TextSpec};
 
 /// How a training pair's image departs from its caption.
@@ -54,20 +54,20 @@ pub struct TrainingPair {
     pub perturbation: Option<Perturbation>,
 }
 
-/// A training pair for `prompt`: a ground-truth render, or with probability `wrong_fraction`
-/// a perturbed one (see the module docs).
-pub fn training_pair<R: RngCore + ?Sized>(prompt: &Prompt, wrong_fraction: f32, rng: &mut R) -> TrainingPair {
+/// A training pair for `prompt` drawn in `style`: a ground-truth render, or with probability
+/// `wrong_fraction` a perturbed one (see the module docs).
+pub fn training_pair<R: RngCore + ?Sized>(prompt: &Prompt, wrong_fraction: f32, style: Layout, rng: &mut R) -> TrainingPair {
     let caption = prompt.text.clone();
     if !chance(rng, wrong_fraction) {
-        return TrainingPair { image: render(&prompt.spec, rng), caption, perturbation: None };
+        return TrainingPair { image: render_with(&prompt.spec, style, rng), caption, perturbation: None };
     }
     let (image, perturbation) = match &prompt.spec {
-        Spec::Composition(c) => perturb_composition(c, rng),
-        Spec::Text(t) => (render(&Spec::Text(wrong_text(t, rng)), rng), Perturbation::WrongText),
-        Spec::Preference(p) => perturb_preference(p, rng),
+        Spec::Composition(c) => perturb_composition(c, style, rng),
+        Spec::Text(t) => (render_with(&Spec::Text(wrong_text(t, rng)), style, rng), Perturbation::WrongText),
+        Spec::Preference(p) => perturb_preference(p, style, rng),
         Spec::Quality(_) => {
             let degradation = *pick(rng, &Degradation::ALL);
-            let clean = render(&prompt.spec, rng);
+            let clean = render_with(&prompt.spec, style, rng);
             (degradation.apply(&clean, rng), Perturbation::Degraded(degradation))
         }
     };
@@ -75,12 +75,12 @@ pub fn training_pair<R: RngCore + ?Sized>(prompt: &Prompt, wrong_fraction: f32, 
 }
 
 /// A training pair for a prompt of a uniformly chosen task.
-pub fn sample_training_pair<R: RngCore + ?Sized>(wrong_fraction: f32, rng: &mut R) -> TrainingPair {
+pub fn sample_training_pair<R: RngCore + ?Sized>(wrong_fraction: f32, style: Layout, rng: &mut R) -> TrainingPair {
     let prompt = sample_any_prompt(rng);
-    training_pair(&prompt, wrong_fraction, rng)
+    training_pair(&prompt, wrong_fraction, style, rng)
 }
 
-fn perturb_composition<R: RngCore + ?Sized>(c: &CompositionSpec, rng: &mut R) -> (Image32, Perturbation) {
+fn perturb_composition<R: RngCore + ?Sized>(c: &CompositionSpec, style: Layout, rng: &mut R) -> (Image32, Perturbation) {
     let mut options = vec![Perturbation::MissingObject];
     if c.objects().iter().any(|o| o.colour.is_some()) {
         options.push(Perturbation::WrongColour);
@@ -117,7 +117,7 @@ fn perturb_composition<R: RngCore + ?Sized>(c: &CompositionSpec, rng: &mut R) ->
         _ => {
             // a missing object: drop one of two phrases, or draw no object at all
             let Some((_, second)) = spec.second.take() else {
-                let mut scene = layout(&Spec::Composition(spec), rng);
+                let mut scene = layout_with(&Spec::Composition(spec), style, rng);
                 scene.objects.clear();
                 return (scene.draw(), Perturbation::MissingObject);
             };
@@ -126,7 +126,7 @@ fn perturb_composition<R: RngCore + ?Sized>(c: &CompositionSpec, rng: &mut R) ->
             }
         }
     }
-    (render(&Spec::Composition(spec), rng), choice)
+    (render_with(&Spec::Composition(spec), style, rng), choice)
 }
 
 fn object_mut(spec: &mut CompositionSpec, index: usize) -> &mut ObjectSpec {
@@ -164,7 +164,7 @@ fn wrong_text<R: RngCore + ?Sized>(t: &TextSpec, rng: &mut R) -> TextSpec {
     TextSpec { template: t.template, text: chars.into_iter().collect() }
 }
 
-fn perturb_preference<R: RngCore + ?Sized>(p: &PreferenceSpec, rng: &mut R) -> (Image32, Perturbation) {
+fn perturb_preference<R: RngCore + ?Sized>(p: &PreferenceSpec, style: Layout, rng: &mut R) -> (Image32, Perturbation) {
     let can_flip = p.style.warmth.is_some() || p.style.lighting.is_some();
     if can_flip && chance(rng, 0.5) {
         let mut flipped = p.clone();
@@ -173,9 +173,9 @@ fn perturb_preference<R: RngCore + ?Sized>(p: &PreferenceSpec, rng: &mut R) -> (
             (Some(w), None) => flipped.style.warmth = Some(w.flipped()),
             (_, l) => flipped.style.lighting = l.map(|l| l.flipped()),
         }
-        return (render(&Spec::Preference(flipped), rng), Perturbation::StyleFlip);
+        return (render_with(&Spec::Preference(flipped), style, rng), Perturbation::StyleFlip);
     }
-    let mut scene = layout(&Spec::Preference(p.clone()), rng);
+    let mut scene = layout_with(&Spec::Preference(p.clone()), style, rng);
     // a lone subject moves off centre, into a corner region (several subjects are already
     // scattered by the layout)
     if let [object] = scene.objects.as_mut_slice() {
@@ -207,8 +207,9 @@ mod tests {
     #[test]
     fn wrong_fraction_controls_how_many_pairs_are_perturbed() {
         let mut rng = ChaCha8Rng::seed_from_u64(31);
-        for fraction in [0.0, 0.3, 1.0] {
-            let wrong = (0..2_000).filter(|_| sample_training_pair(fraction, &mut rng).perturbation.is_some()).count();
+        for (fraction, style) in [(0.0, Layout::Scattered), (0.3, Layout::Scattered), (0.3, Layout::Canonical), (1.0, Layout::Canonical)] {
+            let wrong =
+                (0..2_000).filter(|_| sample_training_pair(fraction, style, &mut rng).perturbation.is_some()).count();
             let expected = fraction * 2_000.0;
             assert!((wrong as f32 - expected).abs() <= 70.0, "fraction {fraction}: {wrong} wrong pairs");
         }
@@ -216,22 +217,25 @@ mod tests {
 
     #[test]
     fn every_perturbation_kind_occurs_and_captions_stay_in_the_grammar() {
-        let mut rng = ChaCha8Rng::seed_from_u64(32);
-        let mut kinds = HashSet::new();
-        for _ in 0..3_000 {
-            let pair = sample_training_pair(1.0, &mut rng);
-            parse(&pair.caption).unwrap();
-            kinds.insert(pair.perturbation.unwrap());
+        for style in [Layout::Scattered, Layout::Canonical] {
+            let mut rng = ChaCha8Rng::seed_from_u64(32);
+            let mut kinds = HashSet::new();
+            for _ in 0..3_000 {
+                let pair = sample_training_pair(1.0, style, &mut rng);
+                parse(&pair.caption).unwrap();
+                kinds.insert(pair.perturbation.unwrap());
+            }
+            assert_eq!(kinds.len(), 10, "{style:?}: {kinds:?}");
         }
-        assert_eq!(kinds.len(), 10, "{kinds:?}");
     }
 
     #[test]
     fn wrong_text_images_do_not_say_the_caption() {
         let mut rng = ChaCha8Rng::seed_from_u64(33);
-        for _ in 0..300 {
+        for i in 0..300 {
+            let style = if i % 2 == 0 { Layout::Scattered } else { Layout::Canonical };
             let prompt = crate::world::prompts::sample_prompt(Task::Text, &mut rng);
-            let pair = training_pair(&prompt, 1.0, &mut rng);
+            let pair = training_pair(&prompt, 1.0, style, &mut rng);
             let Spec::Text(t) = &prompt.spec else { unreachable!() };
             let read = read_text(&pair.image);
             assert_ne!(read, t.text);

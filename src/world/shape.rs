@@ -35,6 +35,18 @@ impl Shape {
         }
     }
 
+    /// The colour a canonical scene ([`crate::world::render::Layout::Canonical`]) gives this
+    /// shape when the prompt names none: one per shape, all different.
+    pub fn default_colour(self) -> crate::world::palette::Colour {
+        use crate::world::palette::Colour;
+        match self {
+            Shape::Circle => Colour::Red,
+            Shape::Square => Colour::Blue,
+            Shape::Triangle => Colour::Green,
+            Shape::Cross => Colour::Yellow,
+        }
+    }
+
     /// The plural prompt word.
     pub fn plural(self) -> &'static str {
         match self {
