@@ -20,7 +20,8 @@ use crate::model::t2i::TextToImage;
 use crate::reward::{RemoteRewardConfig, RewardInput, RewardSet};
 use crate::world::Task;
 use crate::world::image::rgb_grid;
-use crate::world::prompts::{Split, shipped_prompts};
+use crate::world::prompts::{Prompt, Split, shipped_prompts};
+use crate::world::spec::Family;
 pub use generate::{GenerateConfig, generate};
 pub use table::{EvalRow, ResultsTable};
 
@@ -74,6 +75,29 @@ pub struct TaskResult {
     pub count: usize,
     pub images: Vec<RgbImage>,
     pub prompts: Vec<String>,
+    /// GenEval-style accuracy per category (family) with its prompt count, in GenEval's order
+    /// (see [`category_means`]); empty for other tasks.
+    pub categories: Vec<(Family, f64, usize)>,
+}
+
+/// The mean metric of each composition category among `prompts` (GenEval reports its
+/// accuracy per category: single object, two objects, counting, colours, position, colour
+/// attribution), in [`Family::COMPOSITION`] order, with the number of prompts; categories
+/// without prompts are left out. Empty when some prompt is not a composition prompt of the
+/// world's grammar (e.g. free-text prompt files).
+pub fn category_means(prompts: &[String], metrics: &[f64]) -> Vec<(Family, f64, usize)> {
+    let families: Option<Vec<Family>> = prompts
+        .iter()
+        .map(|p| Prompt::parse(p).ok().map(|p| p.family()).filter(|f| f.task() == Task::Composition))
+        .collect();
+    let Some(families) = families else { return Vec::new() };
+    Family::COMPOSITION
+        .into_iter()
+        .filter_map(|family| {
+            let of: Vec<f64> = families.iter().zip(metrics).filter(|(f, _)| **f == family).map(|(_, &m)| m).collect();
+            (!of.is_empty()).then(|| (family, of.iter().sum::<f64>() / of.len() as f64, of.len()))
+        })
+        .collect()
 }
 
 /// Why an evaluation failed.
@@ -129,7 +153,8 @@ pub fn evaluate<B: Backend, P: TextToImage<B> + ?Sized>(
         let n = metrics.len().max(1) as f64;
         let mean = metrics.iter().sum::<f64>() / n;
         let var = metrics.iter().map(|m| (m - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
-        results.push(TaskResult { task, mean, stderr: (var / n).sqrt(), count: metrics.len(), images, prompts });
+        let categories = if task == Task::Composition { category_means(&prompts, &metrics) } else { Vec::new() };
+        results.push(TaskResult { task, mean, stderr: (var / n).sqrt(), count: metrics.len(), images, prompts, categories });
     }
     Ok(results)
 }
@@ -137,7 +162,9 @@ pub fn evaluate<B: Backend, P: TextToImage<B> + ?Sized>(
 /// The table row of a finished evaluation (metrics of tasks not evaluated are `None`).
 pub fn row(name: &str, results: &[TaskResult], seconds: f64) -> EvalRow {
     let get = |t: Task| results.iter().find(|r| r.task == t).map(|r| r.mean);
-    EvalRow::new(name, get(Task::Composition), get(Task::Text), get(Task::Preference), get(Task::Quality), seconds)
+    let row = EvalRow::new(name, get(Task::Composition), get(Task::Text), get(Task::Preference), get(Task::Quality), seconds);
+    let categories = results.iter().filter(|r| r.task == Task::Composition).flat_map(|r| &r.categories);
+    EvalRow { geneval_categories: categories.map(|&(f, mean, _)| (f.name().to_string(), mean)).collect(), ..row }
 }
 
 /// Writes `grid_<model>_<task>.png` (the first 32 samples, 8 per row; world images enlarged
@@ -170,4 +197,28 @@ pub fn timed<T>(f: impl FnOnce() -> T) -> (T, f64) {
     let start = Instant::now();
     let out = f();
     (out, start.elapsed().as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn category_means_group_composition_prompts_in_genevals_order() {
+        let prompts: Vec<String> = [
+            "a photo of a red circle left of a square",
+            "a photo of two circles",
+            "a photo of a red circle",
+            "a photo of four squares",
+            "a photo of a blue cross",
+        ]
+        .map(String::from)
+        .to_vec();
+        let metrics = [1.0, 0.0, 1.0, 1.0, 0.0];
+        let means = category_means(&prompts, &metrics);
+        assert_eq!(means, vec![(Family::Counting, 0.5, 2), (Family::Colors, 0.5, 2), (Family::Position, 1.0, 1)]);
+        // free text (an SD3 prompt file) or another task's prompt: no categories
+        assert!(category_means(&["a cat on a mat".to_string()], &[1.0]).is_empty());
+        assert!(category_means(&["a sign that says \"A\"".to_string()], &[1.0]).is_empty());
+    }
 }

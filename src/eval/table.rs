@@ -2,6 +2,7 @@
 //! GenEval-like, OCR-like, PickScore-like and DeQA-like metrics and
 //! `Avg = mean(GenEval, OCR, DeQA / 5, PickScore / 26)` (REFERENCE section 6).
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -28,6 +29,10 @@ pub struct EvalRow {
     /// run); marked with a dagger in `results.md`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
+    /// GenEval-like accuracy per category (`single_object`, `two_object`, `counting`,
+    /// `colors`, `position`, `color_attr`) when the composition prompts are the world's.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub geneval_categories: BTreeMap<String, f64>,
 }
 
 impl EvalRow {
@@ -36,7 +41,7 @@ impl EvalRow {
             (Some(g), Some(o), Some(p), Some(d)) => Some(paper_avg(g, o, p, d)),
             _ => None,
         };
-        Self { model: model.to_string(), geneval, ocr, pickscore, deqa, avg, seconds, source: None }
+        Self { model: model.to_string(), geneval, ocr, pickscore, deqa, avg, seconds, source: None, geneval_categories: BTreeMap::new() }
     }
 }
 
@@ -88,9 +93,40 @@ impl ResultsTable {
                 f(r.avg, 4)
             ));
         }
+        out.push_str(&self.categories_markdown());
         let sources: std::collections::BTreeSet<&str> = self.rows.iter().filter_map(|r| r.source.as_deref()).collect();
         for source in sources {
             out.push_str(&format!("\n† imported from `{source}` (same test prompts, seeds and sampler).\n"));
+        }
+        out
+    }
+
+    /// The GenEval-by-category table of the rows that have categories (GenEval's column
+    /// order), or nothing when none has.
+    fn categories_markdown(&self) -> String {
+        const COLUMNS: [(&str, &str); 6] = [
+            ("single_object", "Single obj."),
+            ("two_object", "Two obj."),
+            ("counting", "Counting"),
+            ("colors", "Colors"),
+            ("position", "Position"),
+            ("color_attr", "Color attr."),
+        ];
+        let rows: Vec<&EvalRow> = self.rows.iter().filter(|r| !r.geneval_categories.is_empty()).collect();
+        if rows.is_empty() {
+            return String::new();
+        }
+        let mut out = String::from("\nGenEval by category:\n\n| model |");
+        for (_, title) in COLUMNS {
+            out.push_str(&format!(" {title} |"));
+        }
+        out.push_str(&format!("\n|---|{}\n", "---|".repeat(COLUMNS.len())));
+        for r in rows {
+            out.push_str(&format!("| {}{} |", r.model, if r.source.is_some() { " †" } else { "" }));
+            for (key, _) in COLUMNS {
+                out.push_str(&r.geneval_categories.get(key).map_or(" - |".to_string(), |v| format!(" {v:.3} |")));
+            }
+            out.push('\n');
         }
         out
     }
@@ -140,6 +176,25 @@ mod tests {
         assert_eq!(t.rows.len(), 2);
         assert_eq!(t.rows[0].geneval, Some(0.6));
         assert!(t.markdown().contains("| teacher | 0.900 | - |"));
+    }
+
+    #[test]
+    fn categories_get_their_own_table_and_survive_json() {
+        let mut t = ResultsTable::default();
+        t.upsert(EvalRow::new("old", Some(0.5), None, None, None, 1.0));
+        let mut row = EvalRow::new("base", Some(0.5), None, None, None, 1.0);
+        row.geneval_categories = [("position", 0.25), ("single_object", 1.0)].map(|(k, v)| (k.to_string(), v)).into();
+        t.upsert(row);
+        let md = t.markdown();
+        assert!(md.contains("| model | Single obj. | Two obj. | Counting | Colors | Position | Color attr. |"), "{md}");
+        assert!(md.contains("| base | 1.000 | - | - | - | 0.250 | - |"), "{md}");
+        assert!(!md.contains("| old | 1.000"), "{md}");
+        let json = serde_json::to_string(&t).unwrap();
+        assert_eq!(serde_json::from_str::<ResultsTable>(&json).unwrap(), t);
+        // tables written before categories existed still read
+        let old: ResultsTable = serde_json::from_str(r#"{"rows":[{"model":"m","geneval":0.1,"ocr":null,"pickscore":null,"deqa":null,"avg":null,"seconds":1.0}]}"#).unwrap();
+        assert!(old.rows[0].geneval_categories.is_empty());
+        assert!(!old.markdown().contains("by category"));
     }
 
     #[test]

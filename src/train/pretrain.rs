@@ -288,3 +288,38 @@ impl<B: Backend> FlowMatchingPair<B> {
         Self { x_s, s, target: eps - x0 }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::*;
+    use crate::world::prompts::{Prompt, Split, shipped_prompts};
+    use crate::world::spec::Family;
+
+    #[test]
+    fn grammar_captions_avoid_test_prompts_where_the_family_allows() {
+        let test: HashSet<String> = shipped_prompts(Split::Test).into_iter().map(|p| p.text).collect();
+        let train: HashSet<String> = shipped_prompts(Split::Train).into_iter().map(|p| p.text).collect();
+        let mut pairs = WorldPairs::new(CaptionSource::Grammar, Layout::Canonical, 0.3, 5);
+        let (pixels, captions) = pairs.batch(3_000);
+        assert_eq!(pixels.len(), 3_000 * 3 * 32 * 32);
+        let mut families = HashSet::new();
+        let mut outside_train = 0;
+        for caption in &captions {
+            let family = Prompt::parse(caption).unwrap().family();
+            families.insert(family);
+            if matches!(family, Family::ColorAttr | Family::Position | Family::Text | Family::Preference) {
+                assert!(!test.contains(caption), "{family} caption {caption:?} is a test prompt");
+            }
+            outside_train += usize::from(!train.contains(caption));
+        }
+        // every family is drawn, the small ones (all of whose prompts are test prompts) included
+        assert_eq!(families.len(), 9, "{families:?}");
+        // (about a quarter: the small families and many quality prompts are in the train split too)
+        assert!(outside_train > 600, "only {outside_train} captions are new");
+        // the train split source draws only training prompts
+        let (_, captions) = WorldPairs::new(CaptionSource::TrainSplit, Layout::Scattered, 0.3, 5).batch(200);
+        assert!(captions.iter().all(|c| train.contains(c)));
+    }
+}
