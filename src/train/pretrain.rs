@@ -218,38 +218,38 @@ pub enum CaptionSource {
 /// caption (wrong colour, count, character, style, ...), so the pre-trained model follows
 /// prompts only partly.
 pub struct WorldPairs {
-    source: CaptionSource,
-    prompts: Vec<crate::world::prompts::Prompt>,
-    test_prompts: std::collections::HashSet<String>,
+    captions: Captions,
     wrong_fraction: f32,
     layout: Layout,
     rng: ChaCha8Rng,
 }
 
+/// What a [`CaptionSource`] draws from.
+enum Captions {
+    /// The shipped training prompts.
+    TrainSplit(Vec<crate::world::prompts::Prompt>),
+    /// The grammar, avoiding these test prompt texts.
+    Grammar(std::collections::HashSet<String>),
+}
+
 impl WorldPairs {
     pub fn new(source: CaptionSource, layout: Layout, wrong_fraction: f32, seed: u64) -> Self {
         use crate::world::prompts::{Split, shipped_prompts};
-        let (prompts, test_prompts) = match source {
-            CaptionSource::TrainSplit => (shipped_prompts(Split::Train), Default::default()),
-            CaptionSource::Grammar => (Vec::new(), shipped_prompts(Split::Test).into_iter().map(|p| p.text).collect()),
+        let captions = match source {
+            CaptionSource::TrainSplit => Captions::TrainSplit(shipped_prompts(Split::Train)),
+            CaptionSource::Grammar => Captions::Grammar(shipped_prompts(Split::Test).into_iter().map(|p| p.text).collect()),
         };
-        Self { source, prompts, test_prompts, wrong_fraction, layout, rng: ChaCha8Rng::seed_from_u64(seed) }
+        Self { captions, wrong_fraction, layout, rng: ChaCha8Rng::seed_from_u64(seed) }
     }
 
     /// The next caption's prompt.
     pub fn next_prompt(&mut self) -> crate::world::prompts::Prompt {
-        match self.source {
-            CaptionSource::TrainSplit => self.prompts[self.rng.random_range(0..self.prompts.len())].clone(),
-            CaptionSource::Grammar => {
-                let mut prompt = crate::world::prompts::sample_any_prompt(&mut self.rng);
-                for _ in 0..100 {
-                    if !self.test_prompts.contains(&prompt.text) {
-                        break;
-                    }
-                    let spec = crate::world::prompts::sample_spec(prompt.family(), &mut self.rng);
-                    prompt = crate::world::prompts::Prompt::from_spec(spec);
-                }
-                prompt
+        use crate::world::prompts::{sample_any_family, sample_prompt_avoiding};
+        match &self.captions {
+            Captions::TrainSplit(prompts) => prompts[self.rng.random_range(0..prompts.len())].clone(),
+            Captions::Grammar(test_prompts) => {
+                let family = sample_any_family(&mut self.rng);
+                sample_prompt_avoiding(family, test_prompts, &mut self.rng)
             }
         }
     }

@@ -263,21 +263,45 @@ pub fn sample_spec<R: RngCore + ?Sized>(family: Family, rng: &mut R) -> Spec {
     }
 }
 
-/// Draws a prompt of `task`, its family uniform among the task's families.
-pub fn sample_prompt<R: RngCore + ?Sized>(task: Task, rng: &mut R) -> Prompt {
-    let family = match task {
+/// Draws a family of `task`, uniform among the task's families.
+pub fn sample_family<R: RngCore + ?Sized>(task: Task, rng: &mut R) -> Family {
+    match task {
         Task::Composition => *pick(rng, &Family::COMPOSITION),
         Task::Text => Family::Text,
         Task::Preference => Family::Preference,
         Task::Quality => Family::Quality,
-    };
+    }
+}
+
+/// Draws a family of a uniformly chosen task.
+pub fn sample_any_family<R: RngCore + ?Sized>(rng: &mut R) -> Family {
+    let task = *pick(rng, &Task::ALL);
+    sample_family(task, rng)
+}
+
+/// Draws a prompt of `task`, its family uniform among the task's families.
+pub fn sample_prompt<R: RngCore + ?Sized>(task: Task, rng: &mut R) -> Prompt {
+    let family = sample_family(task, rng);
     Prompt::from_spec(sample_spec(family, rng))
 }
 
 /// Draws a prompt of a uniformly chosen task.
 pub fn sample_any_prompt<R: RngCore + ?Sized>(rng: &mut R) -> Prompt {
-    let task = *pick(rng, &Task::ALL);
-    sample_prompt(task, rng)
+    let family = sample_any_family(rng);
+    Prompt::from_spec(sample_spec(family, rng))
+}
+
+/// Draws a prompt of `family`, redrawn (up to 100 times) while its text is in `held_out`;
+/// families too small to avoid `held_out` keep a held-out prompt.
+pub fn sample_prompt_avoiding<R: RngCore + ?Sized>(family: Family, held_out: &HashSet<String>, rng: &mut R) -> Prompt {
+    let mut prompt = Prompt::from_spec(sample_spec(family, rng));
+    for _ in 0..100 {
+        if !held_out.contains(&prompt.text) {
+            break;
+        }
+        prompt = Prompt::from_spec(sample_spec(family, rng));
+    }
+    prompt
 }
 
 fn families(task: Task) -> &'static [Family] {
@@ -302,15 +326,7 @@ pub fn prompt_set(split: Split) -> Vec<Prompt> {
     for task in Task::ALL {
         let fams = families(task);
         for i in 0..split.per_task() {
-            let family = fams[i % fams.len()];
-            let mut prompt = Prompt::from_spec(sample_spec(family, &mut rng));
-            for _ in 0..100 {
-                if !held_out.contains(&prompt.text) {
-                    break;
-                }
-                prompt = Prompt::from_spec(sample_spec(family, &mut rng));
-            }
-            out.push(prompt);
+            out.push(sample_prompt_avoiding(fams[i % fams.len()], &held_out, &mut rng));
         }
     }
     out
