@@ -155,6 +155,7 @@ pub fn run_opd_bench<B: AutodiffBackend>(config: &OpdBenchConfig, device: &B::De
             sde_window: None,
             guidance: config.guidance,
             micro_batch: config.micro_batch,
+            same_latent: false,
         },
         tasks: None,
         mar_lambda: 0.02,

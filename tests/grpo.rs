@@ -111,3 +111,36 @@ remote_rewards = {{ composition = {{ url = "{}", name = "brightness" }} }}
     let (first, last) = (rewards[..3].iter().sum::<f64>() / 3.0, rewards[9..].iter().sum::<f64>() / 3.0);
     assert!(last > first + 0.05, "brightness {first:.3} -> {last:.3}");
 }
+
+/// `same_latent`: a group's samples start from one initial noise (and different prompts from
+/// different ones); without it every sample has its own.
+#[test]
+fn same_latent_shares_the_initial_noise_within_each_group() {
+    use flow_opd::train::prompts::TaskPrompt;
+    use flow_opd::train::rollout::{RolloutConfig, rollout};
+    use flow_opd::world::Task;
+    use rand::SeedableRng;
+
+    let device = Default::default();
+    let pipeline = common::toy_world_pipeline(0);
+    let prompts: Vec<TaskPrompt> = ["a photo of a red circle", "a photo of two squares"]
+        .iter()
+        .map(|t| TaskPrompt { task: Task::Composition, text: t.to_string() })
+        .collect();
+    let starts = |same_latent: bool| -> Vec<Vec<f32>> {
+        let config: RolloutConfig =
+            toml::from_str(&format!("prompts = 2\ngroup_size = 3\nsteps = 2\nsame_latent = {same_latent}")).unwrap();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        let ro = rollout(&pipeline, None, &prompts, &config, &mut rng, &device).unwrap();
+        let x0 = ro.trajectory.states[0].clone();
+        (0..6).map(|i| x0.clone().slice([i..i + 1]).into_data().to_vec::<f32>().unwrap()).collect()
+    };
+    let shared = starts(true);
+    assert_eq!(shared[0], shared[1]);
+    assert_eq!(shared[0], shared[2]);
+    assert_eq!(shared[3], shared[5]);
+    assert_ne!(shared[0], shared[3], "different prompts keep different noise");
+    let own = starts(false);
+    assert_ne!(own[0], own[1]);
+    assert_ne!(own[3], own[4]);
+}

@@ -41,6 +41,11 @@ pub struct RolloutConfig {
     /// the passes, so the update is the same); all at once if absent. Bounds GPU memory.
     #[serde(default)]
     pub micro_batch: Option<usize>,
+    /// The `G` samples of a prompt start from the same initial noise (Flow-GRPO's
+    /// `same_latent`): a group's rewards then differ only through the SDE's noise, which is
+    /// what the policy gradient credits. Off by default (one initial noise per sample).
+    #[serde(default)]
+    pub same_latent: bool,
 }
 
 fn default_steps() -> usize {
@@ -114,7 +119,12 @@ pub fn rollout<B: Backend, P: TextToImage<B> + ?Sized>(
     let texts: Vec<&str> = expanded.iter().map(|p| p.text.as_str()).collect();
     let cond = pipeline.encode_prompts(&texts, device)?;
     let negative = pipeline.encode_prompts(&vec![""; texts.len()], device)?;
-    let seeds: Vec<u64> = (0..texts.len()).map(|_| rng.random()).collect();
+    let seeds: Vec<u64> = if config.same_latent {
+        let per_prompt: Vec<u64> = prompts.iter().map(|_| rng.random()).collect();
+        per_prompt.iter().flat_map(|&s| std::iter::repeat_n(s, config.group_size)).collect()
+    } else {
+        (0..texts.len()).map(|_| rng.random()).collect()
+    };
     let x0 = initial_noise::<B>(pipeline.latent_shape(), &seeds, device);
     let adapters = adapter.map_or_else(ActiveAdapters::none, ActiveAdapters::single);
     let mut noise = SeededNoise::new(rng.random());
