@@ -122,6 +122,11 @@ pub struct OpdStage {
     pub checkpoint_every: usize,
     #[serde(default)]
     pub export: Option<PathBuf>,
+    /// Wall-clock budget of the training loop in seconds: it ends after the first iteration
+    /// that finishes past it (before `iterations`), saves and exports the adapter, and the
+    /// recipe goes on. No budget if absent.
+    #[serde(default)]
+    pub max_seconds: Option<f64>,
     pub train: OpdConfig,
 }
 
@@ -142,6 +147,11 @@ pub struct GrpoStage {
     /// Also write the final adapter here (e.g. `models/teachers/ocr`).
     #[serde(default)]
     pub export: Option<PathBuf>,
+    /// Wall-clock budget of the training loop in seconds: it ends after the first iteration
+    /// that finishes past it (before `iterations`), saves and exports the adapter, and the
+    /// recipe goes on. No budget if absent.
+    #[serde(default)]
+    pub max_seconds: Option<f64>,
     pub train: GrpoConfig,
 }
 
@@ -295,6 +305,12 @@ impl Recipe {
                     Err(format!("stage {i}: `{field}` = \"{name}\" is neither an earlier stage's output nor an existing path"))
                 }
             };
+            let budget = |max_seconds: Option<f64>| match max_seconds {
+                Some(m) if !(m.is_finite() && m >= 0.0) => {
+                    Err(format!("stage {i}: `max_seconds` = {m} must be a finite number of seconds >= 0"))
+                }
+                _ => Ok(()),
+            };
             match stage {
                 Stage::Pretrain(s) => {
                     if let Some(init) = &s.init {
@@ -303,6 +319,7 @@ impl Recipe {
                     outputs.push(&s.output);
                 }
                 Stage::Grpo(s) => {
+                    budget(s.max_seconds)?;
                     need(&s.model, "model")?;
                     if let Some(init) = &s.init {
                         need(init, "init")?;
@@ -324,6 +341,7 @@ impl Recipe {
                     outputs.push(&s.output);
                 }
                 Stage::Opd(s) => {
+                    budget(s.max_seconds)?;
                     need(&s.model, "model")?;
                     if let Some(init) = &s.init {
                         need(init, "init")?;
@@ -558,7 +576,7 @@ fn run_grpo<B: Backend>(stage: &GrpoStage, ctx: &mut RunContext, device: &B::Dev
         None => None,
     };
     let trainer = grpo_trainer::<AD<B>>(pipeline, init, stage.train.clone(), device)?;
-    let common = AdapterStage { kind: "grpo", output: &stage.output, iterations: stage.train.iterations, checkpoint_every: stage.checkpoint_every, export: stage.export.as_deref() };
+    let common = AdapterStage { kind: "grpo", output: &stage.output, iterations: stage.train.iterations, checkpoint_every: stage.checkpoint_every, max_seconds: stage.max_seconds, export: stage.export.as_deref() };
     train_adapter(common, GrpoLoop(trainer), ctx, device)
 }
 
@@ -568,6 +586,7 @@ struct AdapterStage<'a> {
     output: &'a str,
     iterations: usize,
     checkpoint_every: usize,
+    max_seconds: Option<f64>,
     export: Option<&'a Path>,
 }
 
@@ -633,25 +652,34 @@ fn train_adapter<B: burn::tensor::backend::AutodiffBackend>(
     let label = format!("{}:{}", stage.kind, stage.output);
     let bar = progress_bar(stage.iterations as u64, stage.output);
     let start = Instant::now();
+    let mut done = 0;
     for it in 1..=stage.iterations {
         let (message, mut fields) = trainer.iterate(device)?;
         bar.set_message(message);
         bar.inc(1);
-        fields.push(("seconds".into(), start.elapsed().as_secs_f64()));
+        done = it;
+        let seconds = start.elapsed().as_secs_f64();
+        fields.push(("seconds".into(), seconds));
         let refs: Vec<(&str, f64)> = fields.iter().map(|(k, v)| (k.as_str(), *v)).collect();
         ctx.metrics.log(&label, it, &refs).map_err(|e| e.to_string())?;
-        if it % stage.checkpoint_every.max(1) == 0 || it == stage.iterations || interrupted() {
+        let out_of_time = stage.max_seconds.is_some_and(|budget| seconds >= budget);
+        if it % stage.checkpoint_every.max(1) == 0 || it == stage.iterations || out_of_time || interrupted() {
             save_adapter_atomic(trainer.ema(), &out)?;
         }
         if interrupted() {
             return Err(format!("interrupted at iteration {it}; the EMA adapter is in {}", out.display()));
+        }
+        if out_of_time {
+            let budget = stage.max_seconds.unwrap_or_default();
+            tracing::info!("{label}: time budget of {budget:.0} s spent after iteration {it} of {} ({seconds:.0} s)", stage.iterations);
+            break;
         }
     }
     bar.finish();
     if let Some(export) = stage.export {
         save_adapter_atomic(trainer.ema(), export)?;
     }
-    tracing::info!("{label}: {} iterations in {:.0} s", stage.iterations, start.elapsed().as_secs_f64());
+    tracing::info!("{label}: {done} iterations in {:.0} s", start.elapsed().as_secs_f64());
     ctx.outputs.insert(stage.output.to_string(), out);
     Ok(())
 }
@@ -740,7 +768,7 @@ fn run_opd<B: Backend>(stage: &OpdStage, ctx: &mut RunContext, device: &B::Devic
     };
     let teachers = Teachers { adapters, routing, anchor };
     let trainer = opd_trainer::<AD<B>>(pipeline, init, teachers, stage.train.clone(), device)?;
-    let common = AdapterStage { kind: "opd", output: &stage.output, iterations: stage.train.iterations, checkpoint_every: stage.checkpoint_every, export: stage.export.as_deref() };
+    let common = AdapterStage { kind: "opd", output: &stage.output, iterations: stage.train.iterations, checkpoint_every: stage.checkpoint_every, max_seconds: stage.max_seconds, export: stage.export.as_deref() };
     train_adapter(common, OpdLoop(trainer), ctx, device)
 }
 

@@ -1,6 +1,6 @@
 //! Flow-GRPO on the toy world: KL to the reference is zero while the adapter is zero (B = 0);
 //! a two-iteration GRPO recipe changes the adapter and logs its metrics; GRPO climbs an easy
-//! reward (brightness) end to end.
+//! reward (brightness) end to end; a time budget ends a stage early.
 
 use std::path::Path;
 
@@ -143,4 +143,38 @@ fn same_latent_shares_the_initial_noise_within_each_group() {
     let own = starts(false);
     assert_ne!(own[0], own[1]);
     assert_ne!(own[3], own[4]);
+}
+
+/// `max_seconds`: the loop ends after the first iteration past the budget, saves and exports
+/// the adapter, and the recipe goes on to its next stage; a negative budget is refused by name.
+#[test]
+fn a_time_budget_ends_the_stage_and_the_recipe_goes_on() {
+    let runs = tempfile::tempdir().unwrap();
+    let model = runs.path().join("toy");
+    toy_pipeline(&model);
+    let export = runs.path().join("exported");
+    let recipe_text = |budget: &str| {
+        format!(
+            "name = \"grpo_budget\"\n[[stage]]\nkind = \"grpo\"\noutput = \"teacher\"\nmodel = \"{}\"\nexport = \"{}\"\nmax_seconds = {budget}\n[stage.train]\n{}\n\
+             [[stage]]\nkind = \"merge\"\noutput = \"merged\"\nmodel = \"{}\"\nadapters = {{ teacher = 1.0 }}\n",
+            model.display(),
+            export.display(),
+            GRPO.replace("iterations = 2", "iterations = 50"),
+            model.display(),
+        )
+    };
+    let bad = Recipe::from_toml(Path::new("budget.toml"), &recipe_text("-1.0")).unwrap_err().to_string();
+    assert!(bad.contains("max_seconds") && bad.contains("-1"), "{bad}");
+
+    let recipe = Recipe::from_toml(Path::new("budget.toml"), &recipe_text("0.0")).unwrap();
+    let device = Default::default();
+    run_recipe::<B>(&recipe, runs.path(), &device).unwrap();
+    let dir = runs.path().join("grpo_budget");
+    let metrics = read_metrics(&dir.join("metrics.jsonl")).unwrap();
+    let grpo = metrics.iter().filter(|m| m["stage"] == "grpo:teacher").count();
+    assert_eq!(grpo, 1, "a zero budget is spent by the first of 50 iterations");
+    let pipeline = Pipeline::<B>::load(&model, &device).unwrap();
+    for adapter in [dir.join("teacher"), export, dir.join("merged")] {
+        load_lora(&adapter, &pipeline.model.transformer, &device).unwrap_or_else(|e| panic!("{}: {e}", adapter.display()));
+    }
 }
