@@ -865,8 +865,9 @@ mod tests {
 
     #[test]
     fn shipped_recipes_parse() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes");
-        for entry in std::fs::read_dir(&dir).unwrap() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes");
+        let entries = [root.clone(), root.join("gpu")].into_iter().flat_map(|dir| std::fs::read_dir(dir).unwrap());
+        for entry in entries {
             let path = entry.unwrap().path();
             if path.extension().is_some_and(|e| e == "toml") {
                 let text = std::fs::read_to_string(&path).unwrap();
