@@ -458,6 +458,18 @@ pub fn progress_bar(len: u64, label: &str) -> ProgressBar {
     bar
 }
 
+/// A run starts a fresh `metrics.jsonl` (so its curves show this run only): an earlier run's
+/// log is renamed to the first free `metrics.previous-N.jsonl`, not lost.
+fn keep_previous_metrics(path: &Path) -> std::io::Result<()> {
+    if !path.exists() {
+        return Ok(());
+    }
+    let kept = (1..).map(|n| path.with_file_name(format!("metrics.previous-{n}.jsonl"))).find(|p| !p.exists()).expect("a free name");
+    std::fs::rename(path, &kept)?;
+    tracing::info!("the previous run's metrics were moved to {}", kept.display());
+    Ok(())
+}
+
 /// Runs every stage of `recipe` on backend `B`, writing into `runs_dir/<name>/`.
 pub fn run_recipe<B: Backend>(recipe: &Recipe, runs_dir: &Path, device: &B::Device) -> Result<RunContext, RecipeError> {
     install_interrupt_handler();
@@ -467,6 +479,7 @@ pub fn run_recipe<B: Backend>(recipe: &Recipe, runs_dir: &Path, device: &B::Devi
     crate::model::weights::write_text_atomic(&dir.join("recipe.toml"), &resolved)
         .map_err(|e| RecipeError::Io { path: dir.join("recipe.toml"), source: std::io::Error::other(e.to_string()) })?;
     let metrics_path = dir.join("metrics.jsonl");
+    keep_previous_metrics(&metrics_path).map_err(|source| RecipeError::Io { path: metrics_path.clone(), source })?;
     let metrics = MetricsLog::open(&metrics_path).map_err(|source| RecipeError::Io { path: metrics_path, source })?;
     let mut ctx = RunContext { dir, outputs: BTreeMap::new(), metrics, sd3: recipe.sd3.clone() };
     for (index, stage) in recipe.stages.iter().enumerate() {

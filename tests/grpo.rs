@@ -1,6 +1,7 @@
 //! Flow-GRPO on the toy world: KL to the reference is zero while the adapter is zero (B = 0);
-//! a two-iteration GRPO recipe changes the adapter and logs its metrics; GRPO climbs an easy
-//! reward (brightness) end to end; a time budget ends a stage early.
+//! a two-iteration GRPO recipe changes the adapter and logs its metrics (a re-run starts a fresh
+//! log and keeps the old one); GRPO climbs an easy reward (brightness) end to end; a time budget
+//! ends a stage early.
 
 use std::path::Path;
 
@@ -64,6 +65,10 @@ fn two_grpo_iterations_change_the_adapter_and_log_metrics() {
     let metrics = read_metrics(&dir.join("metrics.jsonl")).unwrap();
     let grpo: Vec<_> = metrics.iter().filter(|m| m["stage"] == "grpo:teacher").collect();
     assert_eq!(grpo.len(), 2);
+    // Running the recipe again starts a fresh log and keeps the first run's beside it.
+    run_recipe::<B>(&recipe, runs.path(), &device).unwrap();
+    assert_eq!(read_metrics(&dir.join("metrics.jsonl")).unwrap().len(), metrics.len(), "this run's records only");
+    assert_eq!(read_metrics(&dir.join("metrics.previous-1.jsonl")).unwrap(), metrics, "the first run's log is kept");
     for m in &grpo {
         for key in ["reward", "kl", "policy_loss", "clip_fraction"] {
             assert!(m[key].as_f64().is_some_and(f64::is_finite), "{key} in {m:?}");
