@@ -1,13 +1,84 @@
 //! The composition reward, standing in for GenEval.
 
 use crate::reward::{Reward, RewardError, RewardInput, RewardScore, score_each};
-use crate::world::detect::{DetectedObject, detect_objects};
+use crate::world::detect::{DetectedObject, MIN_SHAPE_FIT, detect_objects};
 use crate::world::grammar::parse;
 use crate::world::image::Image32;
+use crate::world::shape::Shape;
 use crate::world::spec::{ObjectSpec, Relation};
 
 /// Centres must differ by more than this many pixels along the axis of a relation.
 pub const POSITION_MARGIN: f32 = 2.0;
+
+/// How [`CompositionReward`] turns the checks into the training `value`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CompositionCredit {
+    /// The fraction of checks passed.
+    #[default]
+    Checks,
+    /// Each passed check counts 1 and each failed one up to [`NEAR_MISS_CREDIT`] for near
+    /// misses ([`graded_credits`]), so a prompt the policy always fails still ranks its
+    /// samples by how close they come.
+    Graded,
+}
+
+/// The most a failed check earns under [`CompositionCredit::Graded`].
+pub const NEAR_MISS_CREDIT: f32 = 0.5;
+
+/// How close component `d` comes to being detected as `shape`: 1 when it is, else
+/// `0.9 * min(1, fit / MIN_SHAPE_FIT)` with its intersection over union with the shape's mask.
+pub fn shape_closeness(d: &DetectedObject, shape: Shape) -> f32 {
+    if d.shape == Some(shape) { 1.0 } else { 0.9 * (d.fit(shape) / MIN_SHAPE_FIT).min(1.0) }
+}
+
+/// The credit of every check of [`composition_checks`] (same order) under
+/// [`CompositionCredit::Graded`]: 1 for a passed check; for a failed one
+/// [`NEAR_MISS_CREDIT`] times
+/// - count with too few objects of the shape: the mean [`shape_closeness`] of the `n` closest
+///   components of any colour (`n` the phrase's count); with too many (an exact count):
+///   `n / found`;
+/// - colour: the mean closeness of the `n` closest components of the phrase's colour;
+/// - relation: the product of the closeness of the closest candidates of the two phrases
+///   (of their colours, where named) if they stand in the relation, else 0.
+pub fn graded_credits(phrases: &[ObjectSpec], relation: Option<Relation>, detected: &[DetectedObject], checks: &[Check]) -> Vec<f32> {
+    let closest = |shape: Shape, colour: Option<crate::world::palette::Colour>, n: usize| -> f32 {
+        let mut near: Vec<f32> = detected.iter().filter(|d| colour.is_none_or(|c| d.colour == c)).map(|d| shape_closeness(d, shape)).collect();
+        near.sort_by(|a, b| b.total_cmp(a));
+        near.iter().take(n).sum::<f32>() / n.max(1) as f32
+    };
+    let best = |phrase: &ObjectSpec| -> Option<(&DetectedObject, f32)> {
+        detected
+            .iter()
+            .filter(|d| phrase.colour.is_none_or(|c| d.colour == c))
+            .map(|d| (d, shape_closeness(d, phrase.shape)))
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+    };
+    checks
+        .iter()
+        .map(|check| {
+            if check.passed {
+                return 1.0;
+            }
+            let near = match check.kind {
+                CheckKind::Count { phrase } => {
+                    let p = &phrases[phrase];
+                    let found = detected.iter().filter(|d| d.shape == Some(p.shape)).count();
+                    if found > p.count() { p.count() as f32 / found as f32 } else { closest(p.shape, None, p.count()) }
+                }
+                CheckKind::Colour { phrase } => closest(phrases[phrase].shape, phrases[phrase].colour, phrases[phrase].count()),
+                CheckKind::Position => match (relation, phrases) {
+                    (Some(relation), [first, second, ..]) => match (best(first), best(second)) {
+                        (Some((a, ca)), Some((b, cb))) if stands_in(relation, a, b) => ca * cb,
+                        _ => 0.0,
+                    },
+                    _ => 0.0,
+                },
+            };
+            NEAR_MISS_CREDIT * near
+        })
+        .collect()
+}
 
 /// GenEval stand-in: detects objects with the world's connected-component detector
 /// ([`detect_objects`]) and checks the prompt's requirements, as GenEval does with its
@@ -16,10 +87,13 @@ pub const POSITION_MARGIN: f32 = 2.0;
 /// as many of them have that colour; for a relation, that some object matching the first
 /// phrase stands in it to some object matching the second.
 ///
-/// `value` is the fraction of checks passed (the partial credit used in training);
-/// `metric` is 1 when all pass, else 0 (GenEval's accuracy).
+/// `value` is the partial credit used in training (by default the fraction of checks passed,
+/// see [`CompositionCredit`]); `metric` is 1 when all pass, else 0 (GenEval's accuracy).
 #[derive(Clone, Copy, Debug, Default)]
-pub struct CompositionReward;
+pub struct CompositionReward {
+    /// How failed checks count in `value`.
+    pub credit: CompositionCredit,
+}
 
 /// What a check verifies.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -110,6 +184,25 @@ impl CompositionReward {
         };
         Ok(composition_checks(&phrases, relation, &detect_objects(image)))
     }
+
+    /// The training value of `prompt` on `image` and whether every check passed.
+    fn value(&self, index: usize, image: &Image32, prompt: &str) -> Result<(f32, bool), RewardError> {
+        let checks = self.checks(index, image, prompt)?;
+        let all = checks.iter().all(|c| c.passed);
+        let value = match self.credit {
+            CompositionCredit::Checks => checks.iter().filter(|c| c.passed).count() as f32 / checks.len() as f32,
+            CompositionCredit::Graded => {
+                let spec = parse(prompt).expect("parsed by `checks`");
+                let relation = match &spec {
+                    crate::world::Spec::Composition(c) => c.relation(),
+                    _ => None,
+                };
+                let credits = graded_credits(&spec.objects(), relation, &detect_objects(image), &checks);
+                credits.iter().sum::<f32>() / credits.len() as f32
+            }
+        };
+        Ok((value, all))
+    }
 }
 
 impl Reward for CompositionReward {
@@ -119,10 +212,8 @@ impl Reward for CompositionReward {
 
     fn score(&self, batch: &[RewardInput]) -> Result<Vec<RewardScore>, RewardError> {
         score_each(self.name(), batch, |index, image, prompt| {
-            let checks = self.checks(index, image, prompt)?;
-            let passed = checks.iter().filter(|c| c.passed).count();
-            let value = passed as f32 / checks.len() as f32;
-            Ok(RewardScore { value, metric: if passed == checks.len() { 1.0 } else { 0.0 } })
+            let (value, all) = self.value(index, image, prompt)?;
+            Ok(RewardScore { value, metric: if all { 1.0 } else { 0.0 } })
         })
     }
 }
@@ -145,7 +236,7 @@ mod tests {
     }
 
     fn score(image: &Image32, prompt: &str) -> RewardScore {
-        CompositionReward.score(&[RewardInput::from_image32(image, prompt)]).unwrap()[0]
+        CompositionReward::default().score(&[RewardInput::from_image32(image, prompt)]).unwrap()[0]
     }
 
     #[test]
@@ -174,16 +265,82 @@ mod tests {
         assert_eq!(score(&img, "a sharp photo of a triangle").metric, 0.0);
     }
 
+    fn graded(image: &Image32, prompt: &str) -> RewardScore {
+        let reward = CompositionReward { credit: CompositionCredit::Graded };
+        reward.score(&[RewardInput::from_image32(image, prompt)]).unwrap()[0]
+    }
+
+    /// Intersection over union of a full `size` x `size` square with `shape`'s mask in it.
+    fn square_fit(shape: Shape, size: usize) -> f32 {
+        shape.mask(size, size).iter().filter(|m| **m).count() as f32 / (size * size) as f32
+    }
+
+    #[test]
+    fn graded_credit_ranks_near_misses_between_failures_and_passes() {
+        let img = scene(vec![
+            object(Shape::Circle, Colour::Red, 2, 2),
+            object(Shape::Square, Colour::Blue, 20, 3),
+            object(Shape::Circle, Colour::Green, 3, 20),
+        ]);
+        // all checks passed: 1, as with the fraction of checks
+        assert_eq!(graded(&img, "a photo of a red circle and a blue square"), RewardScore { value: 1.0, metric: 1.0 });
+        // exact count with too many: half of n / found (two circles for `one`)
+        assert_eq!(graded(&img, "a photo of one circle"), RewardScore { value: 0.25, metric: 0.0 });
+        // nothing of the colour: the colour check earns nothing, the count check passes
+        assert_eq!(graded(&img, "a photo of a purple circle").value, 0.5);
+        // a blue square for a blue circle: count passes (two circles), colour earns
+        // 0.5 * 0.9 * min(1, IoU(square, circle) / 0.6)
+        let near = 0.5 * 0.9 * (square_fit(Shape::Circle, 9) / MIN_SHAPE_FIT).min(1.0);
+        let blue_circle = graded(&img, "a photo of a blue circle");
+        assert!((blue_circle.value - (1.0 + near) / 2.0).abs() < 1e-6, "{blue_circle:?} vs near-miss credit {near}");
+        assert_eq!(blue_circle.metric, 0.0);
+        // three crosses: no cross anywhere; the three components closest to a cross
+        let cross = |shape: Shape| 0.9 * (detect_objects(&img).iter().find(|d| d.shape == Some(shape)).unwrap().fit(Shape::Cross) / MIN_SHAPE_FIT).min(1.0);
+        let expected = 0.5 * (2.0 * cross(Shape::Circle) + cross(Shape::Square)) / 3.0;
+        assert!((graded(&img, "a photo of three crosses").value - expected).abs() < 1e-6);
+        // a relation that does not hold earns nothing, whatever the shapes
+        assert_eq!(graded(&img, "a photo of a red circle right of a square").value, 0.75);
+        // a relation between near misses earns the product of their closeness
+        let red_square_left_of_blue_circle = graded(&img, "a photo of a red square left of a blue circle");
+        let (circle_as_square, square_as_circle) = (0.9 * (detect_objects(&img)[0].fit(Shape::Square) / MIN_SHAPE_FIT).min(1.0), 0.9 * (square_fit(Shape::Circle, 9) / MIN_SHAPE_FIT).min(1.0));
+        let checks = [1.0, 0.5 * circle_as_square, 1.0, 0.5 * square_as_circle, 0.5 * circle_as_square * square_as_circle];
+        assert!((red_square_left_of_blue_circle.value - checks.iter().sum::<f32>() / 5.0).abs() < 1e-6, "{red_square_left_of_blue_circle:?}");
+        // a blank image earns nothing
+        assert_eq!(graded(&blank(), "a photo of a circle").value, 0.0);
+    }
+
+    #[test]
+    fn graded_credit_never_falls_below_the_checks_or_lifts_a_failed_check_above_half() {
+        let prompts = test_prompts(Task::Composition, 300);
+        let images = renders(&prompts, 43);
+        let shift = mismatch_shift(&prompts);
+        let (mut lifted, mut failed) = (0, 0);
+        for (i, image) in images.iter().enumerate() {
+            let prompt = &prompts[(i + shift) % prompts.len()].text;
+            let checks = CompositionReward::default().checks(i, image, prompt).unwrap();
+            let (plain, graded) = (score(image, prompt), graded(image, prompt));
+            assert_eq!(plain.metric, graded.metric, "{prompt}");
+            let passed = checks.iter().filter(|c| c.passed).count() as f32;
+            let n = checks.len() as f32;
+            assert!(graded.value >= plain.value - 1e-6, "{prompt}: graded {} below checks {}", graded.value, plain.value);
+            assert!(graded.value <= (passed + NEAR_MISS_CREDIT * (n - passed)) / n + 1e-6, "{prompt}: {}", graded.value);
+            failed += (passed < n) as usize;
+            lifted += (graded.value > plain.value) as usize;
+        }
+        // most mismatched renders hold some near miss (another shape or colour of an object)
+        assert!(failed > 200 && lifted * 2 > failed, "{lifted} of {failed} failed pairs lifted");
+    }
+
     #[test]
     fn prompts_without_objects_are_refused_by_name() {
         let input = RewardInput::from_image32(&blank(), "a sign that says \"AB\"");
-        let err = CompositionReward.score(&[input]).unwrap_err();
+        let err = CompositionReward::default().score(&[input]).unwrap_err();
         assert_eq!(
             err.to_string(),
             "reward `composition`, input 0: prompt \"a sign that says \\\"AB\\\"\" names no object to check"
         );
         let input = RewardInput::from_image32(&blank(), "a photo of a dog");
-        let err = CompositionReward.score(&[input]).unwrap_err().to_string();
+        let err = CompositionReward::default().score(&[input]).unwrap_err().to_string();
         assert!(err.starts_with("reward `composition`, input 0: prompt \"a photo of a dog\": expected"), "{err}");
     }
 
@@ -191,7 +348,7 @@ mod tests {
     fn ground_truth_scores_near_the_top_and_everything_else_low() {
         let prompts = test_prompts(Task::Composition, 600);
         let images = renders(&prompts, 41);
-        let reward = CompositionReward;
+        let reward = CompositionReward::default();
         let (gt_value, gt_strict) = mean_scores(&reward, &prompts, &images, 0);
         let (mm_value, mm_strict) = mean_scores(&reward, &prompts, &images, mismatch_shift(&prompts));
         let blanks = vec![blank(); prompts.len()];

@@ -8,7 +8,7 @@
 //!
 //! | reward | stands in for | `value` (training) | `metric` (tables) |
 //! | --- | --- | --- | --- |
-//! | [`CompositionReward`] | GenEval | fraction of checks passed | strict 0/1 accuracy |
+//! | [`CompositionReward`] | GenEval | fraction of checks passed (or graded near misses, [`CompositionCredit`]) | strict 0/1 accuracy |
 //! | [`OcrReward`] | OCR | `(1 - d / len + text likeness) / 2` | `1 - d / len` |
 //! | [`PreferenceReward`] | PickScore | raw / 26 | raw, 17-26 |
 //! | [`QualityReward`] | DeQA | raw / 5 | raw, 1-5 |
@@ -29,7 +29,7 @@ pub mod preference;
 pub mod quality;
 pub mod remote;
 
-pub use composition::CompositionReward;
+pub use composition::{CompositionCredit, CompositionReward};
 pub use ocr::OcrReward;
 pub use preference::PreferenceReward;
 pub use quality::QualityReward;
@@ -201,7 +201,7 @@ pub trait Reward: Send + Sync {
 /// The world's built-in reward for a task.
 pub fn world_reward(task: Task) -> Box<dyn Reward> {
     match task {
-        Task::Composition => Box::new(CompositionReward),
+        Task::Composition => Box::new(CompositionReward::default()),
         Task::Text => Box::new(OcrReward),
         Task::Preference => Box::new(PreferenceReward),
         Task::Quality => Box::new(QualityReward),
@@ -226,6 +226,11 @@ impl RewardSet {
             rewards.insert(task, reward);
         }
         Ok(Self { rewards })
+    }
+
+    /// Uses `reward` for `task` instead.
+    pub fn set(&mut self, task: Task, reward: Box<dyn Reward>) {
+        self.rewards.insert(task, reward);
     }
 
     pub fn get(&self, task: Task) -> &dyn Reward {

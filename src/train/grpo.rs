@@ -23,7 +23,7 @@ use crate::flow::{GuidedModel, KlReduction, LogProbReduction, TextConditioning, 
 use crate::model::lora::{ActiveAdapters, LoraAdapter, LoraConfig, LoraTarget};
 use crate::model::mmdit::Mmdit;
 use crate::model::t2i::{AnyPipeline, TextToImage};
-use crate::reward::{RemoteRewardConfig, RewardInput, RewardSet};
+use crate::reward::{CompositionCredit, CompositionReward, RemoteRewardConfig, RewardInput, RewardSet};
 use crate::world::Task;
 use super::prompts::{TaskPrompt, training_prompts};
 use image::RgbImage;
@@ -102,6 +102,10 @@ pub struct GrpoConfig {
     /// rewards otherwise.
     #[serde(default)]
     pub remote_rewards: BTreeMap<Task, RemoteRewardConfig>,
+    /// How the built-in composition reward credits failed checks in training (`checks`: the
+    /// fraction passed; `graded`: near misses earn part of a check).
+    #[serde(default)]
+    pub composition_credit: CompositionCredit,
 }
 
 fn default_beta() -> f64 {
@@ -212,7 +216,13 @@ pub fn grpo_trainer<B: AutodiffBackend>(
         .enumerate()
         .map(|(i, p)| training_prompts(&p.tasks, &config.prompt_files).map_err(|e| format!("`partitions[{i}]`: {e}")))
         .collect::<Result<Vec<_>, _>>()?;
-    let rewards = RewardSet::new(&config.remote_rewards).map_err(|e| format!("`remote_rewards`: {e}"))?;
+    let mut rewards = RewardSet::new(&config.remote_rewards).map_err(|e| format!("`remote_rewards`: {e}"))?;
+    if config.composition_credit != CompositionCredit::default() {
+        if config.remote_rewards.contains_key(&Task::Composition) {
+            return Err("`composition_credit` applies to the built-in composition reward, but `remote_rewards` names a server for `composition`".into());
+        }
+        rewards.set(Task::Composition, Box::new(CompositionReward { credit: config.composition_credit }));
+    }
     let schedule = config.partitions.iter().enumerate().flat_map(|(i, p)| std::iter::repeat_n(i, p.ratio.max(1))).collect();
     let optimizer = config.optim.adamw().init::<B, LoraAdapter<B>>();
     let ema = Ema::new(&adapter, config.ema_max_decay);

@@ -57,6 +57,9 @@ pub struct DetectedObject {
     pub shape: Option<Shape>,
     /// Intersection over union of the component with the best shape's mask.
     pub shape_fit: f32,
+    /// Intersection over union of the component with each shape's mask, in the order of
+    /// [`Shape::ALL`] (see [`DetectedObject::fit`]).
+    pub fits: [f32; 4],
     /// Number of pixels.
     pub area: usize,
     /// Bounding box.
@@ -125,23 +128,42 @@ fn describe(colour: Colour, members: &[usize]) -> DetectedObject {
     for &i in members {
         mask[(i / IMAGE_SIZE - bbox.y0) * w + (i % IMAGE_SIZE - bbox.x0)] = true;
     }
-    let (shape, shape_fit) = classify_shape(&mask, w, h);
+    let fits = shape_fits(&mask, w, h);
+    let (shape, shape_fit) = classify_fits(fits, w, h);
     let n = members.len() as f32;
-    DetectedObject { colour, shape, shape_fit, area: members.len(), bbox, centroid: (sx / n, sy / n) }
+    DetectedObject { colour, shape, shape_fit, fits, area: members.len(), bbox, centroid: (sx / n, sy / n) }
+}
+
+impl DetectedObject {
+    /// Intersection over union of the component with `shape`'s mask in its box.
+    pub fn fit(&self, shape: Shape) -> f32 {
+        let index = Shape::ALL.iter().position(|s| *s == shape).expect("every shape is in Shape::ALL");
+        self.fits[index]
+    }
+}
+
+/// Intersection over union of `mask` (row-major, `width` x `height`) with the rasterisation of
+/// each shape of [`Shape::ALL`] into the same box.
+pub fn shape_fits(mask: &[bool], width: usize, height: usize) -> [f32; 4] {
+    Shape::ALL.map(|shape| {
+        let ideal = shape.mask(width, height);
+        let inter = ideal.iter().zip(mask).filter(|(a, b)| **a && **b).count();
+        let union = ideal.iter().zip(mask).filter(|(a, b)| **a || **b).count();
+        inter as f32 / union.max(1) as f32
+    })
 }
 
 /// The shape whose rasterisation into a `width` x `height` box best overlaps `mask`
 /// (row-major), with its intersection over union; `None` when the fit is below
 /// [`MIN_SHAPE_FIT`] or the box is too thin or too elongated.
 pub fn classify_shape(mask: &[bool], width: usize, height: usize) -> (Option<Shape>, f32) {
+    classify_fits(shape_fits(mask, width, height), width, height)
+}
+
+fn classify_fits(fits: [f32; 4], width: usize, height: usize) -> (Option<Shape>, f32) {
     let (best, fit) = Shape::ALL
         .into_iter()
-        .map(|shape| {
-            let ideal = shape.mask(width, height);
-            let inter = ideal.iter().zip(mask).filter(|(a, b)| **a && **b).count();
-            let union = ideal.iter().zip(mask).filter(|(a, b)| **a || **b).count();
-            (shape, inter as f32 / union.max(1) as f32)
-        })
+        .zip(fits)
         .max_by(|a, b| a.1.total_cmp(&b.1))
         .expect("there are shapes");
     let (short, long) = (width.min(height), width.max(height));
