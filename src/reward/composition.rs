@@ -168,6 +168,12 @@ impl CompositionReward {
     /// The checks of `prompt` on `image`; fails for prompts outside the grammar and prompts
     /// that name no object.
     pub fn checks(&self, index: usize, image: &Image32, prompt: &str) -> Result<Vec<Check>, RewardError> {
+        let (phrases, relation, detected) = self.inspect(index, image, prompt)?;
+        Ok(composition_checks(&phrases, relation, &detected))
+    }
+
+    /// The prompt's object phrases and relation, and the objects detected in the image.
+    fn inspect(&self, index: usize, image: &Image32, prompt: &str) -> Result<(Vec<ObjectSpec>, Option<Relation>, Vec<DetectedObject>), RewardError> {
         let spec = parse(prompt).map_err(|source| RewardError::Prompt { reward: self.name().into(), index, source })?;
         let phrases = spec.objects();
         if phrases.is_empty() {
@@ -182,26 +188,21 @@ impl CompositionReward {
             crate::world::Spec::Composition(c) => c.relation(),
             _ => None,
         };
-        Ok(composition_checks(&phrases, relation, &detect_objects(image)))
+        Ok((phrases, relation, detect_objects(image)))
     }
 
     /// The training value of `prompt` on `image` and whether every check passed.
     fn value(&self, index: usize, image: &Image32, prompt: &str) -> Result<(f32, bool), RewardError> {
-        let checks = self.checks(index, image, prompt)?;
-        let all = checks.iter().all(|c| c.passed);
+        let (phrases, relation, detected) = self.inspect(index, image, prompt)?;
+        let checks = composition_checks(&phrases, relation, &detected);
         let value = match self.credit {
             CompositionCredit::Checks => checks.iter().filter(|c| c.passed).count() as f32 / checks.len() as f32,
             CompositionCredit::Graded => {
-                let spec = parse(prompt).expect("parsed by `checks`");
-                let relation = match &spec {
-                    crate::world::Spec::Composition(c) => c.relation(),
-                    _ => None,
-                };
-                let credits = graded_credits(&spec.objects(), relation, &detect_objects(image), &checks);
+                let credits = graded_credits(&phrases, relation, &detected, &checks);
                 credits.iter().sum::<f32>() / credits.len() as f32
             }
         };
-        Ok((value, all))
+        Ok((value, checks.iter().all(|c| c.passed)))
     }
 }
 
