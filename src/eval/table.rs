@@ -26,7 +26,7 @@ pub struct EvalRow {
     /// Wall time of the evaluation in seconds.
     pub seconds: f64,
     /// Where the row was evaluated when it was imported from another table (`None`: in this
-    /// run); marked with a dagger in `results.md`.
+    /// run); marked with its source's [`SOURCE_MARKS`] entry in `results.md`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
     /// GenEval-like accuracy per category (`single_object`, `two_object`, `counting`,
@@ -49,6 +49,9 @@ impl EvalRow {
 pub fn paper_avg(geneval: f64, ocr: f64, pickscore: f64, deqa: f64) -> f64 {
     (geneval + ocr + deqa / 5.0 + pickscore / 26.0) / 4.0
 }
+
+/// The marks of imported rows' sources in `results.md`, in order of first appearance.
+pub const SOURCE_MARKS: [&str; 4] = ["†", "‡", "§", "¶"];
 
 /// The rows of `results.json`, rendered as `results.md`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -75,7 +78,7 @@ impl ResultsTable {
         }
     }
 
-    /// The Markdown table.
+    /// The Markdown table; imported rows carry the mark of their source (see [`SOURCE_MARKS`]).
     pub fn markdown(&self) -> String {
         let f = |v: Option<f64>, digits: usize| v.map_or("-".to_string(), |v| format!("{v:.digits$}"));
         let mut out = String::from(
@@ -85,7 +88,7 @@ impl ResultsTable {
             out.push_str(&format!(
                 "| {}{} | {} | {} | {} | {} | {} |\n",
                 r.model,
-                if r.source.is_some() { " †" } else { "" },
+                self.source_mark(r),
                 f(r.geneval, 3),
                 f(r.ocr, 3),
                 f(r.pickscore, 2),
@@ -94,11 +97,30 @@ impl ResultsTable {
             ));
         }
         out.push_str(&self.categories_markdown());
-        let sources: std::collections::BTreeSet<&str> = self.rows.iter().filter_map(|r| r.source.as_deref()).collect();
-        for source in sources {
-            out.push_str(&format!("\n† imported from `{source}` (same test prompts, seeds and sampler).\n"));
+        for (source, mark) in self.sources().iter().zip(SOURCE_MARKS.iter().cycle()) {
+            out.push_str(&format!("\n{mark} imported from `{source}` (same test prompts, seeds and sampler).\n"));
         }
         out
+    }
+
+    /// The sources of imported rows, in the order they first appear.
+    fn sources(&self) -> Vec<&str> {
+        let mut sources: Vec<&str> = Vec::new();
+        for source in self.rows.iter().filter_map(|r| r.source.as_deref()) {
+            if !sources.contains(&source) {
+                sources.push(source);
+            }
+        }
+        sources
+    }
+
+    /// ` †` (or the mark of the row's source when rows come from several) for an imported row,
+    /// nothing for a row evaluated in this run.
+    fn source_mark(&self, row: &EvalRow) -> String {
+        row.source.as_deref().map_or(String::new(), |source| {
+            let index = self.sources().iter().position(|s| *s == source).expect("a row's source is listed");
+            format!(" {}", SOURCE_MARKS[index % SOURCE_MARKS.len()])
+        })
     }
 
     /// The GenEval-by-category table of the rows that have categories (GenEval's column
@@ -122,7 +144,7 @@ impl ResultsTable {
         }
         out.push_str(&format!("\n|---|{}\n", "---|".repeat(COLUMNS.len())));
         for r in rows {
-            out.push_str(&format!("| {}{} |", r.model, if r.source.is_some() { " †" } else { "" }));
+            out.push_str(&format!("| {}{} |", r.model, self.source_mark(r)));
             for (key, _) in COLUMNS {
                 out.push_str(&r.geneval_categories.get(key).map_or(" - |".to_string(), |v| format!(" {v:.3} |")));
             }
@@ -205,6 +227,11 @@ mod tests {
         let md = t.markdown();
         assert!(md.contains("| teacher † | 0.900 |") && md.contains("| student | 0.800 |"), "{md}");
         assert!(md.contains("† imported from `models/results.json`"), "{md}");
+        // rows from a second source get the next mark, in both tables and the footnotes
+        t.upsert(EvalRow { source: Some("runs/merge_opd".into()), ..EvalRow::new("opd", Some(0.7), None, None, None, 1.0) });
+        let md = t.markdown();
+        assert!(md.contains("| teacher † | 0.900 |") && md.contains("| opd ‡ | 0.700 |"), "{md}");
+        assert!(md.contains("\n‡ imported from `runs/merge_opd`") && md.matches("imported from").count() == 2, "{md}");
         let dir = tempfile::tempdir().unwrap();
         t.write_json(&dir.path().join("sub/results.json")).unwrap();
         assert_eq!(ResultsTable::read_file(&dir.path().join("sub")).unwrap(), t);
