@@ -183,3 +183,28 @@ fn a_time_budget_ends_the_stage_and_the_recipe_goes_on() {
         load_lora(&adapter, &pipeline.model.transformer, &device).unwrap_or_else(|e| panic!("{}: {e}", adapter.display()));
     }
 }
+
+/// Graded composition credit belongs to the built-in reward: asking for it while a server scores
+/// composition is refused, naming both settings.
+#[test]
+fn graded_credit_with_a_remote_composition_reward_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("toy");
+    toy_pipeline(&model);
+    let device = Default::default();
+    let pipeline = Pipeline::<B>::load(&model, &device).unwrap();
+    let config: GrpoConfig = toml::from_str(
+        r#"
+iterations = 1
+composition_credit = "graded"
+rollout = { prompts = 1, group_size = 2, steps = 2 }
+lora = { rank = 2, alpha = 2.0 }
+optim = { lr = 1e-3 }
+partitions = [{ tasks = ["composition"], rewards = { composition = 1.0 } }]
+remote_rewards = { composition = { url = "http://127.0.0.1:9/score", name = "detector" } }
+"#,
+    )
+    .unwrap();
+    let err = grpo_trainer::<Autodiff<B>>(pipeline, None, config, &device).err().expect("refused");
+    assert!(err.contains("`composition_credit`") && err.contains("`remote_rewards`"), "{err}");
+}
