@@ -53,6 +53,15 @@ pub fn paper_avg(geneval: f64, ocr: f64, pickscore: f64, deqa: f64) -> f64 {
 /// The marks of imported rows' sources in `results.md`, in order of first appearance.
 pub const SOURCE_MARKS: [&str; 4] = ["†", "‡", "§", "¶"];
 
+/// ` †` (or the mark of the row's source among `sources`, the table's sources in order of first
+/// appearance) for an imported row, nothing for a row evaluated in this run.
+fn source_mark(sources: &[&str], row: &EvalRow) -> String {
+    row.source.as_deref().map_or(String::new(), |source| {
+        let index = sources.iter().position(|s| *s == source).expect("a row's source is listed");
+        format!(" {}", SOURCE_MARKS[index % SOURCE_MARKS.len()])
+    })
+}
+
 /// The rows of `results.json`, rendered as `results.md`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ResultsTable {
@@ -81,6 +90,7 @@ impl ResultsTable {
     /// The Markdown table; imported rows carry the mark of their source (see [`SOURCE_MARKS`]).
     pub fn markdown(&self) -> String {
         let f = |v: Option<f64>, digits: usize| v.map_or("-".to_string(), |v| format!("{v:.digits$}"));
+        let sources = self.sources();
         let mut out = String::from(
             "| model | GenEval | OCR | PickScore | DeQA | Avg |\n|---|---|---|---|---|---|\n",
         );
@@ -88,7 +98,7 @@ impl ResultsTable {
             out.push_str(&format!(
                 "| {}{} | {} | {} | {} | {} | {} |\n",
                 r.model,
-                self.source_mark(r),
+                source_mark(&sources, r),
                 f(r.geneval, 3),
                 f(r.ocr, 3),
                 f(r.pickscore, 2),
@@ -96,8 +106,8 @@ impl ResultsTable {
                 f(r.avg, 4)
             ));
         }
-        out.push_str(&self.categories_markdown());
-        for (source, mark) in self.sources().iter().zip(SOURCE_MARKS.iter().cycle()) {
+        out.push_str(&self.categories_markdown(&sources));
+        for (source, mark) in sources.iter().zip(SOURCE_MARKS.iter().cycle()) {
             out.push_str(&format!("\n{mark} imported from `{source}` (same test prompts, seeds and sampler).\n"));
         }
         out
@@ -114,18 +124,9 @@ impl ResultsTable {
         sources
     }
 
-    /// ` †` (or the mark of the row's source when rows come from several) for an imported row,
-    /// nothing for a row evaluated in this run.
-    fn source_mark(&self, row: &EvalRow) -> String {
-        row.source.as_deref().map_or(String::new(), |source| {
-            let index = self.sources().iter().position(|s| *s == source).expect("a row's source is listed");
-            format!(" {}", SOURCE_MARKS[index % SOURCE_MARKS.len()])
-        })
-    }
-
     /// The GenEval-by-category table of the rows that have categories (GenEval's column
-    /// order), or nothing when none has.
-    fn categories_markdown(&self) -> String {
+    /// order), or nothing when none has; `sources` as [`ResultsTable::sources`].
+    fn categories_markdown(&self, sources: &[&str]) -> String {
         const COLUMNS: [(&str, &str); 6] = [
             ("single_object", "Single obj."),
             ("two_object", "Two obj."),
@@ -144,7 +145,7 @@ impl ResultsTable {
         }
         out.push_str(&format!("\n|---|{}\n", "---|".repeat(COLUMNS.len())));
         for r in rows {
-            out.push_str(&format!("| {}{} |", r.model, self.source_mark(r)));
+            out.push_str(&format!("| {}{} |", r.model, source_mark(sources, r)));
             for (key, _) in COLUMNS {
                 out.push_str(&r.geneval_categories.get(key).map_or(" - |".to_string(), |v| format!(" {v:.3} |")));
             }

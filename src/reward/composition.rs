@@ -236,8 +236,12 @@ mod tests {
         PlacedObject { shape, colour, x, y, size: 9 }
     }
 
+    fn score_with(credit: CompositionCredit, image: &Image32, prompt: &str) -> RewardScore {
+        CompositionReward { credit }.score(&[RewardInput::from_image32(image, prompt)]).unwrap()[0]
+    }
+
     fn score(image: &Image32, prompt: &str) -> RewardScore {
-        CompositionReward::default().score(&[RewardInput::from_image32(image, prompt)]).unwrap()[0]
+        score_with(CompositionCredit::Checks, image, prompt)
     }
 
     #[test]
@@ -267,8 +271,7 @@ mod tests {
     }
 
     fn graded(image: &Image32, prompt: &str) -> RewardScore {
-        let reward = CompositionReward { credit: CompositionCredit::Graded };
-        reward.score(&[RewardInput::from_image32(image, prompt)]).unwrap()[0]
+        score_with(CompositionCredit::Graded, image, prompt)
     }
 
     /// Intersection over union of a full `size` x `size` square with `shape`'s mask in it.
