@@ -23,7 +23,7 @@ use crate::world::image::rgb_grid;
 use crate::world::prompts::{Prompt, Split, shipped_prompts};
 use crate::world::spec::Family;
 pub use generate::{GenerateConfig, generate};
-pub use table::{EvalRow, ResultsTable};
+pub use table::{EvalRow, ResultsTable, StdErrors};
 
 /// What to evaluate.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -150,21 +150,37 @@ pub fn evaluate<B: Backend, P: TextToImage<B> + ?Sized>(
             .score(&inputs)
             .map_err(|e| EvalError::Reward { task: task.name().to_string(), message: e.to_string() })?;
         let metrics: Vec<f64> = scores.iter().map(|s| s.metric as f64).collect();
-        let n = metrics.len().max(1) as f64;
-        let mean = metrics.iter().sum::<f64>() / n;
-        let var = metrics.iter().map(|m| (m - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
+        let (mean, stderr) = mean_and_stderr(&metrics);
         let categories = if task == Task::Composition { category_means(&prompts, &metrics) } else { Vec::new() };
-        results.push(TaskResult { task, mean, stderr: (var / n).sqrt(), count: metrics.len(), images, prompts, categories });
+        results.push(TaskResult { task, mean, stderr, count: metrics.len(), images, prompts, categories });
     }
     Ok(results)
 }
 
+/// The mean of per-image metrics and its standard error (sample standard deviation, `n - 1`
+/// in the denominator, over `sqrt(n)`; 0 for fewer than two values).
+pub fn mean_and_stderr(metrics: &[f64]) -> (f64, f64) {
+    let n = metrics.len().max(1) as f64;
+    let mean = metrics.iter().sum::<f64>() / n;
+    if metrics.len() < 2 {
+        return (mean, 0.0);
+    }
+    let var = metrics.iter().map(|m| (m - mean).powi(2)).sum::<f64>() / (n - 1.0);
+    (mean, (var / n).sqrt())
+}
+
 /// The table row of a finished evaluation (metrics of tasks not evaluated are `None`).
 pub fn row(name: &str, results: &[TaskResult], seconds: f64) -> EvalRow {
-    let get = |t: Task| results.iter().find(|r| r.task == t).map(|r| r.mean);
+    let task = |t: Task| results.iter().find(|r| r.task == t);
+    let get = |t: Task| task(t).map(|r| r.mean);
+    let se = |t: Task| task(t).map(|r| r.stderr);
     let row = EvalRow::new(name, get(Task::Composition), get(Task::Text), get(Task::Preference), get(Task::Quality), seconds);
     let categories = results.iter().filter(|r| r.task == Task::Composition).flat_map(|r| &r.categories);
-    EvalRow { geneval_categories: categories.map(|&(f, mean, _)| (f.name().to_string(), mean)).collect(), ..row }
+    EvalRow {
+        geneval_categories: categories.map(|&(f, mean, _)| (f.name().to_string(), mean)).collect(),
+        stderr: Some(StdErrors::new(se(Task::Composition), se(Task::Text), se(Task::Preference), se(Task::Quality))),
+        ..row
+    }
 }
 
 /// Writes `grid_<model>_<task>.png` (the first 32 samples, 8 per row; world images enlarged
@@ -202,6 +218,16 @@ pub fn timed<T>(f: impl FnOnce() -> T) -> (T, f64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn standard_error_is_the_sample_std_over_sqrt_n() {
+        // [1, 0, 1, 0]: mean 0.5, sample variance 4 * 0.25 / 3 = 1/3, se = sqrt(1/3 / 4)
+        let (mean, se) = mean_and_stderr(&[1.0, 0.0, 1.0, 0.0]);
+        assert_eq!(mean, 0.5);
+        assert!((se - (1.0f64 / 12.0).sqrt()).abs() < 1e-12);
+        assert_eq!(mean_and_stderr(&[0.7]), (0.7, 0.0));
+        assert_eq!(mean_and_stderr(&[2.0, 2.0, 2.0]).1, 0.0);
+    }
 
     #[test]
     fn category_means_group_composition_prompts_in_genevals_order() {

@@ -33,6 +33,33 @@ pub struct EvalRow {
     /// `colors`, `position`, `color_attr`) when the composition prompts are the world's.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub geneval_categories: BTreeMap<String, f64>,
+    /// One standard error of each metric's mean over the row's test prompts (`None` for rows
+    /// written before standard errors were recorded); shown as `± se` in `results.md`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stderr: Option<StdErrors>,
+}
+
+/// Standard errors of a row's metrics: each task's is the sample standard deviation of its
+/// per-prompt metric over `sqrt(n)`; the Avg's follows from the tasks' (independent prompt
+/// sets) through Avg's weights: `sqrt(se_g^2 + se_o^2 + (se_d / 5)^2 + (se_p / 26)^2) / 4`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct StdErrors {
+    pub geneval: Option<f64>,
+    pub ocr: Option<f64>,
+    pub pickscore: Option<f64>,
+    pub deqa: Option<f64>,
+    pub avg: Option<f64>,
+}
+
+impl StdErrors {
+    /// The tasks' standard errors and the Avg's (when all four are present).
+    pub fn new(geneval: Option<f64>, ocr: Option<f64>, pickscore: Option<f64>, deqa: Option<f64>) -> Self {
+        let avg = match (geneval, ocr, pickscore, deqa) {
+            (Some(g), Some(o), Some(p), Some(d)) => Some((g * g + o * o + (d / 5.0).powi(2) + (p / 26.0).powi(2)).sqrt() / 4.0),
+            _ => None,
+        };
+        Self { geneval, ocr, pickscore, deqa, avg }
+    }
 }
 
 impl EvalRow {
@@ -41,7 +68,7 @@ impl EvalRow {
             (Some(g), Some(o), Some(p), Some(d)) => Some(paper_avg(g, o, p, d)),
             _ => None,
         };
-        Self { model: model.to_string(), geneval, ocr, pickscore, deqa, avg, seconds, source: None, geneval_categories: BTreeMap::new() }
+        Self { model: model.to_string(), geneval, ocr, pickscore, deqa, avg, seconds, source: None, geneval_categories: BTreeMap::new(), stderr: None }
     }
 }
 
@@ -89,22 +116,31 @@ impl ResultsTable {
 
     /// The Markdown table; imported rows carry the mark of their source (see [`SOURCE_MARKS`]).
     pub fn markdown(&self) -> String {
-        let f = |v: Option<f64>, digits: usize| v.map_or("-".to_string(), |v| format!("{v:.digits$}"));
+        // `0.312 ± 0.036` where the row has the metric's standard error
+        let f = |v: Option<f64>, se: Option<f64>, digits: usize| match (v, se) {
+            (None, _) => "-".to_string(),
+            (Some(v), None) => format!("{v:.digits$}"),
+            (Some(v), Some(se)) => format!("{v:.digits$} ± {se:.digits$}"),
+        };
         let sources = self.sources();
         let mut out = String::from(
             "| model | GenEval | OCR | PickScore | DeQA | Avg |\n|---|---|---|---|---|---|\n",
         );
         for r in &self.rows {
+            let se = r.stderr.unwrap_or_default();
             out.push_str(&format!(
                 "| {}{} | {} | {} | {} | {} | {} |\n",
                 r.model,
                 source_mark(&sources, r),
-                f(r.geneval, 3),
-                f(r.ocr, 3),
-                f(r.pickscore, 2),
-                f(r.deqa, 2),
-                f(r.avg, 4)
+                f(r.geneval, se.geneval, 3),
+                f(r.ocr, se.ocr, 3),
+                f(r.pickscore, se.pickscore, 2),
+                f(r.deqa, se.deqa, 2),
+                f(r.avg, se.avg, 4)
             ));
+        }
+        if self.rows.iter().any(|r| r.stderr.is_some()) {
+            out.push_str("\n± one standard error of the mean over the row's test prompts (sample standard deviation of the per-image metric / sqrt(n)).\n");
         }
         out.push_str(&self.categories_markdown(&sources));
         for (source, mark) in sources.iter().zip(SOURCE_MARKS.iter().cycle()) {
@@ -188,6 +224,23 @@ mod tests {
         // REFERENCE section 6: base .63/.59/4.07/21.64 -> .7165; Flow-OPD .93/.93/4.31/23.05 -> .9021.
         assert!((paper_avg(0.63, 0.59, 21.64, 4.07) - 0.7165).abs() < 5e-4);
         assert!((paper_avg(0.93, 0.93, 23.05, 4.31) - 0.9021).abs() < 5e-4);
+    }
+
+    #[test]
+    fn standard_errors_combine_into_avgs_and_show_in_the_table() {
+        // Avg = (g + o + d/5 + p/26) / 4 over independent prompt sets:
+        // se = sqrt(0.04^2 + 0.01^2 + (0.1/5)^2 + (0.26/26)^2) / 4 = sqrt(0.0016 + 0.0001 + 0.0004 + 0.0001) / 4
+        let se = StdErrors::new(Some(0.04), Some(0.01), Some(0.26), Some(0.1));
+        assert!((se.avg.unwrap() - 0.0022f64.sqrt() / 4.0).abs() < 1e-12);
+        assert_eq!(StdErrors::new(Some(0.04), None, Some(0.26), Some(0.1)).avg, None);
+        let mut t = ResultsTable::default();
+        t.upsert(EvalRow { stderr: Some(se), ..EvalRow::new("base", Some(0.5), Some(0.25), Some(20.0), Some(3.0), 1.0) });
+        t.upsert(EvalRow::new("old", Some(0.5), None, None, None, 1.0));
+        let md = t.markdown();
+        assert!(md.contains("| base | 0.500 ± 0.040 | 0.250 ± 0.010 | 20.00 ± 0.26 | 3.00 ± 0.10 | 0.5298 ± 0.0117 |"), "{md}");
+        assert!(md.contains("| old | 0.500 | - |") && md.contains("± one standard error"), "{md}");
+        let json = serde_json::to_string(&t).unwrap();
+        assert_eq!(serde_json::from_str::<ResultsTable>(&json).unwrap(), t);
     }
 
     #[test]
