@@ -92,6 +92,16 @@ enum Command {
         /// The run folder (e.g. runs/teachers).
         run: PathBuf,
     },
+    /// Paired comparison of two rows of a results table evaluated on the same prompts and seeds:
+    /// per metric and for Avg, the mean per-image difference A - B and its standard error.
+    Compare {
+        /// A results.json, or a run folder holding one.
+        table: PathBuf,
+        /// Row A (model name as in the table).
+        a: String,
+        /// Row B.
+        b: String,
+    },
     /// Print throughput figures: transformer forward and flow-matching training step.
     Bench {
         /// Preset or config.json.
@@ -412,6 +422,17 @@ fn main() -> Result<()> {
             for path in dispatch(device, SampleTask(request, sd3))?? {
                 println!("wrote {}", path.display());
             }
+            Ok(())
+        }
+        Command::Compare { table, a, b } => {
+            let t = flow_opd::eval::ResultsTable::read_file(&table).map_err(anyhow::Error::msg)?;
+            let row = |name: &str| {
+                t.rows.iter().find(|r| r.model == name).ok_or_else(|| {
+                    let known: Vec<&str> = t.rows.iter().map(|r| r.model.as_str()).collect();
+                    anyhow::anyhow!("{}: no row `{name}` (rows: {})", table.display(), known.join(", "))
+                })
+            };
+            print!("{}", flow_opd::eval::table::comparison_markdown(row(&a)?, row(&b)?).map_err(anyhow::Error::msg)?);
             Ok(())
         }
         Command::Plot { run } => {

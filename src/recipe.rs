@@ -799,7 +799,7 @@ fn run_eval<B: Backend>(stage: &EvalStage, ctx: &mut RunContext, device: &B::Dev
     let (results, seconds) = crate::eval::timed(|| evaluate(&pipeline, &adapters, &stage.eval, prompts, device, |_, n| bar.inc(n as u64)));
     bar.finish();
     let results = results.map_err(|e| e.to_string())?;
-    let row = row(&name, &results, seconds);
+    let row = row(&name, &results, &stage.eval.setup(), seconds);
     for r in &results {
         tracing::info!("{name}: {} = {:.4} ± {:.4} ({} prompts)", r.task.name(), r.mean, r.stderr, r.count);
     }

@@ -50,6 +50,17 @@ eval = { prompts_per_task = 2, sampling = { steps = 2, guidance = 2.0, batch = 8
     assert!((0.0..=1.0).contains(&g) && (0.0..=1.0).contains(&o), "{row:?}");
     assert!((1.0..=5.0).contains(&d) && p > 0.0, "{row:?}");
     assert!(std::fs::read_to_string(dir.join("results.md")).unwrap().contains("| Smoke |"));
+    // per-image metrics (for paired comparisons) average to the row's metrics
+    let per_image = row.per_image.as_ref().expect("per-image metrics");
+    let mean = |task: &str| {
+        let v = &per_image.metrics[task];
+        assert_eq!(v.len(), 2, "{task}");
+        v.iter().sum::<f64>() / 2.0
+    };
+    for (task, metric) in [("composition", g), ("text", o), ("preference", p), ("quality", d)] {
+        assert!((mean(task) - metric).abs() < 1e-9, "{task}: {} vs {metric}", mean(task));
+    }
+    assert!(per_image.setup.contains("seed 0, 2 ODE steps, CFG 2"), "{}", per_image.setup);
     for task in ["composition", "text", "preference", "quality"] {
         let grid = dir.join("grids").join(format!("grid_Smoke_{task}.png"));
         assert!(image::open(&grid).is_ok(), "{}", grid.display());

@@ -23,7 +23,7 @@ use crate::world::image::rgb_grid;
 use crate::world::prompts::{Prompt, Split, shipped_prompts};
 use crate::world::spec::Family;
 pub use generate::{GenerateConfig, generate};
-pub use table::{EvalRow, ResultsTable, StdErrors};
+pub use table::{Difference, EvalRow, PerImage, ResultsTable, StdErrors, paired_difference};
 
 /// What to evaluate.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -47,6 +47,31 @@ pub struct EvalConfig {
     /// Tasks scored by a remote server (docs/reward_protocol.md); the world's rewards otherwise.
     #[serde(default)]
     pub remote_rewards: std::collections::BTreeMap<Task, RemoteRewardConfig>,
+}
+
+impl EvalConfig {
+    /// What decides the images apart from the model: the first seed, the sampler and where the
+    /// prompts come from. Two evaluations with the same setup and prompt count drew the same
+    /// prompts with the same noise, so their per-image metrics pair up
+    /// ([`table::paired_difference`]).
+    pub fn setup(&self) -> String {
+        let prompts: Vec<String> = self
+            .tasks
+            .iter()
+            .map(|t| match self.prompt_files.get(t) {
+                Some(path) => format!("{}: {}", t.name(), path.display()),
+                None => format!("{}: test split", t.name()),
+            })
+            .collect();
+        let schedule = serde_json::to_string(&self.sampling.schedule).expect("json");
+        format!(
+            "seed {}, {} ODE steps, CFG {}, schedule {schedule}, prompts ({})",
+            self.seed,
+            self.sampling.steps,
+            self.sampling.guidance,
+            prompts.join(", ")
+        )
+    }
 }
 
 pub fn all_tasks() -> Vec<Task> {
@@ -73,6 +98,8 @@ pub struct TaskResult {
     pub mean: f64,
     pub stderr: f64,
     pub count: usize,
+    /// The metric of each prompt's image, in prompt order.
+    pub metrics: Vec<f64>,
     pub images: Vec<RgbImage>,
     pub prompts: Vec<String>,
     /// GenEval-style accuracy per category (family) with its prompt count, in GenEval's order
@@ -152,7 +179,7 @@ pub fn evaluate<B: Backend, P: TextToImage<B> + ?Sized>(
         let metrics: Vec<f64> = scores.iter().map(|s| s.metric as f64).collect();
         let (mean, stderr) = mean_and_stderr(&metrics);
         let categories = if task == Task::Composition { category_means(&prompts, &metrics) } else { Vec::new() };
-        results.push(TaskResult { task, mean, stderr, count: metrics.len(), images, prompts, categories });
+        results.push(TaskResult { task, mean, stderr, count: metrics.len(), metrics, images, prompts, categories });
     }
     Ok(results)
 }
@@ -169,8 +196,9 @@ pub fn mean_and_stderr(metrics: &[f64]) -> (f64, f64) {
     (mean, (var / n).sqrt())
 }
 
-/// The table row of a finished evaluation (metrics of tasks not evaluated are `None`).
-pub fn row(name: &str, results: &[TaskResult], seconds: f64) -> EvalRow {
+/// The table row of a finished evaluation (metrics of tasks not evaluated are `None`), with
+/// the per-image metrics under `setup` ([`EvalConfig::setup`]).
+pub fn row(name: &str, results: &[TaskResult], setup: &str, seconds: f64) -> EvalRow {
     let task = |t: Task| results.iter().find(|r| r.task == t);
     let get = |t: Task| task(t).map(|r| r.mean);
     let se = |t: Task| task(t).map(|r| r.stderr);
@@ -179,6 +207,10 @@ pub fn row(name: &str, results: &[TaskResult], seconds: f64) -> EvalRow {
     EvalRow {
         geneval_categories: categories.map(|&(f, mean, _)| (f.name().to_string(), mean)).collect(),
         stderr: Some(StdErrors::new(se(Task::Composition), se(Task::Text), se(Task::Preference), se(Task::Quality))),
+        per_image: Some(PerImage {
+            setup: setup.to_string(),
+            metrics: results.iter().map(|r| (r.task.name().to_string(), r.metrics.clone())).collect(),
+        }),
         ..row
     }
 }
@@ -218,6 +250,23 @@ pub fn timed<T>(f: impl FnOnce() -> T) -> (T, f64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn setups_differ_exactly_when_the_images_would() {
+        let base = EvalConfig::default();
+        // the batch size does not change the images (prompt i's noise is seeded with seed + i)
+        let batched = EvalConfig { sampling: GenerateConfig { batch: 3, ..GenerateConfig::default() }, ..EvalConfig::default() };
+        assert_eq!(base.setup(), batched.setup());
+        let others = [
+            EvalConfig { seed: 1, ..EvalConfig::default() },
+            EvalConfig { sampling: GenerateConfig { steps: 20, ..GenerateConfig::default() }, ..EvalConfig::default() },
+            EvalConfig { sampling: GenerateConfig { guidance: 3.0, ..GenerateConfig::default() }, ..EvalConfig::default() },
+            EvalConfig { prompt_files: [(Task::Text, "ocr.txt".into())].into(), ..EvalConfig::default() },
+        ];
+        for other in others {
+            assert_ne!(base.setup(), other.setup(), "{other:?}");
+        }
+    }
 
     #[test]
     fn standard_error_is_the_sample_std_over_sqrt_n() {

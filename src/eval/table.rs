@@ -37,6 +37,88 @@ pub struct EvalRow {
     /// written before standard errors were recorded); shown as `± se` in `results.md`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stderr: Option<StdErrors>,
+    /// The metric of every test image, for paired comparisons between rows drawn on the same
+    /// prompts and seeds ([`paired_difference`]); `None` for rows written before they were
+    /// recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_image: Option<PerImage>,
+}
+
+/// A row's per-image metrics.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PerImage {
+    /// What drew the images besides the model (seed, sampler, prompt source:
+    /// `EvalConfig::setup`); rows pair only under the same setup.
+    pub setup: String,
+    /// Task name (`composition`, `text`, `preference`, `quality`) -> the metric of each test
+    /// prompt's image, in prompt order.
+    pub metrics: BTreeMap<String, Vec<f64>>,
+}
+
+/// A paired difference `a - b` of one metric between two rows evaluated on the same prompts and
+/// seeds: the mean of the per-image differences and its standard error (their sample standard
+/// deviation over `sqrt(n)`), much smaller than the rows' own errors when the two models draw
+/// alike. For `avg` the tasks' differences combine with Avg's weights (independent prompt sets).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Difference {
+    /// `geneval`, `ocr`, `pickscore`, `deqa` or `avg`.
+    pub metric: &'static str,
+    pub diff: f64,
+    pub stderr: f64,
+    /// Prompts per task (for `avg`: the smallest).
+    pub count: usize,
+}
+
+/// The table's metrics: column, task, weight in Avg.
+const METRICS: [(&str, &str, f64); 4] = [("geneval", "composition", 1.0), ("ocr", "text", 1.0), ("pickscore", "preference", 1.0 / 26.0), ("deqa", "quality", 1.0 / 5.0)];
+
+/// Paired differences `a - b` per metric the two rows share, then Avg's (when they share all
+/// four). Errors name the row at fault: no per-image metrics, another setup, another count.
+pub fn paired_difference(a: &EvalRow, b: &EvalRow) -> Result<Vec<Difference>, String> {
+    fn per_image(r: &EvalRow) -> Result<&PerImage, String> {
+        r.per_image.as_ref().ok_or_else(|| format!("row `{}` has no per-image metrics (evaluated before they were recorded): evaluate it again", r.model))
+    }
+    let (pa, pb) = (per_image(a)?, per_image(b)?);
+    if pa.setup != pb.setup {
+        return Err(format!("rows `{}` and `{}` were not drawn alike, so their images do not pair: `{}` vs `{}`", a.model, b.model, pa.setup, pb.setup));
+    }
+    let mut out = Vec::new();
+    let (mut avg, mut var, mut count) = (0.0, 0.0, usize::MAX);
+    for (metric, task, weight) in METRICS {
+        let (Some(xa), Some(xb)) = (pa.metrics.get(task), pb.metrics.get(task)) else { continue };
+        if xa.len() != xb.len() {
+            return Err(format!("task `{task}`: row `{}` has {} images, row `{}` {}: evaluate both on the same prompts", a.model, xa.len(), b.model, xb.len()));
+        }
+        let d: Vec<f64> = xa.iter().zip(xb).map(|(x, y)| x - y).collect();
+        let (diff, stderr) = crate::eval::mean_and_stderr(&d);
+        avg += weight * diff / 4.0;
+        var += (weight * stderr / 4.0).powi(2);
+        count = count.min(d.len());
+        out.push(Difference { metric, diff, stderr, count: d.len() });
+    }
+    if out.len() == METRICS.len() {
+        out.push(Difference { metric: "avg", diff: avg, stderr: var.sqrt(), count });
+    }
+    Ok(out)
+}
+
+/// The paired comparison of rows `a` and `b` as a Markdown table (see [`paired_difference`]).
+pub fn comparison_markdown(a: &EvalRow, b: &EvalRow) -> Result<String, String> {
+    let diffs = paired_difference(a, b)?;
+    let value = |r: &EvalRow, metric: &str| match metric {
+        "geneval" => r.geneval,
+        "ocr" => r.ocr,
+        "pickscore" => r.pickscore,
+        "deqa" => r.deqa,
+        _ => r.avg,
+    };
+    let mut out = format!("| metric | {} | {} | difference | paired se | difference / se | images |\n|---|---|---|---|---|---|---|\n", a.model, b.model);
+    for d in &diffs {
+        let f = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.4}"));
+        let z = if d.stderr > 0.0 { format!("{:+.1}", d.diff / d.stderr) } else { "-".to_string() };
+        out.push_str(&format!("| {} | {} | {} | {:+.4} | {:.4} | {z} | {} |\n", d.metric, f(value(a, d.metric)), f(value(b, d.metric)), d.diff, d.stderr, d.count));
+    }
+    Ok(out)
 }
 
 /// Standard errors of a row's metrics: each task's is the sample standard deviation of its
@@ -68,7 +150,7 @@ impl EvalRow {
             (Some(g), Some(o), Some(p), Some(d)) => Some(paper_avg(g, o, p, d)),
             _ => None,
         };
-        Self { model: model.to_string(), geneval, ocr, pickscore, deqa, avg, seconds, source: None, geneval_categories: BTreeMap::new(), stderr: None }
+        Self { model: model.to_string(), geneval, ocr, pickscore, deqa, avg, seconds, source: None, geneval_categories: BTreeMap::new(), stderr: None, per_image: None }
     }
 }
 
@@ -241,6 +323,53 @@ mod tests {
         assert!(md.contains("| old | 0.500 | - |") && md.contains("± one standard error"), "{md}");
         let json = serde_json::to_string(&t).unwrap();
         assert_eq!(serde_json::from_str::<ResultsTable>(&json).unwrap(), t);
+    }
+
+    fn with_images(model: &str, setup: &str, metrics: [(&str, [f64; 4]); 4]) -> EvalRow {
+        let mean = |t: &str| metrics.iter().find(|(k, _)| *k == t).map(|(_, v)| v.iter().sum::<f64>() / 4.0);
+        let row = EvalRow::new(model, mean("composition"), mean("text"), mean("preference"), mean("quality"), 1.0);
+        let metrics = metrics.into_iter().map(|(k, v)| (k.to_string(), v.to_vec())).collect();
+        EvalRow { per_image: Some(PerImage { setup: setup.to_string(), metrics }), ..row }
+    }
+
+    #[test]
+    fn paired_differences_follow_the_per_image_differences() {
+        let a = with_images("a", "s", [("composition", [1.0, 1.0, 0.0, 1.0]), ("text", [0.5; 4]), ("preference", [26.0; 4]), ("quality", [5.0, 1.0, 5.0, 1.0])]);
+        let b = with_images("b", "s", [("composition", [1.0, 0.0, 0.0, 0.0]), ("text", [0.25; 4]), ("preference", [0.0; 4]), ("quality", [0.0, 1.0, 0.0, 1.0])]);
+        let d = paired_difference(&a, &b).unwrap();
+        let get = |m: &str| d.iter().find(|x| x.metric == m).unwrap().clone();
+        // composition: differences [0, 1, 0, 1]: mean 0.5, sample variance 1/3, se sqrt(1/12)
+        assert_eq!(get("geneval").diff, 0.5);
+        assert!((get("geneval").stderr - (1.0f64 / 12.0).sqrt()).abs() < 1e-12);
+        // a constant difference has no error, however far apart the rows are
+        assert_eq!((get("ocr").diff, get("ocr").stderr), (0.25, 0.0));
+        assert_eq!((get("pickscore").diff, get("pickscore").stderr), (26.0, 0.0));
+        // quality: differences [5, 0, 5, 0]: mean 2.5, se sqrt(25/12)
+        assert!((get("deqa").stderr - (25.0f64 / 12.0).sqrt()).abs() < 1e-12);
+        // Avg = (0.5 + 0.25 + 26/26 + 2.5/5) / 4; se = sqrt(1/12 + (sqrt(25/12)/5)^2) / 4 = sqrt(1/6) / 4
+        let avg = get("avg");
+        assert!((avg.diff - 0.5625).abs() < 1e-12 && (avg.stderr - (1.0f64 / 6.0).sqrt() / 4.0).abs() < 1e-12, "{avg:?}");
+        // ... which is the difference of the rows' Avgs
+        assert!((avg.diff - (a.avg.unwrap() - b.avg.unwrap())).abs() < 1e-12);
+        let md = comparison_markdown(&a, &b).unwrap();
+        assert!(md.contains("| metric | a | b |") && md.contains("| geneval | 0.7500 | 0.2500 | +0.5000 | 0.2887 | +1.7 | 4 |"), "{md}");
+        assert!(paired_difference(&a, &a).unwrap().iter().all(|x| x.diff == 0.0 && x.stderr == 0.0));
+    }
+
+    #[test]
+    fn rows_that_do_not_pair_are_refused_by_name() {
+        let four = [("composition", [1.0; 4]), ("text", [0.0; 4]), ("preference", [20.0; 4]), ("quality", [3.0; 4])];
+        let a = with_images("a", "seed 0", four);
+        let other_seed = with_images("b", "seed 7", four);
+        let err = paired_difference(&a, &other_seed).unwrap_err();
+        assert!(err.contains("`a`") && err.contains("`b`") && err.contains("seed 7"), "{err}");
+        let old = EvalRow::new("old", Some(0.5), None, None, None, 1.0);
+        let err = paired_difference(&a, &old).unwrap_err();
+        assert!(err.contains("`old` has no per-image metrics"), "{err}");
+        let mut short = with_images("short", "seed 0", four);
+        short.per_image.as_mut().unwrap().metrics.get_mut("text").unwrap().pop();
+        let err = paired_difference(&a, &short).unwrap_err();
+        assert!(err.contains("task `text`") && err.contains("3"), "{err}");
     }
 
     #[test]
