@@ -104,3 +104,28 @@ fn shipped_base_loads_and_gives_finite_velocities() {
     let v = p.model.transformer.forward(x, cond.tokens, cond.pooled, Tensor::full([1], 500.0, &device));
     assert!(v.into_data().into_vec::<f32>().unwrap().iter().all(|x| x.is_finite()));
 }
+
+/// `flow-opd compare` prints the paired differences of two rows and refuses unknown rows by
+/// name, without panicking.
+#[test]
+fn compare_cli_prints_paired_differences_and_names_unknown_rows() {
+    use flow_opd::eval::{EvalRow, PerImage};
+    let row = |name: &str, composition: [f64; 4]| {
+        let mean = composition.iter().sum::<f64>() / 4.0;
+        let metrics = [("composition".to_string(), composition.to_vec())].into();
+        EvalRow { per_image: Some(PerImage { setup: "seed 0".into(), metrics }), ..EvalRow::new(name, Some(mean), None, None, None, 1.0) }
+    };
+    let table = ResultsTable { rows: vec![row("student", [1.0, 1.0, 1.0, 0.0]), row("baseline", [1.0, 0.0, 1.0, 0.0])] };
+    let dir = tempfile::tempdir().unwrap();
+    table.write(dir.path()).unwrap();
+    let run = |a: &str, b: &str| std::process::Command::new(env!("CARGO_BIN_EXE_flow-opd")).arg("compare").arg(dir.path()).args([a, b]).output().unwrap();
+    let out = run("student", "baseline");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // differences [0, 1, 0, 0]: mean 0.25, sample sd 0.5, se 0.25
+    assert!(stdout.contains("| geneval | 0.7500 | 0.5000 | +0.2500 | 0.2500 | +1.0 | 4 |"), "{stdout}");
+    let out = run("student", "teacher");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("no row `teacher`") && stderr.contains("student, baseline"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
