@@ -426,13 +426,8 @@ fn main() -> Result<()> {
         }
         Command::Compare { table, a, b } => {
             let t = flow_opd::eval::ResultsTable::read_file(&table).map_err(anyhow::Error::msg)?;
-            let row = |name: &str| {
-                t.rows.iter().find(|r| r.model == name).ok_or_else(|| {
-                    let known: Vec<&str> = t.rows.iter().map(|r| r.model.as_str()).collect();
-                    anyhow::anyhow!("{}: no row `{name}` (rows: {})", table.display(), known.join(", "))
-                })
-            };
-            print!("{}", flow_opd::eval::table::comparison_markdown(row(&a)?, row(&b)?).map_err(anyhow::Error::msg)?);
+            let (a, b) = (t.row(&a, &table).map_err(anyhow::Error::msg)?, t.row(&b, &table).map_err(anyhow::Error::msg)?);
+            print!("{}", flow_opd::eval::table::comparison_markdown(a, b).map_err(anyhow::Error::msg)?);
             Ok(())
         }
         Command::Plot { run } => {

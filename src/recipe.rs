@@ -830,10 +830,7 @@ fn import_rows(stage: &RowsStage, ctx: &RunContext) -> Result<(), String> {
     };
     let mut table = ResultsTable::read(&ctx.dir)?;
     for name in &names {
-        let Some(row) = from.rows.iter().find(|r| &r.model == name) else {
-            let known: Vec<&str> = from.rows.iter().map(|r| r.model.as_str()).collect();
-            return Err(format!("{}: no row `{name}` (rows: {})", stage.from.display(), known.join(", ")));
-        };
+        let row = from.row(name, &stage.from)?;
         let source = row.source.clone().unwrap_or_else(|| stage.from.display().to_string());
         table.upsert(crate::eval::EvalRow { source: Some(source), ..row.clone() });
     }

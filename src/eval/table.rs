@@ -188,6 +188,15 @@ impl ResultsTable {
         }
     }
 
+    /// The row of model `name`; the error names `file` (where the table came from) and the
+    /// table's rows.
+    pub fn row(&self, name: &str, file: &Path) -> Result<&EvalRow, String> {
+        self.rows.iter().find(|r| r.model == name).ok_or_else(|| {
+            let known: Vec<&str> = self.rows.iter().map(|r| r.model.as_str()).collect();
+            format!("{}: no row `{name}` (rows: {})", file.display(), known.join(", "))
+        })
+    }
+
     /// Adds `row`, replacing a row of the same model.
     pub fn upsert(&mut self, row: EvalRow) {
         match self.rows.iter_mut().find(|r| r.model == row.model) {
