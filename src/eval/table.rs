@@ -69,7 +69,7 @@ pub struct Difference {
     pub count: usize,
 }
 
-/// The table's metrics: column, task, weight in Avg.
+/// The table's metrics, in the order of the table's columns: column, task, weight in Avg.
 const METRICS: [(&str, &str, f64); 4] = [("geneval", "composition", 1.0), ("ocr", "text", 1.0), ("pickscore", "preference", 1.0 / 26.0), ("deqa", "quality", 1.0 / 5.0)];
 
 /// Paired differences `a - b` per metric the two rows share, then Avg's (when they share all
@@ -137,7 +137,10 @@ impl StdErrors {
     /// The tasks' standard errors and the Avg's (when all four are present).
     pub fn new(geneval: Option<f64>, ocr: Option<f64>, pickscore: Option<f64>, deqa: Option<f64>) -> Self {
         let avg = match (geneval, ocr, pickscore, deqa) {
-            (Some(g), Some(o), Some(p), Some(d)) => Some((g * g + o * o + (d / 5.0).powi(2) + (p / 26.0).powi(2)).sqrt() / 4.0),
+            (Some(g), Some(o), Some(p), Some(d)) => {
+                let var: f64 = [g, o, p, d].into_iter().zip(METRICS).map(|(se, (_, _, weight))| (weight * se).powi(2)).sum();
+                Some(var.sqrt() / 4.0)
+            }
             _ => None,
         };
         Self { geneval, ocr, pickscore, deqa, avg }
