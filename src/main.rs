@@ -160,6 +160,9 @@ enum Command {
         /// Test prompts per task (640 = all).
         #[arg(long, default_value_t = 640)]
         prompts: usize,
+        /// The world's prompt set: `test` (the tables) or `train` (the RL training prompts).
+        #[arg(long, default_value = "test")]
+        split: String,
         /// ODE steps.
         #[arg(long, default_value_t = 40)]
         steps: usize,
@@ -443,7 +446,7 @@ fn main() -> Result<()> {
             let recipe = flow_opd::recipe::Recipe::from_file_with(&path, &inputs)?;
             dispatch(device, RecipeTask { recipe, runs })?
         }
-        Command::Eval { model, adapter, tasks, prompts, steps, cfg, name, out, device } => {
+        Command::Eval { model, adapter, tasks, prompts, split, steps, cfg, name, out, device } => {
             let tasks = parse_tasks(&tasks)?;
             let model_name = model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             let stage = flow_opd::recipe::EvalStage {
@@ -455,6 +458,11 @@ fn main() -> Result<()> {
                     prompts_per_task: Some(prompts),
                     seed: 0,
                     tasks,
+                    split: match split.as_str() {
+                        "test" => flow_opd::world::prompts::Split::Test,
+                        "train" => flow_opd::world::prompts::Split::Train,
+                        other => anyhow::bail!("--split: `{other}` is neither `test` nor `train`"),
+                    },
                     ..Default::default()
                 },
                 export: None,

@@ -187,6 +187,11 @@ pub struct PretrainStage {
     /// Also write the final pipeline here (e.g. `models/world_base`).
     #[serde(default)]
     pub export: Option<PathBuf>,
+    /// Wall-clock budget of the training loop in seconds: it ends after the first step that
+    /// finishes past it (before `train.steps`), saves and exports the pipeline, and the recipe
+    /// goes on (for a GPU lent for a fixed time). No budget if absent.
+    #[serde(default)]
+    pub max_seconds: Option<f64>,
     /// Steps, batch, optimiser, timestep sampling, EMA, seed.
     pub train: PretrainConfig,
 }
@@ -313,6 +318,7 @@ impl Recipe {
             };
             match stage {
                 Stage::Pretrain(s) => {
+                    budget(s.max_seconds)?;
                     if let Some(init) = &s.init {
                         need(init, "init")?;
                     }
@@ -560,16 +566,23 @@ fn run_pretrain<B: Backend>(stage: &PretrainStage, ctx: &mut RunContext, device:
         smoothed = Some(s);
         bar.set_message(format!("loss {s:.4}"));
         bar.inc(1);
-        if step % 10 == 0 || step == stage.train.steps {
+        let seconds = start.elapsed().as_secs_f64();
+        let out_of_time = stage.max_seconds.is_some_and(|budget| seconds >= budget);
+        if step % 10 == 0 || step == stage.train.steps || out_of_time {
             ctx.metrics
-                .log("pretrain", step, &[("loss", stats.loss), ("loss_smoothed", s), ("seconds", start.elapsed().as_secs_f64())])
+                .log("pretrain", step, &[("loss", stats.loss), ("loss_smoothed", s), ("seconds", seconds)])
                 .map_err(|e| e.to_string())?;
         }
-        if step % stage.checkpoint_every == 0 || step == stage.train.steps || interrupted() {
+        if step % stage.checkpoint_every == 0 || step == stage.train.steps || out_of_time || interrupted() {
             save_pipeline_atomic(&trainer.ema_pipeline(), &out)?;
         }
         if interrupted() {
             return Err(format!("interrupted at step {step}; the EMA checkpoint is in {}", out.display()));
+        }
+        if out_of_time {
+            let budget = stage.max_seconds.unwrap_or_default();
+            tracing::info!("pretrain `{}`: time budget of {budget:.0} s spent after step {step} of {} ({seconds:.0} s)", stage.output, stage.train.steps);
+            break;
         }
     }
     bar.finish();

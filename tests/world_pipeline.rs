@@ -129,3 +129,43 @@ fn compare_cli_prints_paired_differences_and_names_unknown_rows() {
     assert!(!out.status.success() && stderr.contains("no row `teacher`") && stderr.contains("student, baseline"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+/// A pre-training stage with a wall-clock budget ends after the step that spends it, saves and
+/// exports the pipeline, and the recipe goes on to the next stage; a negative budget is refused
+/// by name.
+#[test]
+fn a_pretrain_time_budget_ends_the_stage_and_the_recipe_goes_on() {
+    let runs = tempfile::tempdir().unwrap();
+    let export = runs.path().join("exported");
+    let text = |budget: &str| {
+        format!(
+            "name = \"budget\"\n[[stage]]\nkind = \"pretrain\"\noutput = \"base\"\nexport = \"{}\"\nmax_seconds = {budget}\n\
+             train = {{ steps = 500, batch_size = 2, seed = 1, optim = {{ lr = 1e-3 }} }}\n\
+             [[stage]]\nkind = \"eval\"\nmodel = \"base\"\nrow = \"After budget\"\n\
+             eval = {{ prompts_per_task = 1, tasks = [\"quality\"], sampling = {{ steps = 2, guidance = 1.0 }} }}\n",
+            export.display()
+        )
+    };
+    let bad = Recipe::from_toml(Path::new("budget.toml"), &text("-1.0")).unwrap_err().to_string();
+    assert!(bad.contains("max_seconds") && bad.contains("-1"), "{bad}");
+
+    let recipe = Recipe::from_toml(Path::new("budget.toml"), &text("0.0")).unwrap();
+    let device = Default::default();
+    run_recipe::<B>(&recipe, runs.path(), &device).unwrap();
+    let dir = runs.path().join("budget");
+    let metrics = read_metrics(&dir.join("metrics.jsonl")).unwrap();
+    let steps: Vec<u64> = metrics.iter().filter(|m| m["stage"] == "pretrain").map(|m| m["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, [1], "a zero budget is spent by the first of 500 steps");
+    // the export is the saved pipeline: the same function of prompt and noise
+    let velocity = |p: &Pipeline<B>| {
+        let cond = p.encode_prompts(&["a photo of two red circles"], &device);
+        let x: Tensor<B, 4> = SeededNoise::new(3).sample([1, 12, 16, 16], &device);
+        let t = Tensor::<B, 1>::full([1], 700.0, &device);
+        p.model.transformer.forward(x, cond.tokens, cond.pooled, t).into_data().into_vec::<f32>().unwrap()
+    };
+    let saved = Pipeline::<B>::load(&dir.join("base"), &device).unwrap();
+    let exported = Pipeline::<B>::load(&export, &device).unwrap();
+    assert_eq!(velocity(&saved), velocity(&exported));
+    let table = ResultsTable::read(&dir).unwrap();
+    assert_eq!(table.rows.iter().map(|r| r.model.as_str()).collect::<Vec<_>>(), ["After budget"]);
+}

@@ -40,8 +40,13 @@ pub struct EvalConfig {
     /// Tasks to evaluate (all four by default).
     #[serde(default = "all_tasks")]
     pub tasks: Vec<Task>,
-    /// Test prompt file per task (one prompt per line); the world's shipped test prompts for
-    /// tasks without one.
+    /// Which of the world's shipped prompt sets the tasks without a prompt file draw from:
+    /// `test` (the default; every table of the README) or `train` (the RL training prompts, to
+    /// compare models without looking at the test prompts).
+    #[serde(default)]
+    pub split: Split,
+    /// Test prompt file per task (one prompt per line); the world's shipped prompts (`split`)
+    /// for tasks without one.
     #[serde(default)]
     pub prompt_files: std::collections::BTreeMap<Task, std::path::PathBuf>,
     /// Tasks scored by a remote server (docs/reward_protocol.md); the world's rewards otherwise.
@@ -60,7 +65,7 @@ impl EvalConfig {
             .iter()
             .map(|t| match self.prompt_files.get(t) {
                 Some(path) => format!("{}: {}", t.name(), path.display()),
-                None => format!("{}: test split", t.name()),
+                None => format!("{}: {} split", t.name(), if self.split == Split::Train { "train" } else { "test" }),
             })
             .collect();
         let schedule = serde_json::to_string(&self.sampling.schedule).expect("json");
@@ -85,6 +90,7 @@ impl Default for EvalConfig {
             prompts_per_task: None,
             seed: 0,
             tasks: all_tasks(),
+            split: Split::Test,
             prompt_files: Default::default(),
             remote_rewards: Default::default(),
         }
@@ -136,17 +142,17 @@ pub enum EvalError {
     Output { path: std::path::PathBuf, message: String },
 }
 
-/// The test prompts `config` evaluates, per task in order: its prompt file or the world's
-/// shipped test split, at most `prompts_per_task` of them.
+/// The prompts `config` evaluates, per task in order: its prompt file or the world's shipped
+/// split (`config.split`, the test prompts by default), at most `prompts_per_task` of them.
 pub fn eval_prompts(config: &EvalConfig) -> Result<Vec<(Task, Vec<String>)>, EvalError> {
-    let test = shipped_prompts(Split::Test);
+    let shipped = shipped_prompts(config.split);
     config
         .tasks
         .iter()
         .map(|&task| {
             let all: Vec<String> = match config.prompt_files.get(&task) {
                 Some(path) => crate::sample::read_prompt_file(path).map_err(|message| EvalError::Output { path: path.clone(), message })?,
-                None => test.iter().filter(|p| p.task() == task).map(|p| p.text.clone()).collect(),
+                None => shipped.iter().filter(|p| p.task() == task).map(|p| p.text.clone()).collect(),
             };
             Ok((task, all.into_iter().take(config.prompts_per_task.unwrap_or(usize::MAX)).collect()))
         })
@@ -262,10 +268,32 @@ mod tests {
             EvalConfig { sampling: GenerateConfig { steps: 20, ..GenerateConfig::default() }, ..EvalConfig::default() },
             EvalConfig { sampling: GenerateConfig { guidance: 3.0, ..GenerateConfig::default() }, ..EvalConfig::default() },
             EvalConfig { prompt_files: [(Task::Text, "ocr.txt".into())].into(), ..EvalConfig::default() },
+            EvalConfig { split: Split::Train, ..EvalConfig::default() },
         ];
         for other in others {
             assert_ne!(base.setup(), other.setup(), "{other:?}");
         }
+    }
+
+    /// `split = "train"` evaluates the world's training prompts (none of them a test prompt of
+    /// the same task's list), in the shipped file's order; a prompt file still wins for its task.
+    #[test]
+    fn the_train_split_draws_the_shipped_training_prompts() {
+        let config: EvalConfig = toml::from_str("prompts_per_task = 5\nsplit = \"train\"").unwrap();
+        assert_eq!(config.split, Split::Train);
+        let train = shipped_prompts(Split::Train);
+        let test = eval_prompts(&EvalConfig { prompts_per_task: Some(5), ..EvalConfig::default() }).unwrap();
+        for ((task, prompts), (_, test)) in eval_prompts(&config).unwrap().into_iter().zip(test) {
+            let expected: Vec<String> = train.iter().filter(|p| p.task() == task).take(5).map(|p| p.text.clone()).collect();
+            assert_eq!(prompts, expected, "{task:?}");
+            assert_ne!(prompts, test, "{task:?}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("ocr.txt");
+        std::fs::write(&file, "a sign that says \"AB\"\n").unwrap();
+        let with_file = EvalConfig { prompt_files: [(Task::Text, file)].into(), tasks: vec![Task::Text], ..config };
+        assert_eq!(eval_prompts(&with_file).unwrap()[0].1, ["a sign that says \"AB\""]);
+        assert!(with_file.setup().contains("text: ") && !with_file.setup().contains("train split"));
     }
 
     #[test]

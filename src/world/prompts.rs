@@ -82,11 +82,13 @@ pub struct PromptRecord {
 }
 
 /// A shipped prompt set.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Split {
     /// Prompts for RL training (GRPO teachers, OPD student).
     Train,
     /// Prompts for evaluation.
+    #[default]
     Test,
 }
 
