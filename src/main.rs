@@ -458,11 +458,10 @@ fn main() -> Result<()> {
                     prompts_per_task: Some(prompts),
                     seed: 0,
                     tasks,
-                    split: match split.as_str() {
-                        "test" => flow_opd::world::prompts::Split::Test,
-                        "train" => flow_opd::world::prompts::Split::Train,
-                        other => anyhow::bail!("--split: `{other}` is neither `test` nor `train`"),
-                    },
+                    split: flow_opd::world::prompts::Split::ALL
+                        .into_iter()
+                        .find(|s| s.name() == split)
+                        .ok_or_else(|| anyhow::anyhow!("--split: `{split}` is neither `test` nor `train`"))?,
                     ..Default::default()
                 },
                 export: None,

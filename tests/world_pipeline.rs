@@ -71,14 +71,16 @@ eval = { prompts_per_task = 2, sampling = { steps = 2, guidance = 2.0, batch = 8
     let copy = tempfile::tempdir().unwrap();
     pipeline.save(copy.path()).unwrap();
     let reloaded = Pipeline::<B>::load(copy.path(), &device).unwrap();
-    let prompts = ["a photo of two red circles", "a sign that says \"AB7\""];
-    let velocity = |p: &Pipeline<B>| {
-        let cond = p.encode_prompts(&prompts, &device);
-        let x: Tensor<B, 4> = SeededNoise::new(3).sample([2, 12, 16, 16], &device);
-        let t = Tensor::<B, 1>::full([2], 700.0, &device);
-        p.model.transformer.forward(x, cond.tokens, cond.pooled, t).into_data().into_vec::<f32>().unwrap()
-    };
     assert_eq!(velocity(&pipeline), velocity(&reloaded));
+}
+
+/// The pipeline as a function: its velocities for two fixed prompts, noise and time.
+fn velocity(p: &Pipeline<B>) -> Vec<f32> {
+    let device = Default::default();
+    let cond = p.encode_prompts(&["a photo of two red circles", "a sign that says \"AB7\""], &device);
+    let x: Tensor<B, 4> = SeededNoise::new(3).sample([2, 12, 16, 16], &device);
+    let t = Tensor::<B, 1>::full([2], 700.0, &device);
+    p.model.transformer.forward(x, cond.tokens, cond.pooled, t).into_data().into_vec::<f32>().unwrap()
 }
 
 #[test]
@@ -157,12 +159,6 @@ fn a_pretrain_time_budget_ends_the_stage_and_the_recipe_goes_on() {
     let steps: Vec<u64> = metrics.iter().filter(|m| m["stage"] == "pretrain").map(|m| m["step"].as_u64().unwrap()).collect();
     assert_eq!(steps, [1], "a zero budget is spent by the first of 500 steps");
     // the export is the saved pipeline: the same function of prompt and noise
-    let velocity = |p: &Pipeline<B>| {
-        let cond = p.encode_prompts(&["a photo of two red circles"], &device);
-        let x: Tensor<B, 4> = SeededNoise::new(3).sample([1, 12, 16, 16], &device);
-        let t = Tensor::<B, 1>::full([1], 700.0, &device);
-        p.model.transformer.forward(x, cond.tokens, cond.pooled, t).into_data().into_vec::<f32>().unwrap()
-    };
     let saved = Pipeline::<B>::load(&dir.join("base"), &device).unwrap();
     let exported = Pipeline::<B>::load(&export, &device).unwrap();
     assert_eq!(velocity(&saved), velocity(&exported));

@@ -65,7 +65,7 @@ impl EvalConfig {
             .iter()
             .map(|t| match self.prompt_files.get(t) {
                 Some(path) => format!("{}: {}", t.name(), path.display()),
-                None => format!("{}: {} split", t.name(), if self.split == Split::Train { "train" } else { "test" }),
+                None => format!("{}: {} split", t.name(), self.split.name()),
             })
             .collect();
         let schedule = serde_json::to_string(&self.sampling.schedule).expect("json");
@@ -281,6 +281,11 @@ mod tests {
     fn the_train_split_draws_the_shipped_training_prompts() {
         let config: EvalConfig = toml::from_str("prompts_per_task = 5\nsplit = \"train\"").unwrap();
         assert_eq!(config.split, Split::Train);
+        for split in Split::ALL {
+            // the name the setup and the CLI use is the recipe's spelling
+            let parsed: EvalConfig = toml::from_str(&format!("split = \"{}\"", split.name())).unwrap();
+            assert_eq!(parsed.split, split);
+        }
         let train = shipped_prompts(Split::Train);
         let test = eval_prompts(&EvalConfig { prompts_per_task: Some(5), ..EvalConfig::default() }).unwrap();
         for ((task, prompts), (_, test)) in eval_prompts(&config).unwrap().into_iter().zip(test) {

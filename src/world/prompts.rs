@@ -96,6 +96,14 @@ impl Split {
     /// Both splits.
     pub const ALL: [Split; 2] = [Split::Train, Split::Test];
 
+    /// The split's name in recipes (`split = "train"`) and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Split::Train => "train",
+            Split::Test => "test",
+        }
+    }
+
     /// The generator seed.
     pub fn seed(self) -> u64 {
         match self {
