@@ -822,9 +822,7 @@ fn run_eval<B: Backend>(stage: &EvalStage, ctx: &mut RunContext, device: &B::Dev
         .collect();
     ctx.metrics.log(&format!("eval:{name}"), 0, &fields).map_err(|e| e.to_string())?;
     if let Some(export) = &stage.export {
-        let mut shared = if export.exists() { ResultsTable::read_file(export)? } else { ResultsTable::default() };
-        shared.upsert(row.clone());
-        shared.write_json(export)?;
+        ResultsTable::upsert_file(export, row.clone())?;
     }
     let mut table = ResultsTable::read(&ctx.dir)?;
     table.upsert(row);

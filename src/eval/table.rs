@@ -300,6 +300,28 @@ impl ResultsTable {
         write_text_atomic(path, &serde_json::to_string_pretty(self).expect("json")).map_err(|e| e.to_string())
     }
 
+    /// Adds `row` to the shared table at `path` (e.g. `models/results.json`), creating it if
+    /// absent. The read-modify-write holds an exclusive lock on a hidden sibling file
+    /// (`.results.json.lock`), so recipes run side by side that export to the same table do
+    /// not lose each other's rows.
+    pub fn upsert_file(path: &Path, row: EvalRow) -> Result<(), String> {
+        let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+        let name = path.file_name().ok_or_else(|| format!("{}: not a file name", path.display()))?;
+        let lock_path = parent.join(format!(".{}.lock", name.to_string_lossy()));
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| format!("{}: {e}", lock_path.display()))?;
+        lock.lock().map_err(|e| format!("{}: cannot lock: {e}", lock_path.display()))?;
+        let mut table = if path.exists() { Self::read_file(path)? } else { Self::default() };
+        table.upsert(row);
+        table.write_json(path)
+        // the lock is released when `lock` is closed
+    }
+
     /// Writes `results.json` and `results.md` into `dir` (atomically).
     pub fn write(&self, dir: &Path) -> Result<(), String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -312,6 +334,32 @@ impl ResultsTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn side_by_side_exports_keep_every_row() {
+        // Eight writers add ten rows each to one shared table at the same time; an unlocked
+        // read-modify-write would drop rows that another writer added in between.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("shared").join("results.json");
+        std::thread::scope(|scope| {
+            for w in 0..8 {
+                let path = &path;
+                scope.spawn(move || {
+                    for i in 0..10 {
+                        let row = EvalRow::new(&format!("writer {w} row {i}"), Some(0.1), None, None, None, 1.0);
+                        ResultsTable::upsert_file(path, row).unwrap();
+                    }
+                });
+            }
+        });
+        let table = ResultsTable::read_file(&path).unwrap();
+        assert_eq!(table.rows.len(), 80);
+        // a row of an existing model is replaced, not added
+        ResultsTable::upsert_file(&path, EvalRow::new("writer 3 row 3", Some(0.5), None, None, None, 1.0)).unwrap();
+        let table = ResultsTable::read_file(&path).unwrap();
+        assert_eq!(table.rows.len(), 80);
+        assert_eq!(table.rows.iter().find(|r| r.model == "writer 3 row 3").unwrap().geneval, Some(0.5));
+    }
 
     #[test]
     fn avg_reproduces_the_papers_rows() {
