@@ -155,24 +155,33 @@ pub fn draw_panels(panels: &[Panel]) -> Result<(u32, u32, Vec<u8>), String> {
     Ok((width, height, buffer))
 }
 
+/// The y-axis range of a panel's values: their range padded by 8 % (at least 2 % of their
+/// magnitude). A flat series (span below 1e-9, e.g. the KL of an `lr = 0` run, zero up to
+/// rounding) gets a range of at least +-0.05 around it, so the axis labels stay readable.
+fn y_axis(values: impl Iterator<Item = f64>) -> (f64, f64) {
+    let (mut lo, mut hi) = (f64::INFINITY, f64::NEG_INFINITY);
+    for y in values {
+        lo = lo.min(y);
+        hi = hi.max(y);
+    }
+    if !lo.is_finite() {
+        (lo, hi) = (0.0, 1.0);
+    }
+    let magnitude = hi.abs().max(lo.abs());
+    let pad = if hi - lo < 1e-9 { (magnitude * 0.1).max(0.05) } else { ((hi - lo) * 0.08).max(magnitude * 0.02) };
+    (lo - pad, hi + pad)
+}
+
 fn draw_panel<DB: DrawingBackend>(panel: &Panel, area: &DrawingArea<DB, plotters::coord::Shift>) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
-    let all = panel.series.iter().flat_map(|s| s.points.iter()).filter(|p| p.1.is_finite());
-    let (mut x_max, mut y_min, mut y_max) = (1.0f64, f64::INFINITY, f64::NEG_INFINITY);
-    for &(x, y) in all {
-        x_max = x_max.max(x);
-        y_min = y_min.min(y);
-        y_max = y_max.max(y);
-    }
-    if !y_min.is_finite() {
-        (y_min, y_max) = (0.0, 1.0);
-    }
-    let pad = ((y_max - y_min) * 0.08).max(y_max.abs().max(y_min.abs()) * 0.02).max(1e-9);
+    let all = || panel.series.iter().flat_map(|s| s.points.iter()).filter(|p| p.1.is_finite());
+    let x_max = all().map(|p| p.0).fold(1.0f64, f64::max);
+    let (y_lo, y_hi) = y_axis(all().map(|p| p.1));
     let mut chart = ChartBuilder::on(area)
         .caption(&panel.title, ("sans-serif", 16))
         .margin(8)
         .x_label_area_size(32)
         .y_label_area_size(52)
-        .build_cartesian_2d(0.0..x_max, (y_min - pad)..(y_max + pad))?;
+        .build_cartesian_2d(0.0..x_max, y_lo..y_hi)?;
     chart.configure_mesh().x_desc("iteration").y_desc(panel.y_label.as_str()).label_style(("sans-serif", 12)).draw()?;
     for (i, series) in panel.series.iter().enumerate() {
         let color = Palette99::pick(i).to_rgba();
@@ -221,6 +230,21 @@ pub fn write_curves(run_dir: &Path) -> Result<std::path::PathBuf, CurvesError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn flat_series_get_a_readable_axis_and_small_scales_keep_theirs() {
+        // the KL of an lr = 0 run: zero up to rounding
+        let (lo, hi) = y_axis([6e-10, 6.1e-10, 5.9e-10].into_iter());
+        assert!(lo <= -0.049 && hi >= 0.049, "{lo} {hi}");
+        let (lo, hi) = y_axis([2.0, 2.0].into_iter());
+        assert!((lo - 1.8).abs() < 1e-12 && (hi - 2.2).abs() < 1e-12, "{lo} {hi}");
+        // a real curve of KL 1e-4 .. 1e-3 keeps its own scale: padded by 8 % of its span
+        let (lo, hi) = y_axis([1e-4, 5e-4, 1e-3].into_iter());
+        assert!((lo - (1e-4 - 0.08 * 9e-4)).abs() < 1e-15 && (hi - (1e-3 + 0.08 * 9e-4)).abs() < 1e-15, "{lo} {hi}");
+        // no values: the unit range, padded
+        let (lo, hi) = y_axis(std::iter::empty());
+        assert!(lo < 0.0 && hi > 1.0);
+    }
 
     fn record(stage: &str, step: usize, fields: &[(&str, f64)]) -> Map<String, Value> {
         let mut map = Map::new();
