@@ -824,9 +824,7 @@ fn run_eval<B: Backend>(stage: &EvalStage, ctx: &mut RunContext, device: &B::Dev
     if let Some(export) = &stage.export {
         ResultsTable::upsert_file(export, row.clone())?;
     }
-    let mut table = ResultsTable::read(&ctx.dir)?;
-    table.upsert(row);
-    table.write(&ctx.dir)?;
+    let table = ResultsTable::upsert_dir(&ctx.dir, row)?;
     write_grids(&ctx.dir.join("grids"), &name, &results).map_err(|e| e.to_string())?;
     println!("{}", table.markdown());
     Ok(())

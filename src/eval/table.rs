@@ -301,10 +301,31 @@ impl ResultsTable {
     }
 
     /// Adds `row` to the shared table at `path` (e.g. `models/results.json`), creating it if
-    /// absent. The read-modify-write holds an exclusive lock on a hidden sibling file
-    /// (`.results.json.lock`), so recipes run side by side that export to the same table do
-    /// not lose each other's rows.
+    /// absent, under the table's lock (see [`Self::locked`]).
     pub fn upsert_file(path: &Path, row: EvalRow) -> Result<(), String> {
+        Self::locked(path, || {
+            let mut table = if path.exists() { Self::read_file(path)? } else { Self::default() };
+            table.upsert(row);
+            table.write_json(path)
+        })
+    }
+
+    /// Adds `row` to the table of the folder `dir` (`results.json` + `results.md`, e.g. a run
+    /// or `flow-opd eval --out`), creating it if absent, under the table's lock; returns the
+    /// table as written.
+    pub fn upsert_dir(dir: &Path, row: EvalRow) -> Result<Self, String> {
+        Self::locked(&dir.join("results.json"), || {
+            let mut table = Self::read(dir)?;
+            table.upsert(row);
+            table.write(dir)?;
+            Ok(table)
+        })
+    }
+
+    /// Runs the read-modify-write `update` of the table at `path` holding an exclusive lock on
+    /// a hidden sibling file (`.results.json.lock`), so processes run side by side that add
+    /// rows to the same table do not lose each other's rows.
+    fn locked<T>(path: &Path, update: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
         let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
         let name = path.file_name().ok_or_else(|| format!("{}: not a file name", path.display()))?;
@@ -316,9 +337,7 @@ impl ResultsTable {
             .open(&lock_path)
             .map_err(|e| format!("{}: {e}", lock_path.display()))?;
         lock.lock().map_err(|e| format!("{}: cannot lock: {e}", lock_path.display()))?;
-        let mut table = if path.exists() { Self::read_file(path)? } else { Self::default() };
-        table.upsert(row);
-        table.write_json(path)
+        update()
         // the lock is released when `lock` is closed
     }
 
@@ -337,28 +356,35 @@ mod tests {
 
     #[test]
     fn side_by_side_exports_keep_every_row() {
-        // Eight writers add ten rows each to one shared table at the same time; an unlocked
-        // read-modify-write would drop rows that another writer added in between.
+        // Eight writers add ten rows each to one shared table at the same time, through the
+        // file (`models/results.json`) and through a folder's table (a run, `eval --out`); an
+        // unlocked read-modify-write would drop rows that another writer added in between.
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("shared").join("results.json");
+        let folder = dir.path().join("run");
         std::thread::scope(|scope| {
             for w in 0..8 {
-                let path = &path;
+                let (path, folder) = (&path, &folder);
                 scope.spawn(move || {
                     for i in 0..10 {
                         let row = EvalRow::new(&format!("writer {w} row {i}"), Some(0.1), None, None, None, 1.0);
-                        ResultsTable::upsert_file(path, row).unwrap();
+                        ResultsTable::upsert_file(path, row.clone()).unwrap();
+                        ResultsTable::upsert_dir(folder, row).unwrap();
                     }
                 });
             }
         });
-        let table = ResultsTable::read_file(&path).unwrap();
-        assert_eq!(table.rows.len(), 80);
+        assert_eq!(ResultsTable::read_file(&path).unwrap().rows.len(), 80);
+        assert_eq!(ResultsTable::read(&folder).unwrap().rows.len(), 80);
+        assert_eq!(std::fs::read_to_string(folder.join("results.md")).unwrap().matches("| writer ").count(), 80);
         // a row of an existing model is replaced, not added
-        ResultsTable::upsert_file(&path, EvalRow::new("writer 3 row 3", Some(0.5), None, None, None, 1.0)).unwrap();
-        let table = ResultsTable::read_file(&path).unwrap();
-        assert_eq!(table.rows.len(), 80);
-        assert_eq!(table.rows.iter().find(|r| r.model == "writer 3 row 3").unwrap().geneval, Some(0.5));
+        let replaced = EvalRow::new("writer 3 row 3", Some(0.5), None, None, None, 1.0);
+        ResultsTable::upsert_file(&path, replaced.clone()).unwrap();
+        let written = ResultsTable::upsert_dir(&folder, replaced).unwrap();
+        for table in [ResultsTable::read_file(&path).unwrap(), ResultsTable::read(&folder).unwrap(), written] {
+            assert_eq!(table.rows.len(), 80);
+            assert_eq!(table.rows.iter().find(|r| r.model == "writer 3 row 3").unwrap().geneval, Some(0.5));
+        }
     }
 
     #[test]
