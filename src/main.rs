@@ -102,6 +102,21 @@ enum Command {
         /// Row B.
         b: String,
     },
+    /// Paired comparison of two training stages of one run that drew the same prompts and noise
+    /// (same seed, rollout settings and prompt sources; checked against the run's recipe.toml):
+    /// both curves and their difference by thirds, and the mean difference A - B with its paired
+    /// standard error. A stage with `lr = 0` is the starting model's own curve.
+    CompareCurves {
+        /// A run folder (or its metrics.jsonl, without the recipe check).
+        run: PathBuf,
+        /// Stage A (its output name, e.g. `teacher`).
+        a: String,
+        /// Stage B (e.g. `base`, an `lr = 0` stage).
+        b: String,
+        /// The metrics.jsonl field to compare (e.g. `train_composition`, `kl`).
+        #[arg(long, default_value = "reward")]
+        key: String,
+    },
     /// Print throughput figures: transformer forward and flow-matching training step.
     Bench {
         /// Preset or config.json.
@@ -431,6 +446,11 @@ fn main() -> Result<()> {
             let t = flow_opd::eval::ResultsTable::read_file(&table).map_err(anyhow::Error::msg)?;
             let (a, b) = (t.row(&a, &table).map_err(anyhow::Error::msg)?, t.row(&b, &table).map_err(anyhow::Error::msg)?);
             print!("{}", flow_opd::eval::table::comparison_markdown(a, b).map_err(anyhow::Error::msg)?);
+            Ok(())
+        }
+        Command::CompareCurves { run, a, b, key } => {
+            let paired = flow_opd::eval::paired_curves::paired_curves(&run, &a, &b, &key).map_err(anyhow::Error::msg)?;
+            print!("{}", paired.markdown());
             Ok(())
         }
         Command::Plot { run } => {

@@ -5,6 +5,7 @@
 
 pub mod curves;
 pub mod generate;
+pub mod paired_curves;
 pub mod table;
 
 use std::path::Path;

@@ -72,6 +72,14 @@ pub struct Difference {
 /// The table's metrics, in the order of the table's columns: column, task, weight in Avg.
 const METRICS: [(&str, &str, f64); 4] = [("geneval", "composition", 1.0), ("ocr", "text", 1.0), ("pickscore", "preference", 1.0 / 26.0), ("deqa", "quality", 1.0 / 5.0)];
 
+/// Mean of the differences `a[i] - b[i]` of paired measurements (the same image, or the same
+/// training iteration, under two models) and its standard error: sample standard deviation of
+/// the differences / sqrt(n). Pairs beyond the shorter slice are ignored.
+pub fn paired_mean(a: &[f64], b: &[f64]) -> (f64, f64) {
+    let d: Vec<f64> = a.iter().zip(b).map(|(x, y)| x - y).collect();
+    crate::eval::mean_and_stderr(&d)
+}
+
 /// Paired differences `a - b` per metric the two rows share, then Avg's (when they share all
 /// four). Errors name the row at fault: no per-image metrics, another setup, another count.
 pub fn paired_difference(a: &EvalRow, b: &EvalRow) -> Result<Vec<Difference>, String> {
@@ -89,12 +97,11 @@ pub fn paired_difference(a: &EvalRow, b: &EvalRow) -> Result<Vec<Difference>, St
         if xa.len() != xb.len() {
             return Err(format!("task `{task}`: row `{}` has {} images, row `{}` {}: evaluate both on the same prompts", a.model, xa.len(), b.model, xb.len()));
         }
-        let d: Vec<f64> = xa.iter().zip(xb).map(|(x, y)| x - y).collect();
-        let (diff, stderr) = crate::eval::mean_and_stderr(&d);
+        let (diff, stderr) = paired_mean(xa, xb);
         avg += weight * diff / 4.0;
         var += (weight * stderr / 4.0).powi(2);
-        count = count.min(d.len());
-        out.push(Difference { metric, diff, stderr, count: d.len() });
+        count = count.min(xa.len());
+        out.push(Difference { metric, diff, stderr, count: xa.len() });
     }
     if out.len() == METRICS.len() {
         out.push(Difference { metric: "avg", diff: avg, stderr: var.sqrt(), count });
