@@ -538,6 +538,29 @@ pub fn save_pipeline_atomic<B: Backend>(pipeline: &Pipeline<B>, dir: &Path) -> R
     replace_dir_atomic(dir, |tmp| pipeline.save(tmp).map_err(|e| e.to_string()))
 }
 
+/// A training loop's wall clock against its stage's `max_seconds` budget (none: never out).
+struct StageClock {
+    start: Instant,
+    budget: Option<f64>,
+}
+
+impl StageClock {
+    fn start(budget: Option<f64>) -> Self {
+        Self { start: Instant::now(), budget }
+    }
+
+    /// Seconds since the start, and whether they reach the budget.
+    fn read(&self) -> (f64, bool) {
+        let seconds = self.start.elapsed().as_secs_f64();
+        (seconds, self.budget.is_some_and(|b| seconds >= b))
+    }
+
+    fn log_spent(&self, label: &str, unit: &str, done: usize, of: usize) {
+        let (seconds, _) = self.read();
+        tracing::info!("{label}: time budget of {:.0} s spent after {unit} {done} of {of} ({seconds:.0} s)", self.budget.unwrap_or_default());
+    }
+}
+
 fn run_pretrain<B: Backend>(stage: &PretrainStage, ctx: &mut RunContext, device: &B::Device) -> Result<(), String> {
     type AD<B> = Autodiff<B>;
     let pipeline: Pipeline<B> = match &stage.init {
@@ -550,7 +573,7 @@ fn run_pretrain<B: Backend>(stage: &PretrainStage, ctx: &mut RunContext, device:
     let mut data = WorldPairs::new(stage.captions, stage.layout, stage.wrong_caption_fraction, stage.train.seed);
     let out = ctx.dir.join(&stage.output);
     let bar = progress_bar(stage.train.steps as u64, "pretrain");
-    let start = Instant::now();
+    let clock = StageClock::start(stage.max_seconds);
     let mut smoothed = None;
     for step in 1..=stage.train.steps {
         let stats = trainer.step(&mut data, device);
@@ -566,8 +589,7 @@ fn run_pretrain<B: Backend>(stage: &PretrainStage, ctx: &mut RunContext, device:
         smoothed = Some(s);
         bar.set_message(format!("loss {s:.4}"));
         bar.inc(1);
-        let seconds = start.elapsed().as_secs_f64();
-        let out_of_time = stage.max_seconds.is_some_and(|budget| seconds >= budget);
+        let (seconds, out_of_time) = clock.read();
         if step % 10 == 0 || step == stage.train.steps || out_of_time {
             ctx.metrics
                 .log("pretrain", step, &[("loss", stats.loss), ("loss_smoothed", s), ("seconds", seconds)])
@@ -580,8 +602,7 @@ fn run_pretrain<B: Backend>(stage: &PretrainStage, ctx: &mut RunContext, device:
             return Err(format!("interrupted at step {step}; the EMA checkpoint is in {}", out.display()));
         }
         if out_of_time {
-            let budget = stage.max_seconds.unwrap_or_default();
-            tracing::info!("pretrain `{}`: time budget of {budget:.0} s spent after step {step} of {} ({seconds:.0} s)", stage.output, stage.train.steps);
+            clock.log_spent(&format!("pretrain `{}`", stage.output), "step", step, stage.train.steps);
             break;
         }
     }
@@ -589,7 +610,7 @@ fn run_pretrain<B: Backend>(stage: &PretrainStage, ctx: &mut RunContext, device:
     if let Some(export) = &stage.export {
         save_pipeline_atomic(&trainer.ema_pipeline(), export)?;
     }
-    tracing::info!("pretrain `{}` done in {:.0} s", stage.output, start.elapsed().as_secs_f64());
+    tracing::info!("pretrain `{}` done in {:.0} s", stage.output, clock.read().0);
     ctx.outputs.insert(stage.output.clone(), out);
     Ok(())
 }
@@ -677,18 +698,17 @@ fn train_adapter<B: burn::tensor::backend::AutodiffBackend>(
     let out = ctx.dir.join(stage.output);
     let label = format!("{}:{}", stage.kind, stage.output);
     let bar = progress_bar(stage.iterations as u64, stage.output);
-    let start = Instant::now();
+    let clock = StageClock::start(stage.max_seconds);
     let mut done = 0;
     for it in 1..=stage.iterations {
         let (message, mut fields) = trainer.iterate(device)?;
         bar.set_message(message);
         bar.inc(1);
         done = it;
-        let seconds = start.elapsed().as_secs_f64();
+        let (seconds, out_of_time) = clock.read();
         fields.push(("seconds".into(), seconds));
         let refs: Vec<(&str, f64)> = fields.iter().map(|(k, v)| (k.as_str(), *v)).collect();
         ctx.metrics.log(&label, it, &refs).map_err(|e| e.to_string())?;
-        let out_of_time = stage.max_seconds.is_some_and(|budget| seconds >= budget);
         if it % stage.checkpoint_every.max(1) == 0 || it == stage.iterations || out_of_time || interrupted() {
             save_adapter_atomic(trainer.ema(), &out)?;
         }
@@ -696,8 +716,7 @@ fn train_adapter<B: burn::tensor::backend::AutodiffBackend>(
             return Err(format!("interrupted at iteration {it}; the EMA adapter is in {}", out.display()));
         }
         if out_of_time {
-            let budget = stage.max_seconds.unwrap_or_default();
-            tracing::info!("{label}: time budget of {budget:.0} s spent after iteration {it} of {} ({seconds:.0} s)", stage.iterations);
+            clock.log_spent(&label, "iteration", it, stage.iterations);
             break;
         }
     }
@@ -705,7 +724,7 @@ fn train_adapter<B: burn::tensor::backend::AutodiffBackend>(
     if let Some(export) = stage.export {
         save_adapter_atomic(trainer.ema(), export)?;
     }
-    tracing::info!("{label}: {done} iterations in {:.0} s", start.elapsed().as_secs_f64());
+    tracing::info!("{label}: {done} iterations in {:.0} s", clock.read().0);
     ctx.outputs.insert(stage.output.to_string(), out);
     Ok(())
 }
