@@ -833,7 +833,8 @@ fn run_eval<B: Backend>(stage: &EvalStage, ctx: &mut RunContext, device: &B::Dev
     let results = results.map_err(|e| e.to_string())?;
     let row = row(&name, &results, &stage.eval.setup(), seconds);
     for r in &results {
-        tracing::info!("{name}: {} = {:.4} ± {:.4} ({} prompts)", r.task.name(), r.mean, r.stderr, r.count);
+        let (mean, stderr) = r.mean_and_stderr();
+        tracing::info!("{name}: {} = {mean:.4} ± {stderr:.4} ({} prompts)", r.task.name(), r.metrics.len());
     }
     let fields: Vec<(&str, f64)> = [("geneval", row.geneval), ("ocr", row.ocr), ("pickscore", row.pickscore), ("deqa", row.deqa), ("avg", row.avg)]
         .into_iter()

@@ -102,9 +102,6 @@ impl Default for EvalConfig {
 #[derive(Debug, Clone)]
 pub struct TaskResult {
     pub task: Task,
-    pub mean: f64,
-    pub stderr: f64,
-    pub count: usize,
     /// The metric of each prompt's image, in prompt order.
     pub metrics: Vec<f64>,
     pub images: Vec<RgbImage>,
@@ -112,6 +109,13 @@ pub struct TaskResult {
     /// GenEval-style accuracy per category (family) with its prompt count, in GenEval's order
     /// (see [`category_means`]); empty for other tasks.
     pub categories: Vec<(Family, f64, usize)>,
+}
+
+impl TaskResult {
+    /// The task's metric: mean over its images and the standard error ([`mean_and_stderr`]).
+    pub fn mean_and_stderr(&self) -> (f64, f64) {
+        mean_and_stderr(&self.metrics)
+    }
 }
 
 /// The mean metric of each composition category among `prompts` (GenEval reports its
@@ -184,9 +188,8 @@ pub fn evaluate<B: Backend, P: TextToImage<B> + ?Sized>(
             .score(&inputs)
             .map_err(|e| EvalError::Reward { task: task.name().to_string(), message: e.to_string() })?;
         let metrics: Vec<f64> = scores.iter().map(|s| s.metric as f64).collect();
-        let (mean, stderr) = mean_and_stderr(&metrics);
         let categories = if task == Task::Composition { category_means(&prompts, &metrics) } else { Vec::new() };
-        results.push(TaskResult { task, mean, stderr, count: metrics.len(), metrics, images, prompts, categories });
+        results.push(TaskResult { task, metrics, images, prompts, categories });
     }
     Ok(results)
 }
@@ -207,8 +210,8 @@ pub fn mean_and_stderr(metrics: &[f64]) -> (f64, f64) {
 /// the per-image metrics under `setup` ([`EvalConfig::setup`]).
 pub fn row(name: &str, results: &[TaskResult], setup: &str, seconds: f64) -> EvalRow {
     let task = |t: Task| results.iter().find(|r| r.task == t);
-    let get = |t: Task| task(t).map(|r| r.mean);
-    let se = |t: Task| task(t).map(|r| r.stderr);
+    let get = |t: Task| task(t).map(|r| r.mean_and_stderr().0);
+    let se = |t: Task| task(t).map(|r| r.mean_and_stderr().1);
     let row = EvalRow::new(name, get(Task::Composition), get(Task::Text), get(Task::Preference), get(Task::Quality), seconds);
     let categories = results.iter().filter(|r| r.task == Task::Composition).flat_map(|r| &r.categories);
     EvalRow {
