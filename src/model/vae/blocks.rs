@@ -53,6 +53,14 @@ impl ResnetBlock2dConfig {
     }
 }
 
+/// A level's `layers` resnets (diffusers `resnets` of a down or up block): the first maps
+/// `channels_in -> channels_out`, the rest keep `channels_out`.
+pub fn resnet_stack<B: Backend>(channels_in: usize, channels_out: usize, layers: usize, groups: usize, device: &B::Device) -> Vec<ResnetBlock2d<B>> {
+    (0..layers)
+        .map(|i| ResnetBlock2dConfig::new(if i == 0 { channels_in } else { channels_out }, channels_out, groups).init(device))
+        .collect()
+}
+
 /// Residual block (diffusers `ResnetBlock2D` without time embedding):
 ///
 /// `h = conv2(silu(norm2(conv1(silu(norm1(x))))))`, `y = shortcut(x) + h`

@@ -9,7 +9,7 @@ use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
 
 use super::blocks::{
-    MidBlock2d, MidBlock2dConfig, ResnetBlock2d, ResnetBlock2dConfig, Upsample2d, Upsample2dConfig, conv, group_norm,
+    MidBlock2d, MidBlock2dConfig, ResnetBlock2d, Upsample2d, Upsample2dConfig, conv, group_norm, resnet_stack,
 };
 
 /// Configuration of an [`UpDecoderBlock2d`].
@@ -29,12 +29,7 @@ pub struct UpDecoderBlock2dConfig {
 
 impl UpDecoderBlock2dConfig {
     pub fn init<B: Backend>(&self, device: &B::Device) -> UpDecoderBlock2d<B> {
-        let resnets = (0..self.layers)
-            .map(|i| {
-                let channels_in = if i == 0 { self.channels_in } else { self.channels_out };
-                ResnetBlock2dConfig::new(channels_in, self.channels_out, self.groups).init(device)
-            })
-            .collect();
+        let resnets = resnet_stack(self.channels_in, self.channels_out, self.layers, self.groups, device);
         let upsamplers = if self.upsample { vec![Upsample2dConfig::new(self.channels_out).init(device)] } else { vec![] };
         UpDecoderBlock2d { resnets, upsamplers }
     }
