@@ -844,7 +844,7 @@ fn run_eval<B: Backend>(stage: &EvalStage, ctx: &mut RunContext, device: &B::Dev
     if let Some(export) = &stage.export {
         ResultsTable::upsert_file(export, row.clone())?;
     }
-    let table = ResultsTable::upsert_dir(&ctx.dir, row)?;
+    let table = ResultsTable::upsert_dir(&ctx.dir, [row])?;
     write_grids(&ctx.dir.join("grids"), &name, &results).map_err(|e| e.to_string())?;
     println!("{}", table.markdown());
     Ok(())
@@ -857,13 +857,15 @@ fn import_rows(stage: &RowsStage, ctx: &RunContext) -> Result<(), String> {
         Some(names) => names.clone(),
         None => from.rows.iter().map(|r| r.model.clone()).collect(),
     };
-    let mut table = ResultsTable::read(&ctx.dir)?;
-    for name in &names {
-        let row = from.row(name, &stage.from)?;
-        let source = row.source.clone().unwrap_or_else(|| stage.from.display().to_string());
-        table.upsert(crate::eval::EvalRow { source: Some(source), ..row.clone() });
-    }
-    table.write(&ctx.dir)?;
+    let rows = names
+        .iter()
+        .map(|name| {
+            let row = from.row(name, &stage.from)?;
+            let source = row.source.clone().unwrap_or_else(|| stage.from.display().to_string());
+            Ok(crate::eval::EvalRow { source: Some(source), ..row.clone() })
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    let table = ResultsTable::upsert_dir(&ctx.dir, rows)?;
     println!("{}", table.markdown());
     Ok(())
 }

@@ -210,13 +210,13 @@ pub fn mean_and_stderr(metrics: &[f64]) -> (f64, f64) {
 /// the per-image metrics under `setup` ([`EvalConfig::setup`]).
 pub fn row(name: &str, results: &[TaskResult], setup: &str, seconds: f64) -> EvalRow {
     let task = |t: Task| results.iter().find(|r| r.task == t);
-    let get = |t: Task| task(t).map(|r| r.mean_and_stderr().0);
-    let se = |t: Task| task(t).map(|r| r.mean_and_stderr().1);
-    let row = EvalRow::new(name, get(Task::Composition), get(Task::Text), get(Task::Preference), get(Task::Quality), seconds);
+    let [c, t, p, q] = [Task::Composition, Task::Text, Task::Preference, Task::Quality].map(|t| task(t).map(TaskResult::mean_and_stderr));
+    let (get, se) = (|x: Option<(f64, f64)>| x.map(|m| m.0), |x: Option<(f64, f64)>| x.map(|m| m.1));
+    let row = EvalRow::new(name, get(c), get(t), get(p), get(q), seconds);
     let categories = results.iter().filter(|r| r.task == Task::Composition).flat_map(|r| &r.categories);
     EvalRow {
         geneval_categories: categories.map(|&(f, mean, _)| (f.name().to_string(), mean)).collect(),
-        stderr: Some(StdErrors::new(se(Task::Composition), se(Task::Text), se(Task::Preference), se(Task::Quality))),
+        stderr: Some(StdErrors::new(se(c), se(t), se(p), se(q))),
         per_image: Some(PerImage {
             setup: setup.to_string(),
             metrics: results.iter().map(|r| (r.task.name().to_string(), r.metrics.clone())).collect(),

@@ -317,13 +317,15 @@ impl ResultsTable {
         })
     }
 
-    /// Adds `row` to the table of the folder `dir` (`results.json` + `results.md`, e.g. a run
+    /// Adds `rows` to the table of the folder `dir` (`results.json` + `results.md`, e.g. a run
     /// or `flow-opd eval --out`), creating it if absent, under the table's lock; returns the
     /// table as written.
-    pub fn upsert_dir(dir: &Path, row: EvalRow) -> Result<Self, String> {
+    pub fn upsert_dir(dir: &Path, rows: impl IntoIterator<Item = EvalRow>) -> Result<Self, String> {
         Self::locked(&dir.join("results.json"), || {
             let mut table = Self::read(dir)?;
-            table.upsert(row);
+            for row in rows {
+                table.upsert(row);
+            }
             table.write(dir)?;
             Ok(table)
         })
@@ -376,7 +378,7 @@ mod tests {
                     for i in 0..10 {
                         let row = EvalRow::new(&format!("writer {w} row {i}"), Some(0.1), None, None, None, 1.0);
                         ResultsTable::upsert_file(path, row.clone()).unwrap();
-                        ResultsTable::upsert_dir(folder, row).unwrap();
+                        ResultsTable::upsert_dir(folder, [row]).unwrap();
                     }
                 });
             }
@@ -387,7 +389,7 @@ mod tests {
         // a row of an existing model is replaced, not added
         let replaced = EvalRow::new("writer 3 row 3", Some(0.5), None, None, None, 1.0);
         ResultsTable::upsert_file(&path, replaced.clone()).unwrap();
-        let written = ResultsTable::upsert_dir(&folder, replaced).unwrap();
+        let written = ResultsTable::upsert_dir(&folder, [replaced]).unwrap();
         for table in [ResultsTable::read_file(&path).unwrap(), ResultsTable::read(&folder).unwrap(), written] {
             assert_eq!(table.rows.len(), 80);
             assert_eq!(table.rows.iter().find(|r| r.model == "writer 3 row 3").unwrap().geneval, Some(0.5));
