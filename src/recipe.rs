@@ -659,6 +659,8 @@ where
             ("kl".into(), stats.kl),
             ("policy_loss".into(), stats.policy_loss),
             ("clip_fraction".into(), stats.clip_fraction),
+            ("zero_std_fraction".into(), stats.groups.zero_std_fraction),
+            ("within_group_share".into(), stats.groups.within_share),
             ("partition".into(), stats.partition as f64),
         ];
         fields.extend(stats.task_metrics.iter().map(|(t, m)| (format!("train_{}", t.name()), *m)));

@@ -16,7 +16,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::ema::Ema;
-use super::grpo_math::{AdvantageStd, clipped_policy_loss, group_advantages};
+use super::grpo_math::{AdvantageStd, GroupSpread, clipped_policy_loss, group_advantages, group_spread};
 use super::pretrain::OptimConfig;
 use super::rollout::{RolloutConfig, rollout, vector};
 use crate::flow::{GuidedModel, KlReduction, LogProbReduction, TextConditioning, VelocityField, gaussian_kl, log_prob, step_mean};
@@ -134,6 +134,8 @@ pub struct GrpoStats {
     pub policy_loss: f64,
     pub kl: f64,
     pub clip_fraction: f64,
+    /// How the rewards spread over the prompt groups.
+    pub groups: GroupSpread,
 }
 
 /// Scores `images` with the partition's weighted rewards; returns training values and, per
@@ -249,6 +251,20 @@ pub fn lift_conditioning<B: AutodiffBackend>(c: &TextConditioning<B::InnerBacken
 impl<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> GrpoTrainer<B, O> {
     /// One iteration: rollouts, rewards, advantages, one accumulated update.
     pub fn iteration(&mut self, device: &B::Device) -> Result<GrpoStats, String> {
+        let (grads, stats) = self.gradient(device)?;
+        if let Some(grads) = grads {
+            let adapter = self.adapter.clone();
+            self.adapter = self.optimizer.step(self.config.optim.lr, adapter, grads);
+            self.ema.update(&self.adapter);
+        }
+        self.iteration += 1;
+        Ok(stats)
+    }
+
+    /// An iteration without its update: rollouts of the current policy, rewards, advantages,
+    /// and the gradient of the Flow-GRPO loss accumulated over the trained steps (`None` if no
+    /// step is stochastic). Each call draws new prompts and noise.
+    pub fn gradient(&mut self, device: &B::Device) -> Result<(Option<GradientsParams>, GrpoStats), String> {
         let part = self.schedule[self.iteration % self.schedule.len()];
         let prompts: Vec<TaskPrompt> =
             (0..self.config.rollout.prompts).map(|_| self.prompts[part].choose(&mut self.rng).expect("non-empty").clone()).collect();
@@ -296,20 +312,17 @@ impl<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> GrpoTrainer<B, O> {
                 accumulator.accumulate(&self.adapter, grads);
             }
         }
-        if !steps.is_empty() {
-            let adapter = self.adapter.clone();
-            self.adapter = self.optimizer.step(self.config.optim.lr, adapter, accumulator.grads());
-            self.ema.update(&self.adapter);
-        }
-        self.iteration += 1;
+        let grads = (!steps.is_empty()).then(|| accumulator.grads());
         let n = steps.len().max(1) as f64;
-        Ok(GrpoStats {
+        let stats = GrpoStats {
             partition: part,
             reward: rewards.iter().sum::<f64>() / rewards.len().max(1) as f64,
             task_metrics,
             policy_loss: pg_sum / n,
             kl: kl_sum / n,
             clip_fraction: clipped / n,
-        })
+            groups: group_spread(&rewards, self.config.rollout.group_size),
+        };
+        Ok((grads, stats))
     }
 }

@@ -35,6 +35,31 @@ pub fn group_advantages(rewards: &[f64], group_size: usize, std: AdvantageStd, c
         .collect()
 }
 
+/// How an iteration's rewards spread over its prompt groups: what group-relative advantages
+/// can see. Rewards are laid out as in [`group_advantages`].
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct GroupSpread {
+    /// Groups whose rewards are all equal (zero advantages, no policy gradient; Flow-GRPO's
+    /// `zero_std_ratio`).
+    pub zero_std_fraction: f64,
+    /// Mean within-group variance over the variance of all rewards: the share of the reward's
+    /// spread that the policy gradient credits to the sampler's noise (the rest tells prompts
+    /// apart). Zero when every reward is equal.
+    pub within_share: f64,
+}
+
+/// [`GroupSpread`] of rewards in consecutive groups of `group_size`.
+pub fn group_spread(rewards: &[f64], group_size: usize) -> GroupSpread {
+    assert!(group_size > 0 && rewards.len() % group_size == 0, "rewards must come in whole groups of {group_size}");
+    let groups = (rewards.len() / group_size).max(1) as f64;
+    let variances: Vec<f64> = rewards.chunks(group_size).map(|g| population_std(g).powi(2)).collect();
+    let total = population_std(rewards).powi(2);
+    GroupSpread {
+        zero_std_fraction: variances.iter().filter(|v| **v < 1e-12).count() as f64 / groups,
+        within_share: if total < 1e-12 { 0.0 } else { variances.iter().sum::<f64>() / groups / total },
+    }
+}
+
 /// Population standard deviation (numpy's default, as the public code uses).
 fn population_std(values: &[f64]) -> f64 {
     let n = values.len().max(1) as f64;
@@ -82,6 +107,21 @@ mod tests {
         let c = group_advantages(&[0.0, 0.0, 0.0, 100.0], 4, AdvantageStd::Group, 1.5);
         assert_eq!(c[3], 1.5);
         assert!(c[0] < 0.0 && c[0] > -1.0);
+    }
+
+    #[test]
+    fn group_spread_splits_variance_within_and_between_groups() {
+        // Groups [1, 3], [2, 2], [0, 4]: every group mean is 2, so all spread is within groups.
+        let s = group_spread(&[1.0, 3.0, 2.0, 2.0, 0.0, 4.0], 2);
+        assert!((s.zero_std_fraction - 1.0 / 3.0).abs() < 1e-12);
+        assert!((s.within_share - 1.0).abs() < 1e-12, "{s:?}");
+        // Groups [0, 0], [1, 1]: all spread is between prompts.
+        assert_eq!(group_spread(&[0.0, 0.0, 1.0, 1.0], 2), GroupSpread { zero_std_fraction: 1.0, within_share: 0.0 });
+        // Groups [0, 1], [1, 1]: within variances 1/4 and 0 (mean 1/8); total: mean 3/4, variance 3/16.
+        let s = group_spread(&[0.0, 1.0, 1.0, 1.0], 2);
+        assert!((s.within_share - (1.0 / 8.0) / (3.0 / 16.0)).abs() < 1e-12 && s.zero_std_fraction == 0.5);
+        // No spread at all.
+        assert_eq!(group_spread(&[0.5; 4], 4), GroupSpread { zero_std_fraction: 1.0, within_share: 0.0 });
     }
 
     type AD = Autodiff<Flex>;
