@@ -12,6 +12,35 @@ use flow_opd::model::lora::{ActiveAdapters, load_lora};
 use flow_opd::model::forward_io::forward_file;
 use flow_opd::model::weights::{Layout, ModelSource, SaveDtype, manifest, save_diffusers};
 
+/// The paths a recipe names as `$model`, `$teachers` and `$prompts`.
+#[derive(Args)]
+struct RecipeInputs {
+    /// The model folder a recipe names as "$model" (e.g. a diffusers SD3.5-Medium folder
+    /// for recipes/sd35m/*).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Teacher adapters a recipe names as "$teachers" (a folder holding one adapter per
+    /// task, e.g. runs/sd35m_teachers).
+    #[arg(long)]
+    teachers: Option<PathBuf>,
+    /// Prompt files a recipe names as "$prompts" (e.g. a folder with geneval.txt, ocr.txt,
+    /// pickscore.txt, one prompt per line).
+    #[arg(long)]
+    prompts: Option<PathBuf>,
+}
+
+impl RecipeInputs {
+    /// Loads the recipe at `path` with these inputs substituted.
+    fn load(self, path: &Path) -> Result<flow_opd::recipe::Recipe> {
+        let inputs: std::collections::BTreeMap<String, String> =
+            [("model", self.model), ("teachers", self.teachers), ("prompts", self.prompts)]
+                .into_iter()
+                .filter_map(|(k, v)| v.map(|v| (k.to_string(), v.to_string_lossy().into_owned())))
+                .collect();
+        Ok(flow_opd::recipe::Recipe::from_file_with(path, &inputs)?)
+    }
+}
+
 #[derive(Parser)]
 #[command(name = "flow-opd", version, about = "Flow-OPD post-training for flow-matching text-to-image models")]
 struct Cli {
@@ -34,18 +63,8 @@ enum Command {
         /// cpu, wgpu[:N] or cuda[:N].
         #[arg(long, default_value = "cpu")]
         device: DeviceSpec,
-        /// The model folder a recipe names as "$model" (e.g. a diffusers SD3.5-Medium folder
-        /// for recipes/sd35m/*).
-        #[arg(long)]
-        model: Option<PathBuf>,
-        /// Teacher adapters a recipe names as "$teachers" (a folder holding one adapter per
-        /// task, e.g. runs/sd35m_teachers).
-        #[arg(long)]
-        teachers: Option<PathBuf>,
-        /// Prompt files a recipe names as "$prompts" (e.g. a folder with geneval.txt, ocr.txt,
-        /// pickscore.txt, one prompt per line).
-        #[arg(long)]
-        prompts: Option<PathBuf>,
+        #[command(flatten)]
+        inputs: RecipeInputs,
     },
     /// Text to image: one PNG per prompt (40-step ODE, CFG 4.5 by default; prompt i is seeded
     /// with seed + i).
@@ -116,6 +135,26 @@ enum Command {
         /// The metrics.jsonl field to compare (e.g. `train_composition`, `kl`).
         #[arg(long, default_value = "reward")]
         key: String,
+    },
+    /// How many samples per update a Flow-GRPO stage needs: the signal-to-noise ratio of its
+    /// policy gradient at its starting policy, from independent gradient estimates (the stage's
+    /// rollout, rewards and loss; nothing is trained or written).
+    GradientSnr {
+        /// The recipe file.
+        recipe: PathBuf,
+        /// The grpo stage (its `output` name, e.g. `teacher_geneval`).
+        stage: String,
+        /// Independent gradient estimates (at least 4), each of the stage's prompts x G samples.
+        #[arg(long, default_value_t = 10)]
+        estimates: usize,
+        /// Where the recipe's runs are (for a `model` or `init` that names an earlier stage).
+        #[arg(long, default_value = "runs")]
+        runs: PathBuf,
+        /// cpu, wgpu[:N] or cuda[:N].
+        #[arg(long, default_value = "cpu")]
+        device: DeviceSpec,
+        #[command(flatten)]
+        inputs: RecipeInputs,
     },
     /// Print throughput figures: transformer forward and flow-matching training step.
     Bench {
@@ -381,6 +420,28 @@ impl BackendTask for RecipeTask {
     }
 }
 
+struct GradientSnrTask {
+    recipe: flow_opd::recipe::Recipe,
+    runs: PathBuf,
+    stage: String,
+    estimates: usize,
+}
+
+impl BackendTask for GradientSnrTask {
+    type Output = Result<()>;
+    fn run<B: Backend>(self, device: B::Device) -> Self::Output {
+        let snr = flow_opd::recipe::grpo_gradient_snr::<B>(&self.recipe, &self.runs, &self.stage, self.estimates, &device)
+            .map_err(anyhow::Error::msg)?;
+        let update = self.recipe.stages.iter().find_map(|s| match s {
+            flow_opd::recipe::Stage::Grpo(g) if g.output == self.stage => Some(g.train.rollout.prompts * g.train.rollout.group_size),
+            _ => None,
+        });
+        println!("Flow-GRPO gradient of `{}` in {}:", self.stage, self.recipe.name);
+        print!("{}", snr.report(update.unwrap_or(snr.samples_per_estimate)));
+        Ok(())
+    }
+}
+
 fn parse_tasks(tasks: &str) -> Result<Vec<flow_opd::world::Task>> {
     if tasks == "all" {
         return Ok(flow_opd::eval::all_tasks());
@@ -453,17 +514,17 @@ fn main() -> Result<()> {
             print!("{}", paired.markdown());
             Ok(())
         }
+        Command::GradientSnr { recipe, stage, estimates, runs, device, inputs } => {
+            let recipe = inputs.load(&recipe)?;
+            dispatch(device, GradientSnrTask { recipe, runs, stage, estimates })?
+        }
         Command::Plot { run } => {
             let path = flow_opd::eval::curves::write_curves(&run)?;
             println!("wrote {}", path.display());
             Ok(())
         }
-        Command::Recipe { path, runs, device, model, teachers, prompts } => {
-            let inputs: std::collections::BTreeMap<String, String> = [("model", model), ("teachers", teachers), ("prompts", prompts)]
-                .into_iter()
-                .filter_map(|(k, v)| v.map(|v| (k.to_string(), v.to_string_lossy().into_owned())))
-                .collect();
-            let recipe = flow_opd::recipe::Recipe::from_file_with(&path, &inputs)?;
+        Command::Recipe { path, runs, device, inputs } => {
+            let recipe = inputs.load(&path)?;
             dispatch(device, RecipeTask { recipe, runs })?
         }
         Command::Eval { model, adapter, tasks, prompts, split, steps, cfg, name, out, device } => {

@@ -627,6 +627,60 @@ fn run_grpo<B: Backend>(stage: &GrpoStage, ctx: &mut RunContext, device: &B::Dev
     train_adapter(common, GrpoLoop(trainer), ctx, device)
 }
 
+/// The signal-to-noise ratio of the Flow-GRPO gradient of the recipe's GRPO stage `output`
+/// ([`crate::train::grpo_snr`]): `estimates` independent gradients of the stage's starting
+/// policy (its `model`, plus its `init` adapter if any) with the stage's rollout, rewards and
+/// loss, nothing trained or written. A `model` or `init` that names an earlier stage's output
+/// is looked up in `runs_dir/<recipe name>/`.
+pub fn grpo_gradient_snr<B: Backend>(
+    recipe: &Recipe,
+    runs_dir: &Path,
+    output: &str,
+    estimates: usize,
+    device: &B::Device,
+) -> Result<crate::train::grpo_snr::GradientSnr, String> {
+    if estimates < 4 {
+        return Err(format!("{estimates} gradient estimates: at least 4 are needed (two disjoint pairs for the error)"));
+    }
+    let stages: Vec<&GrpoStage> = recipe.stages.iter().filter_map(|s| if let Stage::Grpo(g) = s { Some(g) } else { None }).collect();
+    let stage = stages.iter().find(|s| s.output == output).ok_or_else(|| {
+        let names: Vec<&str> = stages.iter().map(|s| s.output.as_str()).collect();
+        format!("recipe `{}` has no grpo stage with output `{output}` (its grpo stages: {})", recipe.name, names.join(", "))
+    })?;
+    let run = runs_dir.join(&recipe.name);
+    let locate = |name: &str, field: &str| -> Result<PathBuf, String> {
+        let (own, earlier) = (PathBuf::from(name), run.join(name));
+        if own.exists() {
+            Ok(own)
+        } else if earlier.exists() {
+            Ok(earlier)
+        } else {
+            Err(format!("stage `{output}`: `{field}` = `{name}` is neither a folder nor an output in {}", run.display()))
+        }
+    };
+    let model = locate(&stage.model, "model")?;
+    let pipeline = AnyPipeline::<B>::load(&model, &recipe.sd3, device)?;
+    let init = match &stage.init {
+        Some(a) => Some(load_lora(&locate(a, "init")?, pipeline.transformer(), device).map_err(|e| format!("{a}: {e}"))?),
+        None => None,
+    };
+    let mut trainer = grpo_trainer::<Autodiff<B>>(pipeline, init, stage.train.clone(), device)?;
+    let bar = progress_bar(estimates as u64, "gradients");
+    let snr = crate::train::grpo_snr::measure(&mut trainer, estimates, device, |k, stats, norm| {
+        bar.set_position(k as u64 + 1);
+        bar.set_message(format!("reward {:.3}", stats.reward));
+        tracing::info!(
+            "estimate {}: reward {:.4}, zero-std groups {:.2}, within-group share {:.2}, |g| {norm:.3e}",
+            k + 1,
+            stats.reward,
+            stats.groups.zero_std_fraction,
+            stats.groups.within_share
+        );
+    });
+    bar.finish_and_clear();
+    snr
+}
+
 /// What the GRPO and OPD stages share: name, length, checkpoints, export.
 struct AdapterStage<'a> {
     kind: &'static str,

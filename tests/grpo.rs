@@ -87,6 +87,43 @@ fn two_grpo_iterations_change_the_adapter_and_log_metrics() {
     assert!(b_norm > 0.0, "the adapter moved away from B = 0");
 }
 
+/// `gradient-snr` measures a recipe's GRPO stage without training or writing anything: a
+/// reward that moves with the image gives non-zero gradients whose estimates differ; a constant
+/// reward gives none, and says so; bad stage names and too few estimates are refused.
+#[test]
+fn gradient_snr_measures_a_stage_without_training_it() {
+    use common::fake_server::{FakeServer, Reply, mean_pixel_scores};
+    use flow_opd::recipe::grpo_gradient_snr;
+    let brightness = FakeServer::start(|_, request| Reply::json(200, mean_pixel_scores(request)));
+    let constant = FakeServer::start(|_, request| {
+        let n = request.body["images"].as_array().unwrap().len();
+        Reply::json(200, serde_json::json!({ "scores": vec![serde_json::json!({"value": 1.0, "metric": 1.0}); n] }))
+    });
+    let runs = tempfile::tempdir().unwrap();
+    let model = runs.path().join("toy");
+    toy_pipeline(&model);
+    let stage = |output: &str, url: &str| {
+        format!(
+            "[[stage]]\nkind = \"grpo\"\noutput = \"{output}\"\nmodel = \"{}\"\n[stage.train]\niterations = 1\nrollout = {{ prompts = 2, group_size = 3, steps = 4 }}\n\
+             lora = {{ rank = 2, alpha = 4.0 }}\noptim = {{ lr = 1e-2 }}\npartitions = [{{ tasks = [\"composition\"], rewards = {{ composition = 1.0 }} }}]\n\
+             remote_rewards = {{ composition = {{ url = \"{url}\", name = \"r\" }} }}\n",
+            model.display()
+        )
+    };
+    let text = format!("name = \"snr\"\n{}{}", stage("bright", &brightness.url), stage("flat", &constant.url));
+    let recipe = Recipe::from_toml(Path::new("snr.toml"), &text).unwrap();
+    let device = Default::default();
+    let snr = grpo_gradient_snr::<B>(&recipe, runs.path(), "bright", 4, &device).unwrap();
+    assert_eq!((snr.estimates, snr.samples_per_estimate), (4, 6));
+    assert!(snr.mean_square > 0.0 && snr.per_sample_noise() > 0.0, "{snr:?}");
+    assert!(!runs.path().join("snr").exists(), "nothing is written");
+    let flat = grpo_gradient_snr::<B>(&recipe, runs.path(), "flat", 4, &device).unwrap_err();
+    assert!(flat.contains("all advantages zero"), "{flat}");
+    let unknown = grpo_gradient_snr::<B>(&recipe, runs.path(), "teacher", 4, &device).unwrap_err();
+    assert!(unknown.contains("no grpo stage with output `teacher`") && unknown.contains("bright, flat"), "{unknown}");
+    assert!(grpo_gradient_snr::<B>(&recipe, runs.path(), "bright", 3, &device).unwrap_err().contains("at least 4"));
+}
+
 /// End to end, GRPO must climb a reward it can easily move: image brightness (mean pixel value,
 /// scored by a loopback reward server from the PNGs it receives). Rollout noise is seeded, so the
 /// run is deterministic.

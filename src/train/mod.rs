@@ -4,6 +4,7 @@
 pub mod ema;
 pub mod grpo;
 pub mod grpo_math;
+pub mod grpo_snr;
 pub mod metrics;
 pub mod opd;
 pub mod pretrain;
