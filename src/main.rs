@@ -147,6 +147,9 @@ enum Command {
         /// Independent gradient estimates (at least 4), each of the stage's prompts x G samples.
         #[arg(long, default_value_t = 10)]
         estimates: usize,
+        /// The stage's partition to sample (0-based; a mix such as GRPO-Mix has several).
+        #[arg(long, default_value_t = 0)]
+        partition: usize,
         /// Where the recipe's runs are (for a `model` or `init` that names an earlier stage).
         #[arg(long, default_value = "runs")]
         runs: PathBuf,
@@ -424,19 +427,20 @@ struct GradientSnrTask {
     recipe: flow_opd::recipe::Recipe,
     runs: PathBuf,
     stage: String,
+    partition: usize,
     estimates: usize,
 }
 
 impl BackendTask for GradientSnrTask {
     type Output = Result<()>;
     fn run<B: Backend>(self, device: B::Device) -> Self::Output {
-        let snr = flow_opd::recipe::grpo_gradient_snr::<B>(&self.recipe, &self.runs, &self.stage, self.estimates, &device)
+        let snr = flow_opd::recipe::grpo_gradient_snr::<B>(&self.recipe, &self.runs, &self.stage, self.partition, self.estimates, &device)
             .map_err(anyhow::Error::msg)?;
         let update = self.recipe.stages.iter().find_map(|s| match s {
             flow_opd::recipe::Stage::Grpo(g) if g.output == self.stage => Some(g.train.rollout.prompts * g.train.rollout.group_size),
             _ => None,
         });
-        println!("Flow-GRPO gradient of `{}` in {}:", self.stage, self.recipe.name);
+        println!("Flow-GRPO gradient of `{}` (partition {}) in {}:", self.stage, self.partition, self.recipe.name);
         print!("{}", snr.report(update.unwrap_or(snr.samples_per_estimate)));
         Ok(())
     }
@@ -514,9 +518,9 @@ fn main() -> Result<()> {
             print!("{}", paired.markdown());
             Ok(())
         }
-        Command::GradientSnr { recipe, stage, estimates, runs, device, inputs } => {
+        Command::GradientSnr { recipe, stage, estimates, partition, runs, device, inputs } => {
             let recipe = inputs.load(&recipe)?;
-            dispatch(device, GradientSnrTask { recipe, runs, stage, estimates })?
+            dispatch(device, GradientSnrTask { recipe, runs, stage, partition, estimates })?
         }
         Command::Plot { run } => {
             let path = flow_opd::eval::curves::write_curves(&run)?;

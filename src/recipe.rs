@@ -629,13 +629,14 @@ fn run_grpo<B: Backend>(stage: &GrpoStage, ctx: &mut RunContext, device: &B::Dev
 
 /// The signal-to-noise ratio of the Flow-GRPO gradient of the recipe's GRPO stage `output`
 /// ([`crate::train::grpo_snr`]): `estimates` independent gradients of the stage's starting
-/// policy (its `model`, plus its `init` adapter if any) with the stage's rollout, rewards and
-/// loss, nothing trained or written. A `model` or `init` that names an earlier stage's output
+/// policy (its `model`, plus its `init` adapter if any) on its partition `partition`, with the
+/// stage's rollout, rewards and loss, nothing trained or written. A `model` or `init` that names an earlier stage's output
 /// is looked up in `runs_dir/<recipe name>/`.
 pub fn grpo_gradient_snr<B: Backend>(
     recipe: &Recipe,
     runs_dir: &Path,
     output: &str,
+    partition: usize,
     estimates: usize,
     device: &B::Device,
 ) -> Result<crate::train::grpo_snr::GradientSnr, String> {
@@ -647,6 +648,9 @@ pub fn grpo_gradient_snr<B: Backend>(
         let names: Vec<&str> = stages.iter().map(|s| s.output.as_str()).collect();
         format!("recipe `{}` has no grpo stage with output `{output}` (its grpo stages: {})", recipe.name, names.join(", "))
     })?;
+    if partition >= stage.train.partitions.len() {
+        return Err(format!("stage `{output}`: partition {partition}, but it has {} (0-based)", stage.train.partitions.len()));
+    }
     let run = runs_dir.join(&recipe.name);
     let locate = |name: &str, field: &str| -> Result<PathBuf, String> {
         let (own, earlier) = (PathBuf::from(name), run.join(name));
@@ -666,7 +670,7 @@ pub fn grpo_gradient_snr<B: Backend>(
     };
     let mut trainer = grpo_trainer::<Autodiff<B>>(pipeline, init, stage.train.clone(), device)?;
     let bar = progress_bar(estimates as u64, "gradients");
-    let snr = crate::train::grpo_snr::measure(&mut trainer, estimates, device, |k, stats, norm| {
+    let snr = crate::train::grpo_snr::measure(&mut trainer, partition, estimates, device, |k, stats, norm| {
         bar.set_position(k as u64 + 1);
         bar.set_message(format!("reward {:.3}", stats.reward));
         tracing::info!(

@@ -113,15 +113,16 @@ fn gradient_snr_measures_a_stage_without_training_it() {
     let text = format!("name = \"snr\"\n{}{}", stage("bright", &brightness.url), stage("flat", &constant.url));
     let recipe = Recipe::from_toml(Path::new("snr.toml"), &text).unwrap();
     let device = Default::default();
-    let snr = grpo_gradient_snr::<B>(&recipe, runs.path(), "bright", 4, &device).unwrap();
+    let snr = grpo_gradient_snr::<B>(&recipe, runs.path(), "bright", 0, 4, &device).unwrap();
     assert_eq!((snr.estimates, snr.samples_per_estimate), (4, 6));
     assert!(snr.mean_square > 0.0 && snr.per_sample_noise() > 0.0, "{snr:?}");
     assert!(!runs.path().join("snr").exists(), "nothing is written");
-    let flat = grpo_gradient_snr::<B>(&recipe, runs.path(), "flat", 4, &device).unwrap_err();
+    let flat = grpo_gradient_snr::<B>(&recipe, runs.path(), "flat", 0, 4, &device).unwrap_err();
     assert!(flat.contains("all advantages zero"), "{flat}");
-    let unknown = grpo_gradient_snr::<B>(&recipe, runs.path(), "teacher", 4, &device).unwrap_err();
+    let unknown = grpo_gradient_snr::<B>(&recipe, runs.path(), "teacher", 0, 4, &device).unwrap_err();
     assert!(unknown.contains("no grpo stage with output `teacher`") && unknown.contains("bright, flat"), "{unknown}");
-    assert!(grpo_gradient_snr::<B>(&recipe, runs.path(), "bright", 3, &device).unwrap_err().contains("at least 4"));
+    assert!(grpo_gradient_snr::<B>(&recipe, runs.path(), "bright", 0, 3, &device).unwrap_err().contains("at least 4"));
+    assert!(grpo_gradient_snr::<B>(&recipe, runs.path(), "bright", 1, 4, &device).unwrap_err().contains("partition 1, but it has 1"));
 }
 
 /// End to end, GRPO must climb a reward it can easily move: image brightness (mean pixel value,

@@ -265,7 +265,15 @@ impl<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> GrpoTrainer<B, O> {
     /// and the gradient of the Flow-GRPO loss accumulated over the trained steps (`None` if no
     /// step is stochastic). Each call draws new prompts and noise.
     pub fn gradient(&mut self, device: &B::Device) -> Result<(Option<GradientsParams>, GrpoStats), String> {
-        let part = self.schedule[self.iteration % self.schedule.len()];
+        self.gradient_on(self.schedule[self.iteration % self.schedule.len()], device)
+    }
+
+    /// [`Self::gradient`] on partition `part` (an index into `config.partitions`) instead of the
+    /// mix schedule's.
+    pub fn gradient_on(&mut self, part: usize, device: &B::Device) -> Result<(Option<GradientsParams>, GrpoStats), String> {
+        if part >= self.config.partitions.len() {
+            return Err(format!("partition {part}: the stage has {} partitions (0-based)", self.config.partitions.len()));
+        }
         let prompts: Vec<TaskPrompt> =
             (0..self.config.rollout.prompts).map(|_| self.prompts[part].choose(&mut self.rng).expect("non-empty").clone()).collect();
         let policy = self.adapter.valid();

@@ -143,10 +143,12 @@ pub fn flatten_gradient<B: AutodiffBackend, M: AutodiffModule<B>>(module: &M, gr
     visitor.out
 }
 
-/// `estimates` independent Flow-GRPO gradients of `trainer`'s current policy (each with fresh
-/// prompts and noise; the adapter does not move), their figures, and each estimate's stats.
+/// `estimates` independent Flow-GRPO gradients of `trainer`'s current policy on partition
+/// `partition` (each with fresh prompts and noise; the adapter does not move) and their figures;
+/// `each` sees every estimate's stats and gradient norm.
 pub fn measure<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>>(
     trainer: &mut GrpoTrainer<B, O>,
+    partition: usize,
     estimates: usize,
     device: &B::Device,
     mut each: impl FnMut(usize, &GrpoStats, f64),
@@ -155,7 +157,7 @@ pub fn measure<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>>(
     let mut flat = Vec::with_capacity(estimates);
     let mut spread = false;
     for k in 0..estimates {
-        let (grads, stats) = trainer.gradient(device)?;
+        let (grads, stats) = trainer.gradient_on(partition, device)?;
         spread |= stats.groups.zero_std_fraction < 1.0;
         let grads = grads.ok_or("no stochastic step is trained (`rollout.sde_window` / `timestep_fraction`): there is no gradient")?;
         let g = flatten_gradient(&trainer.adapter, &grads);
