@@ -967,7 +967,7 @@ mod tests {
     #[test]
     fn shipped_recipes_parse() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes");
-        let entries = [root.clone(), root.join("gpu")].into_iter().flat_map(|dir| std::fs::read_dir(dir).unwrap());
+        let entries = [root.clone(), root.join("gpu"), root.join("gpu_base")].into_iter().flat_map(|dir| std::fs::read_dir(dir).unwrap());
         for entry in entries {
             let path = entry.unwrap().path();
             if path.extension().is_some_and(|e| e == "toml") {
