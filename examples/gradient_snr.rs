@@ -2,9 +2,9 @@
 // at a base for one world task, or for `brightness` (mean pixel value on composition prompts,
 // served on loopback: a reward GRPO is known to climb, the control), with the settings of the
 // shipped GenEval teacher (CPS or the Flow-GRPO SDE, same_latent, LoRA r 8, lr 1e-3, beta 0.04).
-// With ITERATIONS, then trains that many GRPO iterations (learning rate LR, KL weight BETA) and
-// prints the reward by thirds.
-//   cargo run --release --example gradient_snr -- BASE TASK PROMPTS G ESTIMATES [cps|sde] [ITERATIONS LR BETA]
+// With ITERATIONS, then trains that many GRPO iterations (learning rate LR, KL weight BETA of the
+// `reference_kl` form KL, `public` by default) and prints the reward by thirds.
+//   cargo run --release --example gradient_snr -- BASE TASK PROMPTS G ESTIMATES [cps|sde] [ITERATIONS LR BETA [KL]]
 #[path = "../tests/common/fake_server.rs"]
 mod fake_server;
 
@@ -22,6 +22,7 @@ fn main() {
     let (prompts, g, k): (usize, usize, usize) = (a[3].parse().unwrap(), a[4].parse().unwrap(), a[5].parse().unwrap());
     let kind = a.get(6).map_or("cps", String::as_str);
     let (lr, beta) = (a.get(8).map_or("1e-3", String::as_str), a.get(9).map_or("0.04", String::as_str));
+    let kl = a.get(10).map_or("public", String::as_str);
     let server = FakeServer::start(|_, request| Reply::json(200, mean_pixel_scores(request)));
     let (rewarded, remote) = match task {
         "brightness" => ("composition", format!("remote_rewards = {{ composition = {{ url = \"{}\", name = \"brightness\" }} }}", server.url)),
@@ -31,7 +32,7 @@ fn main() {
     let pipeline = Pipeline::<Flex>::load(base, &device).unwrap();
     let config: GrpoConfig = toml::from_str(&format!(
         "iterations = 1\nrollout = {{ prompts = {prompts}, group_size = {g}, kind = \"{kind}\", same_latent = true }}\n\
-         lora = {{ rank = 8, alpha = 16.0 }}\noptim = {{ lr = {lr} }}\nbeta = {beta}\n\
+         lora = {{ rank = 8, alpha = 16.0 }}\noptim = {{ lr = {lr} }}\nbeta = {beta}\nreference_kl = \"{kl}\"\n\
          partitions = [{{ tasks = [\"{rewarded}\"], rewards = {{ {rewarded} = 1.0 }} }}]\n{remote}\n"
     ))
     .unwrap();

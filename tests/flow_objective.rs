@@ -7,8 +7,8 @@ use burn::backend::{Autodiff, Flex};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use flow_opd::flow::{
-    FlowSchedule, KlReduction, LogProbReduction, SdeKind, SeededNoise, StepSigmas, distillation_loss, euler_step,
-    gaussian_kl, kl_weight, log_prob, sde_step, squared_distance, step_mean,
+    FlowSchedule, KlReduction, LogProbReduction, ReferenceKl, SdeKind, SeededNoise, StepSigmas, distillation_loss,
+    euler_step, gaussian_kl, kl_weight, log_prob, reference_kl, sde_step, squared_distance, step_mean, transition_std,
 };
 
 type B = Flex;
@@ -151,5 +151,39 @@ fn score_function_gradient_of_kl_equals_direct_gradient() {
         // The mean-reduction weight is not the KL of this (sum) log-density: it must disagree.
         let wrong = kl_weight(step, sigma_t, KlReduction::Mean) / weight;
         assert!((wrong - 1.0).abs() > 3.0 * TOLERANCE, "the test must tell the conventions apart");
+    }
+}
+
+/// GRPO's `log_prob` KL form is the expected log-ratio of the two transitions under the
+/// log-prob the policy gradient uses (Monte Carlo over many samples of the policy's step), for
+/// both step kinds; the public form differs from it by `1 / (2 st^2)` (CPS) or `-d` (SDE).
+#[test]
+fn log_prob_reference_kl_is_the_expected_log_ratio_of_the_log_prob() {
+    let device = Default::default();
+    let sigmas = FlowSchedule::sd3().sigmas(10);
+    let mut noise = SeededNoise::new(4);
+    for i in [1, 5, 8] {
+        let step = StepSigmas::at(&sigmas, i);
+        for kind in [SdeKind::Sde, SdeKind::Cps] {
+            let x: Tensor<B, 4> = noise.sample([1, 4, 8, 8], &device);
+            let v: Tensor<B, 4> = noise.sample([1, 4, 8, 8], &device);
+            let (mean, std_dev_t) = step_mean(x, v, step, 0.7, kind);
+            let std = transition_std(std_dev_t, step, kind);
+            // A reference mean about one transition std away in every element.
+            let mean_ref = mean.clone() + noise.sample::<B, 4>([1, 4, 8, 8], &device) * std;
+            let kl = values(reference_kl(mean.clone(), mean_ref.clone(), step, std_dev_t, kind, ReferenceKl::LogProb))[0];
+            let n = 4000;
+            let samples = mean.clone().repeat_dim(0, n) + noise.sample::<B, 4>([n, 4, 8, 8], &device) * std;
+            let ratio = log_prob(samples.clone(), mean.clone().repeat_dim(0, n), std_dev_t, step, kind, LogProbReduction::Mean)
+                - log_prob(samples, mean_ref.clone().repeat_dim(0, n), std_dev_t, step, kind, LogProbReduction::Mean);
+            let expected = values(ratio.mean())[0];
+            assert!((kl - expected).abs() < 0.03 * kl, "step {i} {kind:?}: closed form {kl}, Monte Carlo {expected}");
+            let public = values(reference_kl(mean, mean_ref, step, std_dev_t, kind, ReferenceKl::Public))[0];
+            let factor = match kind {
+                SdeKind::Sde => -step.dt(),
+                SdeKind::Cps => 1.0 / (2.0 * std_dev_t * std_dev_t),
+            };
+            assert!((public - kl * factor).abs() < 1e-4 * public.abs(), "step {i} {kind:?}: public {public}, log_prob {kl}");
+        }
     }
 }

@@ -58,6 +58,47 @@ pub fn gaussian_kl<B: Backend>(
     squared_distance(mean_student, mean_target, reduction) / (2.0 * variance)
 }
 
+/// Which KL to the reference policy Flow-GRPO penalises, per sample (mean over elements).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReferenceKl {
+    /// Flow-GRPO's public code for both step kinds: `mean ||mu - mu_ref||^2 / (2 std_dev_t^2)`
+    /// ([`gaussian_kl`] with [`KlReduction::Mean`]; `std_dev_t` is the SDE's `sigma_t`, without
+    /// `sqrt(-d)`, or the CPS `st`). With CPS its policy gradient comes from the unnormalised
+    /// log-prob `-(x' - mu)^2`, whose gradient is `2 st^2` times a Gaussian score, while this
+    /// KL keeps the `1 / (2 st^2)`: against the policy gradient the penalty is `1 / (2 st^2)`
+    /// times what the same `beta` gives with the Gaussian log-prob (0.7 at the first step to 10
+    /// at the ninth with shift 3, T = 10, a = 0.7).
+    #[default]
+    Public,
+    /// The KL between the two transition densities that [`super::log_prob`] defines, so `beta`
+    /// weighs it in the policy gradient's own units: `E_{x' ~ pi}[log_prob(x'; mu) -
+    /// log_prob(x'; mu_ref)]`, i.e. `mean ||mu - mu_ref||^2 / (2 sigma_t^2 (-d))` for `sde` and
+    /// `mean ||mu - mu_ref||^2` for `cps` (`-(x' - mu)^2` is a Gaussian of variance 1/2, up to
+    /// its constant).
+    LogProb,
+}
+
+/// GRPO's per-sample KL between the policy's transition (mean `mean`) and the reference's
+/// (`mean_ref`) at `step`, as `form` defines it (`std_dev_t` as [`super::step_mean`] returns it).
+pub fn reference_kl<B: Backend>(
+    mean: Tensor<B, 4>,
+    mean_ref: Tensor<B, 4>,
+    step: StepSigmas,
+    std_dev_t: f64,
+    kind: super::SdeKind,
+    form: ReferenceKl,
+) -> Tensor<B, 1> {
+    match (form, kind) {
+        (ReferenceKl::Public, _) => gaussian_kl(mean, mean_ref, step, std_dev_t, KlReduction::Mean),
+        (ReferenceKl::LogProb, super::SdeKind::Sde) => {
+            let std = super::transition_std(std_dev_t, step, super::SdeKind::Sde);
+            squared_distance(mean, mean_ref, KlReduction::Mean) / (2.0 * std * std)
+        }
+        (ReferenceKl::LogProb, super::SdeKind::Cps) => squared_distance(mean, mean_ref, KlReduction::Mean),
+    }
+}
+
 /// Per-sample distillation loss `w(s) ||v_student - SG(v_target)||^2` (paper Eq. 16): the
 /// target is detached, so gradients reach only the student.
 pub fn distillation_loss<B: Backend>(

@@ -10,7 +10,7 @@ pub mod sampler;
 pub mod schedule;
 pub mod sde;
 
-pub use kl::{KlReduction, OpdLoss, distillation_loss, gaussian_kl, kl_weight, opd_loss, squared_distance};
+pub use kl::{KlReduction, OpdLoss, ReferenceKl, distillation_loss, gaussian_kl, kl_weight, opd_loss, reference_kl, squared_distance};
 pub use sampler::{
     GuidedModel, SamplerConfig, SeededNoise, TextConditioning, Trajectory, Transition, VelocityField, sample_ode,
     sample_trajectory,

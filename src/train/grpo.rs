@@ -19,7 +19,7 @@ use super::ema::Ema;
 use super::grpo_math::{AdvantageStd, GroupSpread, clipped_policy_loss, group_advantages, group_spread};
 use super::pretrain::OptimConfig;
 use super::rollout::{RolloutConfig, rollout, vector};
-use crate::flow::{GuidedModel, KlReduction, LogProbReduction, TextConditioning, VelocityField, gaussian_kl, log_prob, step_mean};
+use crate::flow::{GuidedModel, LogProbReduction, ReferenceKl, TextConditioning, VelocityField, log_prob, reference_kl, step_mean};
 use crate::model::lora::{ActiveAdapters, LoraAdapter, LoraConfig, LoraTarget};
 use crate::model::mmdit::Mmdit;
 use crate::model::t2i::{AnyPipeline, TextToImage};
@@ -78,6 +78,11 @@ pub struct GrpoConfig {
     /// KL-to-base weight (GenEval/OCR 0.04, PickScore 0.01).
     #[serde(default = "default_beta")]
     pub beta: f64,
+    /// Which KL `beta` weighs: Flow-GRPO's public form (default) or the KL of the log-prob's
+    /// own transition densities (`log_prob`; see [`ReferenceKl`]: with CPS rollouts the public
+    /// form is far stronger against the policy gradient than with the SDE).
+    #[serde(default)]
+    pub reference_kl: ReferenceKl,
     /// PPO clip range (1e-4).
     #[serde(default = "default_clip")]
     pub clip_range: f64,
@@ -312,7 +317,7 @@ impl<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> GrpoTrainer<B, O> {
                 let pg = clipped_policy_loss(logp, old, advantages.clone(), self.config.clip_range).mean();
                 let v_ref = reference.velocity(state.clone(), tr.step.sigma);
                 let (mean_ref, _) = step_mean(state, v_ref, tr.step, a, kind);
-                let kl = gaussian_kl(mean, Tensor::from_inner(mean_ref), tr.step, std_dev_t, KlReduction::Mean).mean();
+                let kl = reference_kl(mean, Tensor::from_inner(mean_ref), tr.step, std_dev_t, kind, self.config.reference_kl).mean();
                 pg_sum += share * pg.clone().into_scalar().elem::<f64>();
                 kl_sum += share * kl.clone().into_scalar().elem::<f64>();
                 let loss = (pg + kl * self.config.beta) * (share / steps.len() as f64);
