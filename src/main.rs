@@ -436,12 +436,9 @@ impl BackendTask for GradientSnrTask {
     fn run<B: Backend>(self, device: B::Device) -> Self::Output {
         let snr = flow_opd::recipe::grpo_gradient_snr::<B>(&self.recipe, &self.runs, &self.stage, self.partition, self.estimates, &device)
             .map_err(anyhow::Error::msg)?;
-        let update = self.recipe.stages.iter().find_map(|s| match s {
-            flow_opd::recipe::Stage::Grpo(g) if g.output == self.stage => Some(g.train.rollout.prompts * g.train.rollout.group_size),
-            _ => None,
-        });
         println!("Flow-GRPO gradient of `{}` (partition {}) in {}:", self.stage, self.partition, self.recipe.name);
-        print!("{}", snr.report(update.unwrap_or(snr.samples_per_estimate)));
+        // Each estimate is one update's worth of the stage's samples.
+        print!("{}", snr.report(snr.samples_per_estimate));
         Ok(())
     }
 }
