@@ -640,9 +640,7 @@ pub fn grpo_gradient_snr<B: Backend>(
     estimates: usize,
     device: &B::Device,
 ) -> Result<crate::train::grpo_snr::GradientSnr, String> {
-    if estimates < 4 {
-        return Err(format!("{estimates} gradient estimates: at least 4 are needed (two disjoint pairs for the error)"));
-    }
+    crate::train::grpo_snr::check_estimates(estimates)?;
     let stages: Vec<&GrpoStage> = recipe.stages.iter().filter_map(|s| if let Stage::Grpo(g) = s { Some(g) } else { None }).collect();
     let stage = stages.iter().find(|s| s.output == output).ok_or_else(|| {
         let names: Vec<&str> = stages.iter().map(|s| s.output.as_str()).collect();

@@ -17,6 +17,17 @@ use burn::tensor::backend::AutodiffBackend;
 use super::grpo::{GrpoStats, GrpoTrainer};
 use crate::model::lora::LoraAdapter;
 
+/// Fewer estimates leave no two disjoint pairs for the signal's standard error.
+pub const MIN_ESTIMATES: usize = 4;
+
+/// Refuses an estimate count below [`MIN_ESTIMATES`] (callers check before costly set-up).
+pub fn check_estimates(k: usize) -> Result<(), String> {
+    if k < MIN_ESTIMATES {
+        return Err(format!("{k} gradient estimates: at least {MIN_ESTIMATES} are needed (two disjoint pairs for the error)"));
+    }
+    Ok(())
+}
+
 /// The signal-to-noise figures of `K` gradient estimates of `n` samples each.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GradientSnr {
@@ -36,9 +47,7 @@ impl GradientSnr {
     /// averaged over `samples_per_estimate` samples.
     pub fn from_estimates(estimates: &[Vec<f64>], samples_per_estimate: usize) -> Result<Self, String> {
         let k = estimates.len();
-        if k < 4 {
-            return Err(format!("{k} gradient estimates: at least 4 are needed (two disjoint pairs for the error)"));
-        }
+        check_estimates(k)?;
         if let Some(bad) = estimates.iter().position(|e| e.len() != estimates[0].len()) {
             return Err(format!("gradient estimate {bad} has {} values, estimate 0 has {}", estimates[bad].len(), estimates[0].len()));
         }
@@ -93,8 +102,8 @@ impl GradientSnr {
 
     /// A few lines for a person: the figures and what they mean for an update of `n` samples.
     pub fn report(&self, update_samples: usize) -> String {
-        let (needed, resolved) = self.samples_for_unit_snr();
-        let (signal, _) = self.signal_or_bound();
+        let (signal, resolved) = self.signal_or_bound();
+        let needed = self.per_sample_noise() / signal;
         // The cosine of one estimate with the true gradient: |mu| / sqrt(|mu|^2 + tr(S) / n).
         let alignment = cosine(signal, self.per_sample_noise(), update_samples).sqrt();
         let verdict = if resolved {
