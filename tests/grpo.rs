@@ -249,3 +249,44 @@ remote_rewards = { composition = { url = "http://127.0.0.1:9/score", name = "det
     let err = grpo_trainer::<Autodiff<B>>(pipeline, None, config, &device).err().expect("refused");
     assert!(err.contains("`composition_credit`") && err.contains("`remote_rewards`"), "{err}");
 }
+
+/// A partition's own `beta` replaces the stage's for that partition's iterations: with a moved
+/// adapter (KL gradient non-zero) the gradient equals the one of a stage whose `beta` is that
+/// value, and differs from the stage's own; a negative weight is refused by name.
+#[test]
+fn a_partition_beta_overrides_the_stage_beta() {
+    use flow_opd::train::grpo_snr::flatten_gradient;
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("toy");
+    toy_pipeline(&model);
+    let device = Default::default();
+    let gradient = |stage_beta: f64, partition_beta: Option<f64>| {
+        let pipeline = Pipeline::<B>::load(&model, &device).unwrap();
+        let mut config: GrpoConfig = toml::from_str(GRPO).unwrap();
+        config.beta = stage_beta;
+        config.partitions[0].beta = partition_beta;
+        let mut trainer = grpo_trainer::<Autodiff<B>>(pipeline, None, config, &device).unwrap();
+        // Move the adapter off B = 0 (the KL and its gradient are zero there) on partition 1,
+        // whose weight is the stage's; both trainers see the same prompts and noise.
+        trainer.config.partitions[1].beta = Some(0.0);
+        for _ in 0..2 {
+            trainer.iteration(&device).unwrap();
+        }
+        let (grads, stats) = trainer.gradient_on(0, &device).unwrap();
+        assert!(stats.kl > 0.0, "the adapter has moved: {stats:?}");
+        flatten_gradient(&trainer.adapter, &grads.unwrap())
+    };
+    let overridden = gradient(0.0, Some(5.0));
+    let stage = gradient(5.0, None);
+    let without = gradient(0.0, None);
+    let max_diff = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+    let scale = stage.iter().map(|x| x.abs()).fold(0.0, f64::max);
+    assert!(max_diff(&overridden, &stage) <= 1e-6 * scale, "partition beta 5 = stage beta 5: {}", max_diff(&overridden, &stage));
+    assert!(max_diff(&overridden, &without) > 1e-3 * scale, "beta 5 differs from beta 0: {}", max_diff(&overridden, &without));
+
+    let pipeline = Pipeline::<B>::load(&model, &device).unwrap();
+    let mut config: GrpoConfig = toml::from_str(GRPO).unwrap();
+    config.partitions[1].beta = Some(-0.1);
+    let err = grpo_trainer::<Autodiff<B>>(pipeline, None, config, &device).err().unwrap();
+    assert!(err.contains("partitions[1].beta") && err.contains("-0.1"), "{err}");
+}

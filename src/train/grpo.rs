@@ -52,7 +52,8 @@ impl LoraSpec {
 }
 
 /// A prompt partition: prompts of `tasks`, rewarded by the weighted sum of `rewards` (reward
-/// name -> weight), visited `ratio` times per cycle of the mix schedule.
+/// name -> weight), visited `ratio` times per cycle of the mix schedule, with the stage's KL
+/// weight or its own `beta`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Partition {
@@ -60,6 +61,10 @@ pub struct Partition {
     pub rewards: BTreeMap<Task, f64>,
     #[serde(default = "one")]
     pub ratio: usize,
+    /// KL weight of this partition's iterations in place of the stage's `beta` (a mix that
+    /// keeps each task's own weight: GenEval and OCR 0.04, PickScore 0.01).
+    #[serde(default)]
+    pub beta: Option<f64>,
 }
 
 fn one() -> usize {
@@ -208,6 +213,12 @@ pub fn grpo_trainer<B: AutodiffBackend>(
     if config.partitions.is_empty() {
         return Err("`partitions`: at least one partition is needed".into());
     }
+    let partition_betas = config.partitions.iter().enumerate().filter_map(|(i, p)| p.beta.map(|b| (format!("partitions[{i}].beta"), b)));
+    for (field, beta) in std::iter::once(("beta".to_string(), config.beta)).chain(partition_betas) {
+        if !(beta.is_finite() && beta >= 0.0) {
+            return Err(format!("`{field}`: the KL weight must be a finite number >= 0, not {beta}"));
+        }
+    }
     let pipeline = pipeline.into();
     let base = <Mmdit<B> as AutodiffModule<B>>::from_inner(pipeline.transformer().clone()).no_grad();
     let adapter = match init {
@@ -279,6 +290,7 @@ impl<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> GrpoTrainer<B, O> {
         if part >= self.config.partitions.len() {
             return Err(format!("partition {part}: the stage has {} partitions (0-based)", self.config.partitions.len()));
         }
+        let beta = self.config.partitions[part].beta.unwrap_or(self.config.beta);
         let prompts: Vec<TaskPrompt> =
             (0..self.config.rollout.prompts).map(|_| self.prompts[part].choose(&mut self.rng).expect("non-empty").clone()).collect();
         let policy = self.adapter.valid();
@@ -320,7 +332,7 @@ impl<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> GrpoTrainer<B, O> {
                 let kl = reference_kl(mean, Tensor::from_inner(mean_ref), tr.step, std_dev_t, kind, self.config.reference_kl).mean();
                 pg_sum += share * pg.clone().into_scalar().elem::<f64>();
                 kl_sum += share * kl.clone().into_scalar().elem::<f64>();
-                let loss = (pg + kl * self.config.beta) * (share / steps.len() as f64);
+                let loss = (pg + kl * beta) * (share / steps.len() as f64);
                 let grads = GradientsParams::from_grads(loss.backward(), &self.adapter);
                 accumulator.accumulate(&self.adapter, grads);
             }
