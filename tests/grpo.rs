@@ -266,8 +266,10 @@ fn a_partition_beta_overrides_the_stage_beta() {
         config.beta = stage_beta;
         config.partitions[0].beta = partition_beta;
         let mut trainer = grpo_trainer::<Autodiff<B>>(pipeline, None, config, &device).unwrap();
-        // Move the adapter off B = 0 (the KL and its gradient are zero there) on partition 1,
-        // whose weight is the stage's; both trainers see the same prompts and noise.
+        // Move the adapter off B = 0 with two iterations that update every trainer alike: the
+        // first (partition 0) at B = 0, where the KL and its gradient are zero whatever the
+        // weight, and the second on partition 1 with its weight set to 0. All trainers see the
+        // same prompts and noise.
         trainer.config.partitions[1].beta = Some(0.0);
         for _ in 0..2 {
             trainer.iteration(&device).unwrap();
