@@ -260,20 +260,28 @@ fn a_partition_beta_overrides_the_stage_beta() {
     let model = dir.path().join("toy");
     toy_pipeline(&model);
     let device = Default::default();
+    // Move the adapter off B = 0 once, with two iterations at beta 0 (at B = 0 the KL and its
+    // gradient vanish whatever the weight), then start every trainer from that same adapter:
+    // the three gradients below see the same adapter, prompts and noise and differ only by the
+    // KL weight. (Training each trainer to it separately once gave gradients 2e-3 apart, in a
+    // fresh-clone CI run beside other jobs, which the tolerance refused.)
+    let moved = {
+        use burn::module::AutodiffModule;
+        let pipeline = Pipeline::<B>::load(&model, &device).unwrap();
+        let mut config: GrpoConfig = toml::from_str(GRPO).unwrap();
+        config.beta = 0.0;
+        let mut trainer = grpo_trainer::<Autodiff<B>>(pipeline, None, config, &device).unwrap();
+        for _ in 0..2 {
+            trainer.iteration(&device).unwrap();
+        }
+        trainer.adapter.valid()
+    };
     let gradient = |stage_beta: f64, partition_beta: Option<f64>| {
         let pipeline = Pipeline::<B>::load(&model, &device).unwrap();
         let mut config: GrpoConfig = toml::from_str(GRPO).unwrap();
         config.beta = stage_beta;
         config.partitions[0].beta = partition_beta;
-        let mut trainer = grpo_trainer::<Autodiff<B>>(pipeline, None, config, &device).unwrap();
-        // Move the adapter off B = 0 with two iterations that update every trainer alike: the
-        // first (partition 0) at B = 0, where the KL and its gradient are zero whatever the
-        // weight, and the second on partition 1 with its weight set to 0. All trainers see the
-        // same prompts and noise.
-        trainer.config.partitions[1].beta = Some(0.0);
-        for _ in 0..2 {
-            trainer.iteration(&device).unwrap();
-        }
+        let mut trainer = grpo_trainer::<Autodiff<B>>(pipeline, Some(moved.clone()), config, &device).unwrap();
         let (grads, stats) = trainer.gradient_on(0, &device).unwrap();
         assert!(stats.kl > 0.0, "the adapter has moved: {stats:?}");
         flatten_gradient(&trainer.adapter, &grads.unwrap())
@@ -283,8 +291,8 @@ fn a_partition_beta_overrides_the_stage_beta() {
     let without = gradient(0.0, None);
     let max_diff = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
     let scale = stage.iter().map(|x| x.abs()).fold(0.0, f64::max);
-    assert!(max_diff(&overridden, &stage) <= 1e-6 * scale, "partition beta 5 = stage beta 5: {}", max_diff(&overridden, &stage));
-    assert!(max_diff(&overridden, &without) > 1e-3 * scale, "beta 5 differs from beta 0: {}", max_diff(&overridden, &without));
+    assert!(max_diff(&overridden, &stage) <= 1e-5 * scale, "partition beta 5 = stage beta 5: {}", max_diff(&overridden, &stage));
+    assert!(max_diff(&overridden, &without) > 1e-2 * scale, "beta 5 differs from beta 0: {}", max_diff(&overridden, &without));
 
     let pipeline = Pipeline::<B>::load(&model, &device).unwrap();
     let mut config: GrpoConfig = toml::from_str(GRPO).unwrap();
