@@ -138,11 +138,11 @@ pub fn run_opd_bench<B: AutodiffBackend>(config: &OpdBenchConfig, device: &B::De
     let parameters = inner.num_params();
     let base = <Mmdit<B> as AutodiffModule<B>>::from_inner(inner.clone()).no_grad();
     let teachers = Teachers {
-        adapters: (0..=config.teachers).map(|_| lora.init(&inner, device)).collect(),
+        adapters: (0..=config.teachers as u64).map(|k| lora.init(&inner, 1 + k, device)).collect(),
         routing: Default::default(),
         anchor: Some(config.teachers),
     };
-    let mut student = crate::train::trainable(<LoraAdapter<B> as AutodiffModule<B>>::from_inner(lora.init(&inner, device)));
+    let mut student = crate::train::trainable(<LoraAdapter<B> as AutodiffModule<B>>::from_inner(lora.init(&inner, 0, device)));
     let adapter_parameters = student.num_params();
     let opd = OpdConfig {
         iterations: config.iterations,

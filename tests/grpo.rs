@@ -263,9 +263,10 @@ fn a_partition_beta_overrides_the_stage_beta() {
     // Move the adapter off B = 0 once, with two iterations at beta 0 (at B = 0 the KL and its
     // gradient vanish whatever the weight), then start every trainer from that same adapter:
     // the three gradients below see the same adapter, prompts and noise and differ only by the
-    // KL weight. (Three fresh trainers each drew their LoRA init from the backend's global RNG,
-    // which `grpo_trainer` seeds and the other tests of this binary draw from concurrently: in a
-    // fresh-clone CI run under load the gradients came out 2e-3 apart.)
+    // KL weight. (Fresh trainers once drew their LoRA init from the backend's global RNG, which
+    // the other tests of this binary drew from concurrently: in a fresh-clone CI run under load
+    // the gradients came out 2e-3 apart. The init now has a generator of its own; sharing one
+    // adapter keeps this test about the KL weight alone.)
     let moved = {
         use burn::module::AutodiffModule;
         let pipeline = Pipeline::<B>::load(&model, &device).unwrap();

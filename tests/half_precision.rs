@@ -34,7 +34,7 @@ fn setup() -> (Mmdit<B>, LoraAdapter<B>, Inputs) {
     let config = MmditConfig::tiny();
     // Parameters initialise lazily; materialise them so clones share the same values.
     let model = flow_opd::model::pipeline::materialize(config.init::<B>(&device));
-    let mut adapter = LoraConfig::new(4, 8.0, LoraTarget::FLOW_GRPO.to_vec()).init(&model, &device);
+    let mut adapter = LoraConfig::new(4, 8.0, LoraTarget::FLOW_GRPO.to_vec()).init(&model, 0, &device);
     let mut noise = SeededNoise::new(3);
     for layer in adapter.blocks.iter_mut().flat_map(|b| b.layers.iter_mut().flatten()) {
         let up: Tensor<B, 2> = noise.sample(layer.up.dims(), &device);

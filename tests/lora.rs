@@ -176,7 +176,7 @@ fn fresh_adapter_is_the_base_and_only_it_gets_gradients() {
     let device = Default::default();
     let model = base::<AD>(&device).no_grad();
     let config = LoraConfig::new(4, 8.0, LoraTarget::FLOW_GRPO.to_vec());
-    let lora = config.init(&model, &device);
+    let lora = config.init(&model, 0, &device);
     assert_eq!(lora.num_layers(), 31);
     let c = case("sd35_b2_nonsquare");
     let inputs = ForwardInputs::read(&c.inputs()).unwrap();
@@ -194,4 +194,41 @@ fn fresh_adapter_is_the_base_and_only_it_gets_gradients() {
     assert_eq!(adapter_grads, 31);
     let block = &model.transformer_blocks[0];
     assert!(block.attn.to_q.weight.val().grad(&grads).is_none(), "the frozen base gets no gradient");
+}
+
+/// The init's `A` comes from a generator of its own: on `Flex` it is what `B::seed(seed)`
+/// followed by `Tensor::random` draws in the same order gave (the shipped adapters were trained
+/// from those), draws from the backend's global generator in between change nothing, and
+/// another seed gives another adapter.
+#[test]
+fn init_draws_from_its_own_seeded_generator() {
+    use burn::tensor::{Distribution, Tensor};
+    let device = Default::default();
+    let model = base::<B>(&device);
+    let config = LoraConfig::new(4, 8.0, LoraTarget::FLOW_GRPO.to_vec());
+    let downs = |a: &LoraAdapter<B>| -> Vec<Vec<f32>> {
+        a.blocks
+            .iter()
+            .flat_map(|block| config.targets.iter().filter_map(|t| block.layers[t.index()].as_ref()))
+            .map(|layer| layer.down.val().into_data().into_vec::<f32>().unwrap())
+            .collect()
+    };
+    // the backend's seeded stream, drawn layer by layer in the init's order
+    B::seed(&device, 7);
+    let stream: Vec<Vec<f32>> = downs(&config.init(&model, 7, &device))
+        .iter()
+        .map(|d| Tensor::<B, 2>::random([d.len() / 4, 4], Distribution::Normal(0.0, 0.25), &device).into_data().into_vec::<f32>().unwrap())
+        .collect();
+    let own = downs(&config.init(&model, 7, &device));
+    assert_eq!(own.len(), 31);
+    assert_eq!(own, stream, "the init equals the backend's stream seeded alike");
+    // the global generator disturbed between two inits of the same seed
+    B::seed(&device, 99);
+    let _ = Tensor::<B, 2>::random([5, 5], Distribution::Default, &device);
+    assert_eq!(downs(&config.init(&model, 7, &device)), own);
+    let other = downs(&config.init(&model, 8, &device));
+    assert!(other.iter().zip(&own).all(|(a, b)| a != b), "seed 8 differs from seed 7 in every layer");
+    let all: Vec<f32> = own.concat();
+    let std = (all.iter().map(|x| x * x).sum::<f32>() / all.len() as f32).sqrt();
+    assert!((std - 0.25).abs() < 0.01, "A ~ N(0, 1/r^2) with r = 4: std {std}");
 }

@@ -29,8 +29,7 @@ fn pipeline() -> Pipeline<B> {
 
 /// A teacher adapter with non-zero B (seeded), so it changes the model.
 fn teacher<Bk: Backend>(p: &flow_opd::model::Mmdit<Bk>, seed: u64, device: &Bk::Device) -> LoraAdapter<Bk> {
-    Bk::seed(device, seed);
-    let mut a = LoraConfig::new(2, 4.0, LoraTarget::FLOW_GRPO.to_vec()).init(p, device);
+    let mut a = LoraConfig::new(2, 4.0, LoraTarget::FLOW_GRPO.to_vec()).init(p, seed, device);
     let mut noise = SeededNoise::new(seed);
     for block in &mut a.blocks {
         for layer in block.layers.iter_mut().flatten() {

@@ -30,8 +30,7 @@ fn folder() -> PathBuf {
 /// A rank-2 adapter with non-zero `B` (so teachers differ from the base and each other).
 fn teacher(model: &flow_opd::model::Mmdit<B>, seed: u64) -> LoraAdapter<B> {
     let device = Default::default();
-    B::seed(&device, seed);
-    let mut a = LoraConfig::new(2, 4.0, LoraTarget::FLOW_GRPO.to_vec()).init(model, &device);
+    let mut a = LoraConfig::new(2, 4.0, LoraTarget::FLOW_GRPO.to_vec()).init(model, seed, &device);
     let mut noise = SeededNoise::new(seed);
     for layer in a.blocks.iter_mut().flat_map(|b| b.layers.iter_mut().flatten()) {
         let up: Tensor<B, 2> = noise.sample(layer.up.dims(), &device);

@@ -224,8 +224,7 @@ pub fn grpo_trainer<B: AutodiffBackend>(
     let adapter = match init {
         Some(a) => super::trainable(<LoraAdapter<B> as AutodiffModule<B>>::from_inner(a)),
         None => {
-            B::seed(device, config.seed);
-            config.lora.config()?.init(&base, device)
+            config.lora.config()?.init(&base, config.seed, device)
         }
     };
     let prompts = config

@@ -138,8 +138,7 @@ pub fn opd_trainer<B: AutodiffBackend>(
     let student = match (init, &config.lora) {
         (Some(a), _) => super::trainable(<LoraAdapter<B> as AutodiffModule<B>>::from_inner(a)),
         (None, Some(spec)) => {
-            B::seed(device, config.seed);
-            spec.config()?.init(&base, device)
+            spec.config()?.init(&base, config.seed, device)
         }
         (None, None) => return Err("`lora`: without a cold-start adapter the student needs a `lora` shape".into()),
     };

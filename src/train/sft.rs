@@ -111,8 +111,7 @@ pub fn sft_trainer<B: AutodiffBackend>(
 ) -> Result<SftTrainer<B, impl Optimizer<LoraAdapter<B>, B>>, String> {
     let pipeline = pipeline.into();
     let base = <Mmdit<B> as AutodiffModule<B>>::from_inner(pipeline.transformer().clone()).no_grad();
-    B::seed(device, config.seed);
-    let student = config.lora.config()?.init(&base, device);
+    let student = config.lora.config()?.init(&base, config.seed, device);
     let optimizer = config.optim.adamw().init::<B, LoraAdapter<B>>();
     let ema = Ema::new(&student, config.ema_max_decay);
     Ok(SftTrainer {

@@ -6,7 +6,9 @@ use burn::module::{Module, Param};
 use burn::nn::Linear;
 use burn::tensor::backend::Backend;
 use burn::tensor::module::linear;
-use burn::tensor::{Distribution, IndexingUpdateOp, Int, Tensor};
+use burn::tensor::{Distribution, IndexingUpdateOp, Int, Tensor, TensorData};
+use rand_burn::SeedableRng;
+use rand_burn::rngs::StdRng;
 
 use super::target::LoraTarget;
 use crate::model::mmdit::{JointBlock, Mmdit};
@@ -33,8 +35,15 @@ impl LoraConfig {
 
     /// Fresh adapter for `model`: `A ~ N(0, 1/r^2)` (PEFT's `init_lora_weights="gaussian"`,
     /// what Flow-GRPO uses), `B = 0`, so the adapted model starts equal to the base.
-    pub fn init<B: Backend>(&self, model: &Mmdit<B>, device: &B::Device) -> LoraAdapter<B> {
+    ///
+    /// `A` is drawn from a generator of its own seeded with `seed` (rand's `StdRng`, the one
+    /// Burn's CPU backend keeps for `Backend::seed`; on `Flex` the adapter equals the one
+    /// `B::seed(seed)` followed by draws of `Tensor::random` gives), not from the backend's
+    /// global generator: adapters built at the same time in one process cannot interleave
+    /// their draws, and every backend starts from the same adapter.
+    pub fn init<B: Backend>(&self, model: &Mmdit<B>, seed: u64, device: &B::Device) -> LoraAdapter<B> {
         let std = 1.0 / self.rank as f64;
+        let mut rng = StdRng::seed_from_u64(seed);
         let blocks = model
             .transformer_blocks
             .iter()
@@ -43,7 +52,7 @@ impl LoraConfig {
                 for &target in &self.targets {
                     if let Some(base) = block.linear(target) {
                         let [d_in, d_out] = base.weight.dims();
-                        let down = Tensor::random([d_in, self.rank], Distribution::Normal(0.0, std), device);
+                        let down = Tensor::from_data(TensorData::random::<f32, _, _>([d_in, self.rank], Distribution::Normal(0.0, std), &mut rng), device);
                         let up = Tensor::zeros([self.rank, d_out], device);
                         layers[target.index()] = Some(LoraLayer::new(down, up, self.alpha));
                     }
