@@ -21,6 +21,10 @@ pub enum CompositionCredit {
     /// misses ([`graded_credits`]), so a prompt the policy always fails still ranks its
     /// samples by how close they come.
     Graded,
+    /// As [`Graded`](Self::Graded), with a near miss measured by how much the asked shape's
+    /// fit still lacks to win the detector's shape test ([`shape_margin_closeness`]), so a
+    /// blob that is nearly a square but reads as a circle ranks by how square it is.
+    Margin,
 }
 
 /// The most a failed check earns under [`CompositionCredit::Graded`].
@@ -30,6 +34,24 @@ pub const NEAR_MISS_CREDIT: f32 = 0.5;
 /// `0.9 * min(1, fit / MIN_SHAPE_FIT)` with its intersection over union with the shape's mask.
 pub fn shape_closeness(d: &DetectedObject, shape: Shape) -> f32 {
     if d.shape == Some(shape) { 1.0 } else { 0.9 * (d.fit(shape) / MIN_SHAPE_FIT).min(1.0) }
+}
+
+/// The fit margin over which [`shape_margin_closeness`] falls from 0.9 to 0.
+pub const SHAPE_MARGIN_SCALE: f32 = 0.25;
+
+/// How close component `d` comes to being detected as `shape`, by what its fit lacks to win the
+/// shape test: 1 when it is detected as `shape`, else `0.9 * (1 - gap / SHAPE_MARGIN_SCALE)`
+/// (at least 0), `gap` the most of what the fit lacks to [`MIN_SHAPE_FIT`] and to the best
+/// other shape's fit. Unlike [`shape_closeness`] it keeps ranking components whose fit already
+/// clears [`MIN_SHAPE_FIT`] but loses to another shape.
+pub fn shape_margin_closeness(d: &DetectedObject, shape: Shape) -> f32 {
+    if d.shape == Some(shape) {
+        return 1.0;
+    }
+    let fit = d.fit(shape);
+    let best_other = Shape::ALL.iter().filter(|s| **s != shape).map(|s| d.fit(*s)).fold(0.0f32, f32::max);
+    let gap = (MIN_SHAPE_FIT - fit).max(best_other - fit).max(0.0);
+    0.9 * (1.0 - gap / SHAPE_MARGIN_SCALE).max(0.0)
 }
 
 /// The credit of every check of [`composition_checks`] (same order) under
@@ -42,8 +64,20 @@ pub fn shape_closeness(d: &DetectedObject, shape: Shape) -> f32 {
 /// - relation: the product of the closeness of the closest candidates of the two phrases
 ///   (of their colours, where named) if they stand in the relation, else 0.
 pub fn graded_credits(phrases: &[ObjectSpec], relation: Option<Relation>, detected: &[DetectedObject], checks: &[Check]) -> Vec<f32> {
+    graded_credits_with(phrases, relation, detected, checks, shape_closeness)
+}
+
+/// [`graded_credits`] with `shape_closeness` replaced by `closeness` (for
+/// [`CompositionCredit::Margin`], [`shape_margin_closeness`]).
+pub fn graded_credits_with(
+    phrases: &[ObjectSpec],
+    relation: Option<Relation>,
+    detected: &[DetectedObject],
+    checks: &[Check],
+    closeness: impl Fn(&DetectedObject, Shape) -> f32,
+) -> Vec<f32> {
     let closest = |shape: Shape, colour: Option<crate::world::palette::Colour>, n: usize| -> f32 {
-        let mut near: Vec<f32> = detected.iter().filter(|d| colour.is_none_or(|c| d.colour == c)).map(|d| shape_closeness(d, shape)).collect();
+        let mut near: Vec<f32> = detected.iter().filter(|d| colour.is_none_or(|c| d.colour == c)).map(|d| closeness(d, shape)).collect();
         near.sort_by(|a, b| b.total_cmp(a));
         near.iter().take(n).sum::<f32>() / n.max(1) as f32
     };
@@ -51,7 +85,7 @@ pub fn graded_credits(phrases: &[ObjectSpec], relation: Option<Relation>, detect
         detected
             .iter()
             .filter(|d| phrase.colour.is_none_or(|c| d.colour == c))
-            .map(|d| (d, shape_closeness(d, phrase.shape)))
+            .map(|d| (d, closeness(d, phrase.shape)))
             .max_by(|a, b| a.1.total_cmp(&b.1))
     };
     checks
@@ -197,8 +231,12 @@ impl CompositionReward {
         let checks = composition_checks(&phrases, relation, &detected);
         let value = match self.credit {
             CompositionCredit::Checks => checks.iter().filter(|c| c.passed).count() as f32 / checks.len() as f32,
-            CompositionCredit::Graded => {
-                let credits = graded_credits(&phrases, relation, &detected, &checks);
+            CompositionCredit::Graded | CompositionCredit::Margin => {
+                let credits = if self.credit == CompositionCredit::Graded {
+                    graded_credits(&phrases, relation, &detected, &checks)
+                } else {
+                    graded_credits_with(&phrases, relation, &detected, &checks, shape_margin_closeness)
+                };
                 credits.iter().sum::<f32>() / credits.len() as f32
             }
         };
@@ -311,6 +349,73 @@ mod tests {
         assert!((red_square_left_of_blue_circle.value - checks.iter().sum::<f32>() / 5.0).abs() < 1e-6, "{red_square_left_of_blue_circle:?}");
         // a blank image earns nothing
         assert_eq!(graded(&blank(), "a photo of a circle").value, 0.0);
+    }
+
+    /// A component detected as `shape` (or as nothing) with the given fits, in the order of
+    /// [`Shape::ALL`].
+    fn component(fits: [f32; 4]) -> DetectedObject {
+        let (best, fit) = fits.iter().enumerate().fold((0, 0.0f32), |b, (i, f)| if *f > b.1 { (i, *f) } else { b });
+        DetectedObject {
+            colour: Colour::Blue,
+            shape: (fit >= MIN_SHAPE_FIT).then_some(Shape::ALL[best]),
+            shape_fit: fit,
+            fits,
+            area: 150,
+            bbox: crate::world::detect::BoundingBox { x0: 0, y0: 0, x1: 14, y1: 14 },
+            centroid: (7.0, 7.0),
+        }
+    }
+
+    fn fits_with(circle: f32, square: f32) -> [f32; 4] {
+        let mut fits = [0.3; 4];
+        fits[Shape::ALL.iter().position(|s| *s == Shape::Circle).unwrap()] = circle;
+        fits[Shape::ALL.iter().position(|s| *s == Shape::Square).unwrap()] = square;
+        fits
+    }
+
+    #[test]
+    fn margin_closeness_ranks_what_the_asked_shape_lacks_to_win() {
+        // detected as the asked shape: 1
+        assert_eq!(shape_margin_closeness(&component(fits_with(0.6, 0.9)), Shape::Square), 1.0);
+        // a square-ish blob read as a circle (fits 0.77 vs 0.71, as the base draws squares):
+        // 0.9 * (1 - 0.06 / 0.25); the old closeness gives it the full 0.9
+        let blob = component(fits_with(0.77, 0.71));
+        assert_eq!(blob.shape, Some(Shape::Circle));
+        assert!((shape_margin_closeness(&blob, Shape::Square) - 0.9 * (1.0 - 0.06 / SHAPE_MARGIN_SCALE)).abs() < 1e-5);
+        assert_eq!(shape_closeness(&blob, Shape::Square), 0.9);
+        // rises monotonically as the square's fit closes on the circle's, 0.9 at the tie
+        let mut last = -1.0;
+        for square in [0.45, 0.52, 0.6, 0.65, 0.7, 0.75, 0.77] {
+            let c = shape_margin_closeness(&component(fits_with(0.77, square)), Shape::Square);
+            assert!(c > last || (c == 0.0 && last == 0.0), "square fit {square}: {c} after {last}");
+            last = c;
+        }
+        assert!((last - 0.9).abs() < 1e-6);
+        // a gap of the margin scale or more earns nothing
+        assert_eq!(shape_margin_closeness(&component(fits_with(0.9, 0.65)), Shape::Square), 0.0);
+        // nothing wins (all fits below MIN_SHAPE_FIT): the gap is to the threshold
+        let faint = component(fits_with(0.5, 0.55));
+        assert_eq!(faint.shape, None);
+        assert!((shape_margin_closeness(&faint, Shape::Square) - 0.9 * (1.0 - 0.05 / SHAPE_MARGIN_SCALE)).abs() < 1e-5);
+    }
+
+    #[test]
+    fn margin_credit_keeps_the_metric_and_the_bounds_of_graded_credit() {
+        let prompts = test_prompts(Task::Composition, 300);
+        let images = renders(&prompts, 44);
+        let shift = mismatch_shift(&prompts);
+        for (i, image) in images.iter().enumerate() {
+            let prompt = &prompts[(i + shift) % prompts.len()].text;
+            let checks = CompositionReward::default().checks(i, image, prompt).unwrap();
+            let (plain, margin) = (score(image, prompt), score_with(CompositionCredit::Margin, image, prompt));
+            assert_eq!(plain.metric, margin.metric, "{prompt}");
+            let passed = checks.iter().filter(|c| c.passed).count() as f32;
+            let n = checks.len() as f32;
+            assert!(margin.value >= plain.value - 1e-6, "{prompt}: margin {} below checks {}", margin.value, plain.value);
+            assert!(margin.value <= (passed + NEAR_MISS_CREDIT * (n - passed)) / n + 1e-6, "{prompt}: {}", margin.value);
+            // a margin near miss never earns more than the threshold-only near miss
+            assert!(margin.value <= graded(image, prompt).value + 1e-6, "{prompt}");
+        }
     }
 
     #[test]
