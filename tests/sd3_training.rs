@@ -12,7 +12,6 @@ use std::path::{Path, PathBuf};
 
 use burn::backend::Flex;
 use burn::tensor::Tensor;
-use burn::tensor::backend::Backend;
 use common::fake_server::{FakeServer, Reply, mean_pixel_scores};
 use flow_opd::flow::SeededNoise;
 use flow_opd::model::lora::{LoraAdapter, LoraConfig, LoraFormat, LoraTarget, load_lora, save_lora};
