@@ -229,16 +229,11 @@ impl CompositionReward {
     fn value(&self, index: usize, image: &Image32, prompt: &str) -> Result<(f32, bool), RewardError> {
         let (phrases, relation, detected) = self.inspect(index, image, prompt)?;
         let checks = composition_checks(&phrases, relation, &detected);
+        let mean = |credits: Vec<f32>| credits.iter().sum::<f32>() / credits.len() as f32;
         let value = match self.credit {
             CompositionCredit::Checks => checks.iter().filter(|c| c.passed).count() as f32 / checks.len() as f32,
-            CompositionCredit::Graded | CompositionCredit::Margin => {
-                let credits = if self.credit == CompositionCredit::Graded {
-                    graded_credits(&phrases, relation, &detected, &checks)
-                } else {
-                    graded_credits_with(&phrases, relation, &detected, &checks, shape_margin_closeness)
-                };
-                credits.iter().sum::<f32>() / credits.len() as f32
-            }
+            CompositionCredit::Graded => mean(graded_credits(&phrases, relation, &detected, &checks)),
+            CompositionCredit::Margin => mean(graded_credits_with(&phrases, relation, &detected, &checks, shape_margin_closeness)),
         };
         Ok((value, checks.iter().all(|c| c.passed)))
     }
