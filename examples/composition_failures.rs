@@ -7,13 +7,12 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use burn::backend::Flex;
-use flow_opd::eval::generate::generate;
-use flow_opd::eval::{EvalConfig, eval_prompts};
+use flow_opd::eval::{EvalConfig, eval_prompts, evaluate};
 use flow_opd::model::lora::{ActiveAdapters, load_lora};
 use flow_opd::model::pipeline::Pipeline;
 use flow_opd::model::t2i::TextToImage;
 use flow_opd::reward::composition::CompositionReward;
-use flow_opd::world::Task;
+use flow_opd::world::{Task, parse};
 use flow_opd::world::detect::detect_objects;
 use flow_opd::world::image::Image32;
 use flow_opd::world::shape::Shape;
@@ -38,25 +37,21 @@ fn main() {
     if let Some(steps) = steps {
         config.sampling.steps = steps;
     }
-    let prompts = eval_prompts(&config).expect("the shipped test prompts").remove(0).1;
-    let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
-    let seeds: Vec<u64> = (0..prompts.len() as u64).map(|i| config.seed + i).collect();
-    let images = generate(&pipeline, &adapters, &refs, &seeds, &config.sampling, &device, |_| {}).expect("sampling");
+    let prompts = eval_prompts(&config).expect("the shipped test prompts");
+    let result = evaluate(&pipeline, &adapters, &config, prompts, &device, |_, _| {}).expect("sampling and scoring").remove(0);
     let reward = CompositionReward::default();
-    let (mut asked, mut found, mut passed) = (BTreeMap::<String, usize>::new(), BTreeMap::<String, usize>::new(), 0);
-    for (i, (image, prompt)) in images.iter().zip(&prompts).enumerate() {
+    let (mut asked, mut found, mut passed) = (BTreeMap::<Shape, usize>::new(), BTreeMap::<Shape, usize>::new(), 0);
+    for (i, ((image, prompt), metric)) in result.images.iter().zip(&result.prompts).zip(&result.metrics).enumerate() {
         let image = Image32::from_rgb_image(image).expect("32 x 32 images");
         let checks = reward.checks(i, &image, prompt).expect("grammar prompts");
-        let pass = checks.iter().all(|c| c.passed);
+        let pass = *metric == 1.0;
         passed += pass as usize;
         let detected = detect_objects(&image);
-        let words: Vec<&str> = prompt.split_whitespace().collect();
-        for shape in Shape::ALL {
-            let name = format!("{shape:?}").to_lowercase();
-            if words.iter().any(|w| w.starts_with(&name)) {
-                *asked.entry(name.clone()).or_default() += 1;
-                *found.entry(name).or_default() += detected.iter().any(|d| d.shape == Some(shape)) as usize;
-            }
+        let mut shapes: Vec<Shape> = parse(prompt).expect("grammar prompts").objects().iter().map(|o| o.shape).collect();
+        shapes.dedup();
+        for shape in shapes {
+            *asked.entry(shape).or_default() += 1;
+            *found.entry(shape).or_default() += detected.iter().any(|d| d.shape == Some(shape)) as usize;
         }
         if !summary_only {
             println!("{i:3} {} {prompt}", if pass { "PASS" } else { "fail" });
@@ -75,8 +70,8 @@ fn main() {
             }
         }
     }
-    println!("passed {passed} of {}", prompts.len());
-    for (name, n) in &asked {
-        println!("{name}: detected in {} of the {n} images whose prompt asks for it", found[name]);
+    println!("passed {passed} of {}", result.prompts.len());
+    for (shape, n) in &asked {
+        println!("{}: detected in {} of the {n} images whose prompt asks for it", format!("{shape:?}").to_lowercase(), found[shape]);
     }
 }
