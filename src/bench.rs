@@ -184,7 +184,7 @@ pub fn run_opd_bench<B: AutodiffBackend>(config: &OpdBenchConfig, device: &B::De
         let policy = student.valid();
         let adapters = ActiveAdapters::single(&policy);
         let x0 = noise.sample([b, m.in_channels, config.latent, config.latent], device);
-        let trajectory = sample_micro_batched(&inner, &adapters, &cond, &negative, x0, &opd.rollout, None, &mut noise, device, |_| ());
+        let trajectory = sample_micro_batched(&inner, &adapters, &cond, &negative, x0, &opd.rollout, None, iteration as u64, 0, device, |_| ());
         sync(trajectory.final_state());
         let rolled = start.elapsed().as_secs_f64();
         let start = Instant::now();

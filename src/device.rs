@@ -92,31 +92,76 @@ fn not_compiled(device: DeviceSpec, feature: &'static str) -> BackendNotCompiled
     BackendNotCompiled { device, feature, compiled: compiled_backends().join(", ") }
 }
 
+/// Work that runs on several devices of one backend (data-parallel training).
+pub trait MultiDeviceTask {
+    type Output;
+    fn run<B: Backend>(self, devices: Vec<B::Device>) -> Self::Output;
+}
+
+/// Why a device list cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceListError {
+    #[error("no device given")]
+    Empty,
+    #[error("devices `{first}` and `{other}` are of different backends; data-parallel devices must share one")]
+    Mixed { first: DeviceSpec, other: DeviceSpec },
+    #[error(transparent)]
+    NotCompiled(#[from] BackendNotCompiled),
+}
+
 /// Runs `task` on the backend and device `spec` names.
-#[allow(unreachable_code, unused_variables)]
 pub fn dispatch<T: BackendTask>(spec: DeviceSpec, task: T) -> Result<T::Output, BackendNotCompiled> {
-    match spec {
+    struct One<T>(T);
+    impl<T: BackendTask> MultiDeviceTask for One<T> {
+        type Output = T::Output;
+        fn run<B: Backend>(self, devices: Vec<B::Device>) -> T::Output {
+            self.0.run::<B>(devices.into_iter().next().expect("one device"))
+        }
+    }
+    dispatch_many(&[spec], One(task)).map_err(|e| match e {
+        DeviceListError::NotCompiled(e) => e,
+        other => unreachable!("one device: {other}"),
+    })
+}
+
+/// Runs `task` on the devices `specs` name (one backend; a device may repeat: `cpu,cpu` is two
+/// peers on the CPU).
+#[allow(unreachable_code, unused_variables)]
+pub fn dispatch_many<T: MultiDeviceTask>(specs: &[DeviceSpec], task: T) -> Result<T::Output, DeviceListError> {
+    let first = *specs.first().ok_or(DeviceListError::Empty)?;
+    let same_kind = |a: &DeviceSpec, b: &DeviceSpec| std::mem::discriminant(a) == std::mem::discriminant(b);
+    if let Some(other) = specs.iter().find(|s| !same_kind(s, &first)) {
+        return Err(DeviceListError::Mixed { first, other: *other });
+    }
+    match first {
         DeviceSpec::Cpu => {
             #[cfg(feature = "flex")]
-            return Ok(task.run::<burn::backend::Flex>(Default::default()));
-            Err(not_compiled(spec, "flex"))
+            return Ok(task.run::<burn::backend::Flex>(specs.iter().map(|_| Default::default()).collect()));
+            Err(not_compiled(first, "flex").into())
         }
-        DeviceSpec::Wgpu(index) => {
+        DeviceSpec::Wgpu(_) => {
             #[cfg(feature = "wgpu")]
             {
                 use burn::backend::wgpu::WgpuDevice;
-                let device = match index {
-                    None => WgpuDevice::DefaultDevice,
-                    Some(i) => WgpuDevice::DiscreteGpu(i),
-                };
-                return Ok(task.run::<burn::backend::Wgpu>(device));
+                let devices = specs
+                    .iter()
+                    .map(|s| match s {
+                        DeviceSpec::Wgpu(Some(i)) => WgpuDevice::DiscreteGpu(*i),
+                        _ => WgpuDevice::DefaultDevice,
+                    })
+                    .collect();
+                return Ok(task.run::<burn::backend::Wgpu>(devices));
             }
-            Err(not_compiled(spec, "wgpu"))
+            Err(not_compiled(first, "wgpu").into())
         }
-        DeviceSpec::Cuda(index) => {
+        DeviceSpec::Cuda(_) => {
             #[cfg(feature = "cuda")]
-            return Ok(task.run::<burn::backend::Cuda>(burn::backend::cuda::CudaDevice { index }));
-            Err(not_compiled(spec, "cuda"))
+            {
+                use burn::backend::cuda::CudaDevice;
+                let devices = specs.iter().map(|s| CudaDevice { index: if let DeviceSpec::Cuda(i) = s { *i } else { 0 } }).collect();
+                return Ok(task.run::<burn::backend::Cuda>(devices));
+            }
+            Err(not_compiled(first, "cuda").into())
         }
     }
 }
@@ -133,6 +178,22 @@ mod tests {
         assert_eq!("cuda".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(0));
         assert!("tpu".parse::<DeviceSpec>().unwrap_err().contains("tpu"));
         assert!("cuda:x".parse::<DeviceSpec>().unwrap_err().contains('x'));
+    }
+
+    #[test]
+    fn device_lists_share_one_backend() {
+        struct Count;
+        impl MultiDeviceTask for Count {
+            type Output = usize;
+            fn run<B: Backend>(self, devices: Vec<B::Device>) -> usize {
+                devices.len()
+            }
+        }
+        let err = dispatch_many(&[DeviceSpec::Cpu, DeviceSpec::Cuda(1)], Count).unwrap_err().to_string();
+        assert!(err.contains("`cpu`") && err.contains("`cuda:1`"), "{err}");
+        assert!(matches!(dispatch_many(&[], Count), Err(DeviceListError::Empty)));
+        #[cfg(feature = "flex")]
+        assert_eq!(dispatch_many(&[DeviceSpec::Cpu, DeviceSpec::Cpu], Count).unwrap(), 2);
     }
 
     #[cfg(not(feature = "cuda"))]

@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use burn::tensor::backend::Backend;
 use clap::{Args, Parser, Subcommand};
 
-use flow_opd::device::{BackendTask, DeviceSpec, dispatch};
+use flow_opd::device::{BackendTask, DeviceSpec, MultiDeviceTask, dispatch, dispatch_many};
 use flow_opd::model::MmditConfig;
 use flow_opd::model::lora::{ActiveAdapters, load_lora};
 use flow_opd::model::forward_io::forward_file;
@@ -60,9 +60,11 @@ enum Command {
         /// Where runs are written.
         #[arg(long, default_value = "runs")]
         runs: PathBuf,
-        /// cpu, wgpu[:N] or cuda[:N].
-        #[arg(long, default_value = "cpu")]
-        device: DeviceSpec,
+        /// cpu, wgpu[:N] or cuda[:N]; a comma-separated list of one backend's devices trains
+        /// the GRPO and OPD stages data-parallel, one peer per device (`cuda:0,cuda:1`; a device
+        /// may repeat, e.g. `cpu,cpu`); the other stages run on the first.
+        #[arg(long, default_value = "cpu", value_delimiter = ',')]
+        device: Vec<DeviceSpec>,
         #[command(flatten)]
         inputs: RecipeInputs,
     },
@@ -414,10 +416,10 @@ struct RecipeTask {
     runs: PathBuf,
 }
 
-impl BackendTask for RecipeTask {
+impl MultiDeviceTask for RecipeTask {
     type Output = Result<()>;
-    fn run<B: Backend>(self, device: B::Device) -> Self::Output {
-        let ctx = flow_opd::recipe::run_recipe::<B>(&self.recipe, &self.runs, &device)?;
+    fn run<B: Backend>(self, devices: Vec<B::Device>) -> Self::Output {
+        let ctx = flow_opd::recipe::run_recipe_on::<B>(&self.recipe, &self.runs, &devices)?;
         println!("run written to {}", ctx.dir.display());
         Ok(())
     }
@@ -458,7 +460,7 @@ fn parse_tasks(tasks: &str) -> Result<Vec<flow_opd::world::Task>> {
 
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,burn_collective=warn".into()))
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
@@ -526,7 +528,7 @@ fn main() -> Result<()> {
         }
         Command::Recipe { path, runs, device, inputs } => {
             let recipe = inputs.load(&path)?;
-            dispatch(device, RecipeTask { recipe, runs })?
+            dispatch_many(&device, RecipeTask { recipe, runs })?
         }
         Command::Eval { model, adapter, tasks, prompts, split, steps, cfg, name, out, device } => {
             let tasks = parse_tasks(&tasks)?;
@@ -551,7 +553,7 @@ fn main() -> Result<()> {
             let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "eval".into());
             let runs = out.parent().map(Path::to_path_buf).unwrap_or_default();
             let recipe = flow_opd::recipe::Recipe { name, sd3: Default::default(), stages: vec![flow_opd::recipe::Stage::Eval(stage)] };
-            dispatch(device, RecipeTask { recipe, runs })?
+            dispatch_many(&[device], RecipeTask { recipe, runs })?
         }
         Command::Model(ModelCommand::Forward { model, inputs, output, adapter, device }) => {
             let source = open(&model)?;

@@ -32,6 +32,8 @@ use crate::model::pipeline::{Pipeline, WorldModelConfig};
 use crate::train::metrics::MetricsLog;
 use crate::model::lora::{MergeMethod, combine};
 use crate::train::grpo::{GrpoConfig, grpo_trainer};
+use crate::train::parallel::{Peer, first_error, run_peers};
+use std::sync::Mutex;
 use crate::train::opd::{OpdConfig, Teachers, opd_trainer};
 use crate::train::sft::{SftConfig, sft_trainer, teacher_samples};
 use crate::model::t2i::{AnyPipeline, Sd3Options, TextToImage};
@@ -478,6 +480,16 @@ fn keep_previous_metrics(path: &Path) -> std::io::Result<()> {
 
 /// Runs every stage of `recipe` on backend `B`, writing into `runs_dir/<name>/`.
 pub fn run_recipe<B: Backend>(recipe: &Recipe, runs_dir: &Path, device: &B::Device) -> Result<RunContext, RecipeError> {
+    run_recipe_on::<B>(recipe, runs_dir, std::slice::from_ref(device))
+}
+
+/// [`run_recipe`] over several devices of backend `B`: the GRPO and OPD stages train
+/// data-parallel, one peer per device ([`crate::train::parallel`]; a device may be named more
+/// than once, e.g. two peers on one CPU or GPU); the other stages run on the first device.
+pub fn run_recipe_on<B: Backend>(recipe: &Recipe, runs_dir: &Path, devices: &[B::Device]) -> Result<RunContext, RecipeError> {
+    let Some(device) = devices.first() else {
+        return Err(RecipeError::Stage { index: 0, kind: "recipe", message: "no device given".into() });
+    };
     install_interrupt_handler();
     let dir = runs_dir.join(&recipe.name);
     std::fs::create_dir_all(&dir).map_err(|source| RecipeError::Io { path: dir.clone(), source })?;
@@ -492,13 +504,13 @@ pub fn run_recipe<B: Backend>(recipe: &Recipe, runs_dir: &Path, device: &B::Devi
         match stage {
             Stage::Pretrain(s) => run_pretrain::<B>(s, &mut ctx, device)
                 .map_err(|message| RecipeError::Stage { index, kind: "pretrain", message })?,
-            Stage::Grpo(s) => run_grpo::<B>(s, &mut ctx, device)
+            Stage::Grpo(s) => run_grpo::<B>(s, &mut ctx, devices)
                 .map_err(|message| RecipeError::Stage { index, kind: "grpo", message })?,
             Stage::Merge(s) => run_merge::<B>(s, &mut ctx, device)
                 .map_err(|message| RecipeError::Stage { index, kind: "merge", message })?,
             Stage::Sft(s) => run_sft::<B>(s, &mut ctx, device)
                 .map_err(|message| RecipeError::Stage { index, kind: "sft", message })?,
-            Stage::Opd(s) => run_opd::<B>(s, &mut ctx, device)
+            Stage::Opd(s) => run_opd::<B>(s, &mut ctx, devices)
                 .map_err(|message| RecipeError::Stage { index, kind: "opd", message })?,
             Stage::Eval(s) => run_eval::<B>(s, &mut ctx, device)
                 .map_err(|message| RecipeError::Stage { index, kind: "eval", message })?,
@@ -615,16 +627,20 @@ fn run_pretrain<B: Backend>(stage: &PretrainStage, ctx: &mut RunContext, device:
     Ok(())
 }
 
-fn run_grpo<B: Backend>(stage: &GrpoStage, ctx: &mut RunContext, device: &B::Device) -> Result<(), String> {
-    type AD<B> = Autodiff<B>;
-    let pipeline = ctx.pipeline::<B>(&stage.model, device)?;
-    let init = match &stage.init {
-        Some(a) => Some(load_lora(&ctx.resolve(a), pipeline.transformer(), device).map_err(|e| format!("{a}: {e}"))?),
-        None => None,
-    };
-    let trainer = grpo_trainer::<AD<B>>(pipeline, init, stage.train.clone(), device)?;
+fn run_grpo<B: Backend>(stage: &GrpoStage, ctx: &mut RunContext, devices: &[B::Device]) -> Result<(), String> {
     let common = AdapterStage { kind: "grpo", output: &stage.output, iterations: stage.train.iterations, checkpoint_every: stage.checkpoint_every, max_seconds: stage.max_seconds, export: stage.export.as_deref() };
-    train_adapter(common, GrpoLoop(trainer), ctx, device)
+    train_adapter_on(common, ctx, devices, |ctx, device, peer| {
+        let pipeline = ctx.pipeline::<B>(&stage.model, device)?;
+        let init = match &stage.init {
+            Some(a) => Some(load_lora(&ctx.resolve(a), pipeline.transformer(), device).map_err(|e| format!("{a}: {e}"))?),
+            None => None,
+        };
+        let trainer = grpo_trainer::<Autodiff<B>>(pipeline, init, stage.train.clone(), device)?;
+        Ok(GrpoLoop(match peer {
+            Some(peer) => trainer.with_peer(peer)?,
+            None => trainer,
+        }))
+    })
 }
 
 /// The signal-to-noise ratio of the Flow-GRPO gradient of the recipe's GRPO stage `output`
@@ -746,38 +762,96 @@ where
     }
 }
 
-/// The stage loop of adapter trainers: progress bar, `metrics.jsonl`, EMA checkpoints, export.
-fn train_adapter<B: burn::tensor::backend::AutodiffBackend>(
+/// An adapter stage on one device, or data-parallel on several: `build` makes the trainer of
+/// each device (with its [`Peer`] when there are several; all are built before training
+/// starts, so a bad stage fails before any peer waits), then [`train_adapter`] runs on each,
+/// the first device's peer logging, checkpointing and exporting.
+fn train_adapter_on<'d, B: Backend, L: AdapterLoop<Autodiff<B>> + Send>(
     stage: AdapterStage<'_>,
-    mut trainer: impl AdapterLoop<B>,
     ctx: &mut RunContext,
-    device: &B::Device,
+    devices: &'d [B::Device],
+    build: impl Fn(&RunContext, &'d B::Device, Option<Peer<B>>) -> Result<L, String>,
 ) -> Result<(), String> {
-    let out = ctx.dir.join(stage.output);
+    if let [device] = devices {
+        let trainer = build(ctx, device, None)?;
+        return train_adapter(&stage, trainer, Some(ctx), device, None);
+    }
+    let count = devices.len();
+    let trainers = devices
+        .iter()
+        .enumerate()
+        .map(|(index, device)| build(ctx, device, Some(Peer { index, count, device: device.clone() })).map(|t| Mutex::new(Some(t))))
+        .collect::<Result<Vec<_>, _>>()?;
+    tracing::info!("{}:{}: data-parallel over {count} devices", stage.kind, stage.output);
+    let lead = Mutex::new(Some(&mut *ctx));
+    let results = run_peers::<B, _, _>(devices, |peer| {
+        let trainer = trainers[peer.index].lock().expect("trainer").take().expect("one trainer per peer");
+        let ctx = if peer.index == 0 { lead.lock().expect("context").take() } else { None };
+        train_adapter(&stage, trainer, ctx, &peer.device.clone(), Some(&peer))
+    });
+    drop(lead);
+    first_error(results)?;
+    Ok(())
+}
+
+/// The stage loop of adapter trainers: progress bar, `metrics.jsonl`, EMA checkpoints, export,
+/// done by the peer that holds the run's context (`lead`; every peer of a data-parallel group
+/// runs this loop in step, and they agree after each iteration on whether to stop).
+fn train_adapter<B: Backend>(
+    stage: &AdapterStage<'_>,
+    mut trainer: impl AdapterLoop<Autodiff<B>>,
+    mut lead: Option<&mut RunContext>,
+    device: &B::Device,
+    peer: Option<&Peer<B>>,
+) -> Result<(), String> {
+    let out = lead.as_ref().map(|ctx| ctx.dir.join(stage.output));
     let label = format!("{}:{}", stage.kind, stage.output);
-    let bar = progress_bar(stage.iterations as u64, stage.output);
+    let bar = lead.as_ref().map(|_| progress_bar(stage.iterations as u64, stage.output));
     let clock = StageClock::start(stage.max_seconds);
     let mut done = 0;
     for it in 1..=stage.iterations {
         let (message, mut fields) = trainer.iterate(device)?;
-        bar.set_message(message);
-        bar.inc(1);
         done = it;
         let (seconds, out_of_time) = clock.read();
-        fields.push(("seconds".into(), seconds));
-        let refs: Vec<(&str, f64)> = fields.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-        ctx.metrics.log(&label, it, &refs).map_err(|e| e.to_string())?;
-        if it % stage.checkpoint_every.max(1) == 0 || it == stage.iterations || out_of_time || interrupted() {
-            save_adapter_atomic(trainer.ema(), &out)?;
+        let (mut written, mut saved) = (Ok(()), false);
+        if let (Some(ctx), Some(out), Some(bar)) = (lead.as_deref_mut(), &out, &bar) {
+            bar.set_message(message);
+            bar.inc(1);
+            fields.push(("seconds".into(), seconds));
+            let refs: Vec<(&str, f64)> = fields.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+            written = ctx.metrics.log(&label, it, &refs).map_err(|e| e.to_string());
+            if written.is_ok() && (it % stage.checkpoint_every.max(1) == 0 || it == stage.iterations || out_of_time || interrupted()) {
+                written = save_adapter_atomic(trainer.ema(), out);
+                saved = true;
+            }
         }
-        if interrupted() {
-            return Err(format!("interrupted at iteration {it}; the EMA adapter is in {}", out.display()));
-        }
-        if out_of_time {
-            clock.log_spent(&label, "iteration", it, stage.iterations);
+        // Peers stop together: when the lead runs out of time or fails to write, or any is
+        // interrupted (Ctrl-C reaches every peer of the process, not necessarily in the same
+        // iteration).
+        let stop_here = (lead.is_some() && out_of_time) || interrupted() || written.is_err();
+        let stop = match peer {
+            Some(peer) => peer.any(stop_here)?,
+            None => stop_here,
+        };
+        written?;
+        if stop {
+            if let Some(out) = &out {
+                if !saved {
+                    save_adapter_atomic(trainer.ema(), out)?;
+                }
+                if interrupted() {
+                    return Err(format!("interrupted at iteration {it}; the EMA adapter is in {}", out.display()));
+                }
+                if out_of_time {
+                    clock.log_spent(&label, "iteration", it, stage.iterations);
+                }
+            }
             break;
         }
     }
+    let (Some(ctx), Some(out), Some(bar)) = (lead, out, bar) else {
+        return Ok(());
+    };
     bar.finish();
     if let Some(export) = stage.export {
         save_adapter_atomic(trainer.ema(), export)?;
@@ -848,31 +922,35 @@ fn run_sft<B: Backend>(stage: &SftStage, ctx: &mut RunContext, device: &B::Devic
     Ok(())
 }
 
-fn run_opd<B: Backend>(stage: &OpdStage, ctx: &mut RunContext, device: &B::Device) -> Result<(), String> {
-    type AD<B> = Autodiff<B>;
-    let pipeline = ctx.pipeline::<B>(&stage.model, device)?;
-    let load = |name: &str| {
-        load_lora(&ctx.resolve(name), pipeline.transformer(), device).map_err(|e| format!("{name}: {e}"))
-    };
-    // One adapter per distinct teacher name; the routing table points into them.
-    let mut names: Vec<String> = stage.routing.values().cloned().collect();
-    if let Some(anchor) = stage.anchor.as_ref().filter(|a| *a != "base") {
-        names.push(anchor.clone());
-    }
-    names.sort();
-    names.dedup();
-    let adapters = names.iter().map(|n| load(n)).collect::<Result<Vec<_>, _>>()?;
-    let index = |name: &str| names.iter().position(|n| n == name).expect("listed");
-    let routing = stage.routing.iter().map(|(t, n)| (*t, index(n))).collect();
-    let anchor = stage.anchor.as_deref().filter(|a| *a != "base").map(index);
-    let init = match &stage.init {
-        Some(a) => Some(load(a)?),
-        None => None,
-    };
-    let teachers = Teachers { adapters, routing, anchor };
-    let trainer = opd_trainer::<AD<B>>(pipeline, init, teachers, stage.train.clone(), device)?;
+fn run_opd<B: Backend>(stage: &OpdStage, ctx: &mut RunContext, devices: &[B::Device]) -> Result<(), String> {
     let common = AdapterStage { kind: "opd", output: &stage.output, iterations: stage.train.iterations, checkpoint_every: stage.checkpoint_every, max_seconds: stage.max_seconds, export: stage.export.as_deref() };
-    train_adapter(common, OpdLoop(trainer), ctx, device)
+    train_adapter_on(common, ctx, devices, |ctx, device, peer| {
+        let pipeline = ctx.pipeline::<B>(&stage.model, device)?;
+        let load = |name: &str| {
+            load_lora(&ctx.resolve(name), pipeline.transformer(), device).map_err(|e| format!("{name}: {e}"))
+        };
+        // One adapter per distinct teacher name; the routing table points into them.
+        let mut names: Vec<String> = stage.routing.values().cloned().collect();
+        if let Some(anchor) = stage.anchor.as_ref().filter(|a| *a != "base") {
+            names.push(anchor.clone());
+        }
+        names.sort();
+        names.dedup();
+        let adapters = names.iter().map(|n| load(n)).collect::<Result<Vec<_>, _>>()?;
+        let index = |name: &str| names.iter().position(|n| n == name).expect("listed");
+        let routing = stage.routing.iter().map(|(t, n)| (*t, index(n))).collect();
+        let anchor = stage.anchor.as_deref().filter(|a| *a != "base").map(index);
+        let init = match &stage.init {
+            Some(a) => Some(load(a)?),
+            None => None,
+        };
+        let teachers = Teachers { adapters, routing, anchor };
+        let trainer = opd_trainer::<Autodiff<B>>(pipeline, init, teachers, stage.train.clone(), device)?;
+        Ok(OpdLoop(match peer {
+            Some(peer) => trainer.with_peer(peer)?,
+            None => trainer,
+        }))
+    })
 }
 
 fn run_eval<B: Backend>(stage: &EvalStage, ctx: &mut RunContext, device: &B::Device) -> Result<(), String> {

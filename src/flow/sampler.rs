@@ -113,6 +113,13 @@ impl SeededNoise {
         Self { rng: ChaCha8Rng::seed_from_u64(seed) }
     }
 
+    /// Stream `stream` of `seed` (ChaCha's independent streams; stream 0 is [`Self::new`]).
+    pub fn stream(seed: u64, stream: u64) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        rng.set_stream(stream);
+        Self { rng }
+    }
+
     /// `eps ~ N(0, I)` of `shape`.
     pub fn sample<B: Backend, const D: usize>(&mut self, shape: [usize; D], device: &B::Device) -> Tensor<B, D> {
         let n = shape.iter().product();

@@ -18,7 +18,8 @@ use serde::{Deserialize, Serialize};
 use super::ema::Ema;
 use super::grpo_math::{AdvantageStd, GroupSpread, clipped_policy_loss, group_advantages, group_spread};
 use super::pretrain::OptimConfig;
-use super::rollout::{RolloutConfig, rollout, vector};
+use super::parallel::Peer;
+use super::rollout::{RolloutConfig, rollout_shard, vector};
 use crate::flow::{GuidedModel, LogProbReduction, ReferenceKl, TextConditioning, VelocityField, log_prob, reference_kl, step_mean};
 use crate::model::lora::{ActiveAdapters, LoraAdapter, LoraConfig, LoraTarget};
 use crate::model::mmdit::Mmdit;
@@ -201,6 +202,7 @@ pub struct GrpoTrainer<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> {
     prompts: Vec<Vec<TaskPrompt>>,
     rewards: RewardSet,
     rng: ChaCha8Rng,
+    peer: Option<Peer<B::InnerBackend>>,
 }
 
 /// Builds a trainer; `init` starts from an existing adapter (else a fresh one, B = 0).
@@ -255,6 +257,7 @@ pub fn grpo_trainer<B: AutodiffBackend>(
         schedule,
         prompts,
         rewards,
+        peer: None,
     })
 }
 
@@ -264,6 +267,16 @@ pub fn lift_conditioning<B: AutodiffBackend>(c: &TextConditioning<B::InnerBacken
 }
 
 impl<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> GrpoTrainer<B, O> {
+    /// Makes this trainer one data-parallel peer of a group (see [`super::parallel`]): it
+    /// rolls out and trains on its share of each iteration's prompts, the rewards are gathered
+    /// before the advantages, the figures and gradients averaged over the peers. Every peer
+    /// must be built with the same config (hence the same adapter, optimiser and prompts).
+    pub fn with_peer(mut self, peer: Peer<B::InnerBackend>) -> Result<Self, String> {
+        peer.check_divides(self.config.rollout.prompts, "rollout.prompts")?;
+        self.peer = Some(peer);
+        Ok(self)
+    }
+
     /// One iteration: rollouts, rewards, advantages, one accumulated update.
     pub fn iteration(&mut self, device: &B::Device) -> Result<GrpoStats, String> {
         let (grads, stats) = self.gradient(device)?;
@@ -293,10 +306,25 @@ impl<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> GrpoTrainer<B, O> {
         let prompts: Vec<TaskPrompt> =
             (0..self.config.rollout.prompts).map(|_| self.prompts[part].choose(&mut self.rng).expect("non-empty").clone()).collect();
         let policy = self.adapter.valid();
-        let ro = rollout(&self.pipeline, Some(&policy), &prompts, &self.config.rollout, &mut self.rng, device)?;
-        let (rewards, task_metrics) = score(&ro.prompts, &ro.images, &self.config.partitions[part].rewards, &self.rewards)?;
+        let shard = self.peer.as_ref().map_or(0..prompts.len(), |p| p.rows(prompts.len()));
+        let rolled = rollout_shard(&self.pipeline, Some(&policy), &prompts, shard, &self.config.rollout, &mut self.rng, device)
+            .and_then(|ro| Ok((score(&ro.prompts, &ro.images, &self.config.partitions[part].rewards, &self.rewards)?, ro)));
+        let ((rewards, task_metrics), ro, own) = match &self.peer {
+            None => {
+                let (scored, ro) = rolled?;
+                let own = 0..ro.prompts.len();
+                (scored, ro, own)
+            }
+            Some(peer) => {
+                let n = self.config.rollout.prompts * self.config.rollout.group_size;
+                let own = peer.rows(n);
+                let local = rolled.as_ref().map(|((r, m), ro)| encode_scores(r, m, &ro.tasks())).map_err(|e| e.clone());
+                let all = peer.gather(local, own.len() + 2 * Task::ALL.len())?;
+                (decode_scores(&all, own.len()), rolled?.1, own)
+            }
+        };
         let advantages = group_advantages(&rewards, self.config.rollout.group_size, self.config.advantage_std, self.config.advantage_clip);
-        let advantages = vector::<B>(&advantages, device);
+        let advantages = vector::<B>(&advantages[own], device);
 
         let steps = ro.trained_steps(self.config.rollout.steps, self.config.timestep_fraction);
         let g = self.config.rollout.guidance;
@@ -336,17 +364,52 @@ impl<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> GrpoTrainer<B, O> {
                 accumulator.accumulate(&self.adapter, grads);
             }
         }
-        let grads = (!steps.is_empty()).then(|| accumulator.grads());
+        let mut grads = (!steps.is_empty()).then(|| accumulator.grads());
         let n = steps.len().max(1) as f64;
+        let (mut pg, mut kl, mut clipped) = (pg_sum / n, kl_sum / n, clipped / n);
+        if let Some(peer) = &self.peer {
+            // Equal shares of the batch: the batch's figures and gradient are the peers' means.
+            [pg, kl, clipped] = peer.mean(&[pg, kl, clipped])?.try_into().expect("three figures");
+            grads = grads.map(|g| peer.mean_gradients(&self.adapter, g)).transpose()?;
+        }
         let stats = GrpoStats {
             partition: part,
             reward: rewards.iter().sum::<f64>() / rewards.len().max(1) as f64,
             task_metrics,
-            policy_loss: pg_sum / n,
-            kl: kl_sum / n,
-            clip_fraction: clipped / n,
+            policy_loss: pg,
+            kl,
+            clip_fraction: clipped,
             groups: group_spread(&rewards, self.config.rollout.group_size),
         };
         Ok((grads, stats))
     }
+}
+
+/// A peer's scores for [`Peer::gather`]: its samples' rewards, then per task (in
+/// [`Task::ALL`] order) the sum of its samples' metric and their count (0 for a task without a
+/// metric in `metrics`).
+pub(crate) fn encode_scores(rewards: &[f64], metrics: &BTreeMap<Task, f64>, tasks: &[Task]) -> Vec<f64> {
+    let mut out = rewards.to_vec();
+    for task in Task::ALL {
+        let count = tasks.iter().filter(|t| **t == task).count() as f64;
+        out.extend(metrics.get(&task).map_or([0.0, 0.0], |m| [m * count, count]));
+    }
+    out
+}
+
+/// The whole batch's rewards (peer order) and per-task mean metrics from every peer's
+/// [`encode_scores`] of `samples` samples each.
+pub(crate) fn decode_scores(all: &[f64], samples: usize) -> (Vec<f64>, BTreeMap<Task, f64>) {
+    let width = samples + 2 * Task::ALL.len();
+    let peers: Vec<&[f64]> = all.chunks(width).collect();
+    let rewards = peers.iter().flat_map(|p| p[..samples].iter().copied()).collect();
+    let metrics = Task::ALL
+        .iter()
+        .enumerate()
+        .filter_map(|(k, &task)| {
+            let (sum, count) = peers.iter().fold((0.0, 0.0), |(s, c), p| (s + p[samples + 2 * k], c + p[samples + 2 * k + 1]));
+            (count > 0.0).then(|| (task, sum / count))
+        })
+        .collect();
+    (rewards, metrics)
 }

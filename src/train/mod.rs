@@ -7,6 +7,7 @@ pub mod grpo_math;
 pub mod grpo_snr;
 pub mod metrics;
 pub mod opd;
+pub mod parallel;
 pub mod pretrain;
 pub mod prompts;
 pub mod rollout;

@@ -17,9 +17,10 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::ema::Ema;
-use super::grpo::{LoraSpec, lift_conditioning, score};
+use super::grpo::{LoraSpec, decode_scores, encode_scores, lift_conditioning, score};
+use super::parallel::Peer;
 use super::pretrain::OptimConfig;
-use super::rollout::{RolloutConfig, Rollouts, rollout, trained_steps};
+use super::rollout::{RolloutConfig, Rollouts, rollout_shard, trained_steps};
 use crate::flow::{GuidedModel, KlReduction, TextConditioning, Trajectory, VelocityField, kl_weight, opd_loss};
 use crate::model::lora::{ActiveAdapters, AdapterChoice, LoraAdapter};
 use crate::model::mmdit::Mmdit;
@@ -123,6 +124,7 @@ pub struct OpdTrainer<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> {
     prompts: Vec<TaskPrompt>,
     rewards: Option<RewardSet>,
     rng: ChaCha8Rng,
+    peer: Option<Peer<B::InnerBackend>>,
 }
 
 /// Builds a trainer; `init` is the cold-start student adapter (merge or SFT), else a fresh one.
@@ -163,22 +165,39 @@ pub fn opd_trainer<B: AutodiffBackend>(
         iteration: 0,
         prompts,
         rewards,
+        peer: None,
     })
 }
 
 impl<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> OpdTrainer<B, O> {
-    /// One iteration: on-policy rollouts of a mixed batch, then [`OpdTrainer::step_on`].
-    pub fn iteration(&mut self, device: &B::Device) -> Result<OpdStats, String> {
-        let ro = self.sample(device)?;
-        self.step_on(&ro, device)
+    /// Makes this trainer one data-parallel peer of a group (see [`super::parallel`]): it
+    /// rolls out and trains on its share of each iteration's prompts; the figures and
+    /// gradients are averaged over the peers. Every peer must be built with the same config and
+    /// teachers.
+    pub fn with_peer(mut self, peer: Peer<B::InnerBackend>) -> Result<Self, String> {
+        peer.check_divides(self.config.rollout.prompts, "rollout.prompts")?;
+        self.peer = Some(peer);
+        Ok(self)
     }
 
-    /// Samples a mixed batch of training prompts and the student's on-policy rollouts.
+    /// One iteration: on-policy rollouts of a mixed batch, then [`OpdTrainer::step_on`].
+    pub fn iteration(&mut self, device: &B::Device) -> Result<OpdStats, String> {
+        match self.sample(device) {
+            Ok(ro) => self.step_on(&ro, device),
+            // A peer still takes part in the exchange, so the others do not wait for it.
+            Err(e) if self.peer.is_some() => self.peer.as_ref().expect("peer").gather(Err(e), 2 * Task::ALL.len()).map(|_| OpdStats::default()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Samples a mixed batch of training prompts and the student's on-policy rollouts (of this
+    /// peer's share of the prompts, with a data-parallel peer).
     pub fn sample(&mut self, device: &B::Device) -> Result<Rollouts<B::InnerBackend>, String> {
         let prompts: Vec<TaskPrompt> =
             (0..self.config.rollout.prompts).map(|_| self.prompts.choose(&mut self.rng).expect("non-empty").clone()).collect();
         let policy = self.student.valid();
-        rollout(&self.pipeline, Some(&policy), &prompts, &self.config.rollout, &mut self.rng, device)
+        let shard = self.peer.as_ref().map_or(0..prompts.len(), |p| p.rows(prompts.len()));
+        rollout_shard(&self.pipeline, Some(&policy), &prompts, shard, &self.config.rollout, &mut self.rng, device)
     }
 
     fn objective(&self) -> OpdObjective<'_, B> {
@@ -198,11 +217,27 @@ impl<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> OpdTrainer<B, O> {
     /// Routed teacher and anchor labels at every trained state of `ro`, the loss, and one
     /// accumulated AdamW update of the student (plus EMA).
     pub fn step_on(&mut self, ro: &Rollouts<B::InnerBackend>, device: &B::Device) -> Result<OpdStats, String> {
-        let task_metrics = match &self.rewards {
-            Some(rewards) => score(&ro.prompts, &ro.images, &BTreeMap::new(), rewards)?.1,
-            None => BTreeMap::new(),
+        let checked = self.batch(ro).and_then(|batch| {
+            let metrics = match &self.rewards {
+                Some(rewards) => score(&ro.prompts, &ro.images, &BTreeMap::new(), rewards)?.1,
+                None => BTreeMap::new(),
+            };
+            Ok((batch, metrics))
+        });
+        let (batch, task_metrics) = match &self.peer {
+            None => checked?,
+            Some(peer) => {
+                let local = checked.as_ref().map(|(_, m)| encode_scores(&[], m, &ro.tasks())).map_err(|e| e.clone());
+                let all = peer.gather(local, 2 * Task::ALL.len())?;
+                (checked?.0, decode_scores(&all, 0).1)
+            }
         };
-        let (stats, grads) = self.objective().gradients(&self.student, &self.batch(ro)?, device);
+        let (mut stats, mut grads) = self.objective().gradients(&self.student, &batch, device);
+        if let Some(peer) = &self.peer {
+            // Equal shares of the batch: the batch's figures and gradient are the peers' means.
+            [stats.loss, stats.distill, stats.anchor] = peer.mean(&[stats.loss, stats.distill, stats.anchor])?.try_into().expect("three figures");
+            grads = grads.map(|g| peer.mean_gradients(&self.student, g)).transpose()?;
+        }
         let stats = OpdStats { task_metrics, ..stats };
         if let Some(grads) = grads {
             let student = self.student.clone();

@@ -114,23 +114,44 @@ pub fn rollout<B: Backend, P: TextToImage<B> + ?Sized>(
     rng: &mut impl Rng,
     device: &B::Device,
 ) -> Result<Rollouts<B>, String> {
+    rollout_shard(pipeline, adapter, prompts, 0..prompts.len(), config, rng, device)
+}
+
+/// The rollouts of `prompts[shard]` out of a batch of `prompts`: what [`rollout`] of the whole
+/// batch gives those prompts' samples when their first sample starts a micro-batch. `rng`
+/// advances as for the whole batch (every sample's initial-noise seed and the SDE noise seed
+/// are drawn), and each micro-batch takes its SDE noise from its own stream of that seed,
+/// numbered by its first sample's row in the whole batch. So data-parallel peers that each
+/// roll out their shard of one batch sample what one device samples with `micro_batch` = a
+/// shard's samples.
+pub fn rollout_shard<B: Backend, P: TextToImage<B> + ?Sized>(
+    pipeline: &P,
+    adapter: Option<&LoraAdapter<B>>,
+    prompts: &[TaskPrompt],
+    shard: std::ops::Range<usize>,
+    config: &RolloutConfig,
+    rng: &mut impl Rng,
+    device: &B::Device,
+) -> Result<Rollouts<B>, String> {
+    let g = config.group_size;
+    let seeds: Vec<u64> = if config.same_latent {
+        let per_prompt: Vec<u64> = prompts.iter().map(|_| rng.random()).collect();
+        per_prompt.iter().flat_map(|&s| std::iter::repeat_n(s, g)).collect()
+    } else {
+        (0..prompts.len() * g).map(|_| rng.random()).collect()
+    };
+    let noise_seed: u64 = rng.random();
+    let rows = shard.start * g..shard.end * g;
     let expanded: Vec<TaskPrompt> =
-        prompts.iter().flat_map(|p| std::iter::repeat_n(p.clone(), config.group_size)).collect();
+        prompts[shard].iter().flat_map(|p| std::iter::repeat_n(p.clone(), g)).collect();
     let texts: Vec<&str> = expanded.iter().map(|p| p.text.as_str()).collect();
     let cond = pipeline.encode_prompts(&texts, device)?;
     let negative = pipeline.encode_prompts(&vec![""; texts.len()], device)?;
-    let seeds: Vec<u64> = if config.same_latent {
-        let per_prompt: Vec<u64> = prompts.iter().map(|_| rng.random()).collect();
-        per_prompt.iter().flat_map(|&s| std::iter::repeat_n(s, config.group_size)).collect()
-    } else {
-        (0..texts.len()).map(|_| rng.random()).collect()
-    };
-    let x0 = initial_noise::<B>(pipeline.latent_shape(), &seeds, device);
+    let x0 = initial_noise::<B>(pipeline.latent_shape(), &seeds[rows.clone()], device);
     let adapters = adapter.map_or_else(ActiveAdapters::none, ActiveAdapters::single);
-    let mut noise = SeededNoise::new(rng.random());
     let mut images = Vec::with_capacity(texts.len());
     let (model, schedule) = (pipeline.transformer(), pipeline.schedule());
-    let trajectory = sample_micro_batched(model, &adapters, &cond, &negative, x0, config, schedule, &mut noise, device, |part| {
+    let trajectory = sample_micro_batched(model, &adapters, &cond, &negative, x0, config, schedule, noise_seed, rows.start, device, |part| {
         images.extend(pipeline.decode_rgb(part.final_state()))
     });
     Ok(Rollouts { prompts: expanded, cond, negative, trajectory, images })
@@ -138,7 +159,8 @@ pub fn rollout<B: Backend, P: TextToImage<B> + ?Sized>(
 
 /// SDE trajectories from `x0` with the policy `model + adapters` (CFG per `config`; `schedule`
 /// replaces the configured one when given), one micro-batch at a time (`each` sees every part
-/// as it is done), joined into one.
+/// as it is done), joined into one. The micro-batch whose first row is `r` of `x0` draws its SDE
+/// noise from stream `first_row + r` of `noise_seed` ([`SeededNoise::stream`]).
 #[allow(clippy::too_many_arguments)]
 pub fn sample_micro_batched<B: Backend>(
     model: &Mmdit<B>,
@@ -148,7 +170,8 @@ pub fn sample_micro_batched<B: Backend>(
     x0: Tensor<B, 4>,
     config: &RolloutConfig,
     schedule: Option<crate::flow::FlowSchedule>,
-    noise: &mut SeededNoise,
+    noise_seed: u64,
+    first_row: usize,
     device: &B::Device,
     mut each: impl FnMut(&Trajectory<B>),
 ) -> Trajectory<B> {
@@ -158,6 +181,7 @@ pub fn sample_micro_batched<B: Backend>(
     }
     let mut parts = Vec::new();
     for rows in config.micro_batches(x0.dims()[0]) {
+        let mut noise = SeededNoise::stream(noise_seed, (first_row + rows.start) as u64);
         let (c, n) = (cond.rows(rows.clone()), negative.rows(rows.clone()));
         let field = GuidedModel { model, adapters, cond: &c, guidance: n.cfg(config.guidance) };
         let part = sample_trajectory(&field, x0.clone().slice([rows]), &sampler, &mut |_, shape| noise.sample(shape, device));
