@@ -234,8 +234,10 @@ enum Command {
         /// Output folder for results.md / results.json / grids (rows are added to an existing table).
         #[arg(long, default_value = "runs/eval")]
         out: PathBuf,
-        #[arg(long, default_value = "cpu")]
-        device: DeviceSpec,
+        /// cpu, wgpu[:N] or cuda[:N]; a comma-separated list of one backend's devices splits
+        /// the prompts among them (the same images and table; `cpu,cpu` uses two CPU threads).
+        #[arg(long, default_value = "cpu", value_delimiter = ',')]
+        device: Vec<DeviceSpec>,
     },
 }
 
@@ -553,7 +555,7 @@ fn main() -> Result<()> {
             let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "eval".into());
             let runs = out.parent().map(Path::to_path_buf).unwrap_or_default();
             let recipe = flow_opd::recipe::Recipe { name, sd3: Default::default(), stages: vec![flow_opd::recipe::Stage::Eval(stage)] };
-            dispatch_many(&[device], RecipeTask { recipe, runs })?
+            dispatch_many(&device, RecipeTask { recipe, runs })?
         }
         Command::Model(ModelCommand::Forward { model, inputs, output, adapter, device }) => {
             let source = open(&model)?;

@@ -485,7 +485,8 @@ pub fn run_recipe<B: Backend>(recipe: &Recipe, runs_dir: &Path, device: &B::Devi
 
 /// [`run_recipe`] over several devices of backend `B`: the GRPO and OPD stages train
 /// data-parallel, one peer per device ([`crate::train::parallel`]; a device may be named more
-/// than once, e.g. two peers on one CPU or GPU); the other stages run on the first device.
+/// than once, e.g. two peers on one CPU or GPU), evaluations split their prompts among the
+/// devices (the same images as on one), the other stages run on the first device.
 pub fn run_recipe_on<B: Backend>(recipe: &Recipe, runs_dir: &Path, devices: &[B::Device]) -> Result<RunContext, RecipeError> {
     let Some(device) = devices.first() else {
         return Err(RecipeError::Stage { index: 0, kind: "recipe", message: "no device given".into() });
@@ -512,7 +513,7 @@ pub fn run_recipe_on<B: Backend>(recipe: &Recipe, runs_dir: &Path, devices: &[B:
                 .map_err(|message| RecipeError::Stage { index, kind: "sft", message })?,
             Stage::Opd(s) => run_opd::<B>(s, &mut ctx, devices)
                 .map_err(|message| RecipeError::Stage { index, kind: "opd", message })?,
-            Stage::Eval(s) => run_eval::<B>(s, &mut ctx, device)
+            Stage::Eval(s) => run_eval::<B>(s, &mut ctx, devices)
                 .map_err(|message| RecipeError::Stage { index, kind: "eval", message })?,
             Stage::Rows(s) => import_rows(s, &ctx).map_err(|message| RecipeError::Stage { index, kind: "rows", message })?,
         }
@@ -953,20 +954,61 @@ fn run_opd<B: Backend>(stage: &OpdStage, ctx: &mut RunContext, devices: &[B::Dev
     })
 }
 
-fn run_eval<B: Backend>(stage: &EvalStage, ctx: &mut RunContext, device: &B::Device) -> Result<(), String> {
-    let pipeline = ctx.pipeline::<B>(&stage.model, device)?;
-    let adapter = match &stage.adapter {
-        Some(a) => Some(load_lora(&ctx.resolve(a), pipeline.transformer(), device).map_err(|e| format!("{a}: {e}"))?),
-        None => None,
+fn run_eval<B: Backend>(stage: &EvalStage, ctx: &mut RunContext, devices: &[B::Device]) -> Result<(), String> {
+    let load = |device: &B::Device| -> Result<_, String> {
+        let pipeline = ctx.pipeline::<B>(&stage.model, device)?;
+        let adapter = match &stage.adapter {
+            Some(a) => Some(load_lora(&ctx.resolve(a), pipeline.transformer(), device).map_err(|e| format!("{a}: {e}"))?),
+            None => None,
+        };
+        Ok((pipeline, adapter))
     };
-    let adapters = adapter.as_ref().map_or_else(ActiveAdapters::none, ActiveAdapters::single);
     let name = stage.row.clone().unwrap_or_else(|| stage.adapter.clone().unwrap_or_else(|| stage.model.clone()));
     let prompts = crate::eval::eval_prompts(&stage.eval).map_err(|e| e.to_string())?;
     let bar = progress_bar(prompts.iter().map(|(_, p)| p.len() as u64).sum(), "eval");
     bar.set_message(name.clone());
-    let (results, seconds) = crate::eval::timed(|| evaluate(&pipeline, &adapters, &stage.eval, prompts, device, |_, n| bar.inc(n as u64)));
+    let (results, seconds) = crate::eval::timed(|| -> Result<_, String> {
+        if let [device] = devices {
+            let (pipeline, adapter) = load(device)?;
+            let adapters = adapter.as_ref().map_or_else(ActiveAdapters::none, ActiveAdapters::single);
+            return evaluate(&pipeline, &adapters, &stage.eval, prompts, device, |_, n| bar.inc(n as u64)).map_err(|e| e.to_string());
+        }
+        // Several devices: each samples a contiguous share of every task's prompts, with the
+        // seeds those prompts have in the whole list, so the images are the one device's.
+        let (count, load, prompts_ref, bar) = (devices.len(), &load, &prompts, &bar);
+        let share = |n: usize, d: usize| n * d / count..n * (d + 1) / count;
+        let shares: Vec<Result<Vec<Vec<image::RgbImage>>, String>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = devices
+                .iter()
+                .enumerate()
+                .map(|(d, device)| {
+                    scope.spawn(move || {
+                        let (pipeline, adapter) = load(device)?;
+                        let adapters = adapter.as_ref().map_or_else(ActiveAdapters::none, ActiveAdapters::single);
+                        prompts_ref
+                            .iter()
+                            .map(|(_, texts)| {
+                                let rows = share(texts.len(), d);
+                                let refs: Vec<&str> = texts[rows.clone()].iter().map(String::as_str).collect();
+                                let seeds = crate::eval::eval_seeds(&stage.eval, rows);
+                                crate::eval::generate(&pipeline, &adapters, &refs, &seeds, &stage.eval.sampling, device, |n| bar.inc(n as u64))
+                            })
+                            .collect()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err("an evaluation thread panicked".into()))).collect()
+        });
+        let mut shares = shares.into_iter().collect::<Result<Vec<_>, _>>()?;
+        let images = prompts
+            .into_iter()
+            .enumerate()
+            .map(|(t, (task, texts))| (task, texts, shares.iter_mut().flat_map(|s| std::mem::take(&mut s[t])).collect()))
+            .collect();
+        crate::eval::score_images(&stage.eval, images).map_err(|e| e.to_string())
+    });
     bar.finish();
-    let results = results.map_err(|e| e.to_string())?;
+    let results = results?;
     let row = row(&name, &results, &stage.eval.setup(), seconds);
     for r in &results {
         let (mean, stderr) = r.mean_and_stderr();

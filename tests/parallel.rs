@@ -207,3 +207,29 @@ fn a_recipe_on_two_devices_logs_and_saves_once_and_refuses_uneven_splits() {
     let err = err.to_string();
     assert!(err.contains("rollout.prompts") && err.contains('3') && err.contains("2 data-parallel devices"), "{err}");
 }
+
+#[test]
+fn an_evaluation_on_two_devices_draws_the_one_device_images() {
+    let runs = tempfile::tempdir().unwrap();
+    let model = runs.path().join("toy");
+    save_pipeline_atomic(&common::toy_world_pipeline(0), &model).unwrap();
+    // 5 prompts per task: shares of 2 and 3, each with the seeds of its place in the list.
+    let recipe = |name: &str| {
+        let text = format!(
+            "name = \"{name}\"\n[[stage]]\nkind = \"eval\"\nmodel = \"{}\"\nrow = \"toy\"\neval = {{ prompts_per_task = 5, sampling = {{ steps = 3, guidance = 2.0 }} }}\n",
+            model.display()
+        );
+        Recipe::from_toml(Path::new("eval.toml"), &text).unwrap()
+    };
+    let one = run_recipe_on::<B>(&recipe("one"), runs.path(), &[Default::default()]).unwrap();
+    let two = run_recipe_on::<B>(&recipe("two"), runs.path(), &two_cpu_devices()).unwrap();
+    let per_image = |dir: &Path| flow_opd::eval::ResultsTable::read(dir).unwrap().rows[0].per_image.clone().unwrap().metrics;
+    let (a, b) = (per_image(&one.dir), per_image(&two.dir));
+    assert_eq!(a.len(), 4, "every task evaluated");
+    assert!(a.values().all(|m| m.len() == 5));
+    assert_eq!(a, b, "per-image metrics differ between one and two devices");
+    for task in ["composition", "text", "preference", "quality"] {
+        let grid = |dir: &Path| std::fs::read(dir.join("grids").join(format!("grid_toy_{task}.png"))).unwrap();
+        assert!(grid(&one.dir) == grid(&two.dir), "{task}: the sample grids differ");
+    }
+}

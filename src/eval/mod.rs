@@ -178,20 +178,33 @@ pub fn evaluate<B: Backend, P: TextToImage<B> + ?Sized>(
     let mut results = Vec::new();
     for (task, prompts) in prompts {
         let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
-        let seeds: Vec<u64> = (0..prompts.len() as u64).map(|i| config.seed + i).collect();
-        let images = generate(pipeline, adapters, &refs, &seeds, &config.sampling, device, |n| progress(task.name(), n))
+        let images = generate(pipeline, adapters, &refs, &eval_seeds(config, 0..prompts.len()), &config.sampling, device, |n| progress(task.name(), n))
             .map_err(|message| EvalError::Reward { task: task.name().to_string(), message })?;
-        let inputs: Vec<RewardInput> =
-            images.iter().zip(&prompts).map(|(img, p)| RewardInput::new(img.clone(), p.clone()).with_task(task)).collect();
-        let scores = rewards
-            .get(task)
-            .score(&inputs)
-            .map_err(|e| EvalError::Reward { task: task.name().to_string(), message: e.to_string() })?;
-        let metrics: Vec<f64> = scores.iter().map(|s| s.metric as f64).collect();
-        let categories = if task == Task::Composition { category_means(&prompts, &metrics) } else { Vec::new() };
-        results.push(TaskResult { task, metrics, images, prompts, categories });
+        results.push(score_task(&rewards, task, prompts, images)?);
     }
     Ok(results)
+}
+
+/// The noise seeds of the evaluated prompts `indices` of a task (prompt `i`: `seed + i`).
+pub fn eval_seeds(config: &EvalConfig, indices: std::ops::Range<usize>) -> Vec<u64> {
+    indices.map(|i| config.seed + i as u64).collect()
+}
+
+/// Scores a task's images (one per prompt, in order) with `config`'s rewards: the same result
+/// [`evaluate`] gives when it made those images (several devices can make them, each a share
+/// of the prompts with the seeds of [`eval_seeds`]).
+pub fn score_images(config: &EvalConfig, images: Vec<(Task, Vec<String>, Vec<RgbImage>)>) -> Result<Vec<TaskResult>, EvalError> {
+    let rewards = RewardSet::new(&config.remote_rewards).map_err(|e| EvalError::Reward { task: "remote_rewards".into(), message: e.to_string() })?;
+    images.into_iter().map(|(task, prompts, images)| score_task(&rewards, task, prompts, images)).collect()
+}
+
+fn score_task(rewards: &RewardSet, task: Task, prompts: Vec<String>, images: Vec<RgbImage>) -> Result<TaskResult, EvalError> {
+    let inputs: Vec<RewardInput> =
+        images.iter().zip(&prompts).map(|(img, p)| RewardInput::new(img.clone(), p.clone()).with_task(task)).collect();
+    let scores = rewards.get(task).score(&inputs).map_err(|e| EvalError::Reward { task: task.name().to_string(), message: e.to_string() })?;
+    let metrics: Vec<f64> = scores.iter().map(|s| s.metric as f64).collect();
+    let categories = if task == Task::Composition { category_means(&prompts, &metrics) } else { Vec::new() };
+    Ok(TaskResult { task, metrics, images, prompts, categories })
 }
 
 /// The mean of per-image metrics and its standard error (sample standard deviation, `n - 1`
