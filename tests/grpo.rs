@@ -16,18 +16,7 @@ use flow_opd::train::metrics::read_metrics;
 
 type B = Flex;
 
-const GRPO: &str = r#"
-iterations = 2
-beta = 0.04
-seed = 3
-rollout = { prompts = 2, group_size = 3, steps = 4, noise_level = 0.7, guidance = 2.0 }
-lora = { rank = 2, alpha = 4.0 }
-optim = { lr = 1e-2 }
-partitions = [
-  { tasks = ["composition"], rewards = { composition = 1.0 }, ratio = 1 },
-  { tasks = ["text"], rewards = { text = 1.0 }, ratio = 1 },
-]
-"#;
+use common::TOY_GRPO as GRPO;
 
 fn toy_pipeline(dir: &Path) {
     save_pipeline_atomic(&common::toy_world_pipeline(0), dir).unwrap();

@@ -13,7 +13,7 @@ use burn::module::{AutodiffModule, Module};
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 use flow_opd::flow::{GuidedModel, KlReduction, SeededNoise, VelocityField, opd_loss};
-use flow_opd::model::lora::{ActiveAdapters, AdapterChoice, LoraAdapter, LoraConfig, LoraTarget, save_lora, LoraFormat};
+use flow_opd::model::lora::{ActiveAdapters, AdapterChoice, LoraAdapter, save_lora, LoraFormat};
 use flow_opd::model::pipeline::Pipeline;
 use flow_opd::model::weights::SaveDtype;
 use flow_opd::recipe::{Recipe, run_recipe, save_pipeline_atomic};
@@ -27,19 +27,7 @@ fn pipeline() -> Pipeline<B> {
     common::toy_world_pipeline(11)
 }
 
-/// A teacher adapter with non-zero B (seeded), so it changes the model.
-fn teacher<Bk: Backend>(p: &flow_opd::model::Mmdit<Bk>, seed: u64, device: &Bk::Device) -> LoraAdapter<Bk> {
-    let mut a = LoraConfig::new(2, 4.0, LoraTarget::FLOW_GRPO.to_vec()).init(p, seed, device);
-    let mut noise = SeededNoise::new(seed);
-    for block in &mut a.blocks {
-        for layer in block.layers.iter_mut().flatten() {
-            let shape = layer.up.dims();
-            let up: Tensor<Bk, 2> = noise.sample(shape, device);
-            layer.up = burn::module::Param::from_tensor(up * 0.3);
-        }
-    }
-    a
-}
+use common::toy_teacher as teacher;
 
 fn values<Bk: Backend>(t: Tensor<Bk, 4>) -> Vec<f32> {
     t.into_data().convert::<f32>().into_vec::<f32>().unwrap()

@@ -10,9 +10,7 @@ use std::path::Path;
 mod common;
 
 use burn::backend::{Autodiff, Flex};
-use burn::tensor::Tensor;
-use flow_opd::flow::SeededNoise;
-use flow_opd::model::lora::{LoraAdapter, LoraConfig, LoraTarget};
+use flow_opd::model::lora::LoraAdapter;
 use flow_opd::model::pipeline::Pipeline;
 use flow_opd::recipe::{Recipe, run_recipe_on, save_pipeline_atomic};
 use flow_opd::train::grpo::{GrpoConfig, grpo_trainer};
@@ -23,18 +21,7 @@ use flow_opd::world::Task;
 type B = Flex;
 type AD = Autodiff<Flex>;
 
-const GRPO: &str = r#"
-iterations = 2
-beta = 0.04
-seed = 3
-rollout = { prompts = 2, group_size = 3, steps = 4, noise_level = 0.7, guidance = 2.0 }
-lora = { rank = 2, alpha = 4.0 }
-optim = { lr = 1e-2 }
-partitions = [
-  { tasks = ["composition"], rewards = { composition = 1.0 }, ratio = 1 },
-  { tasks = ["text"], rewards = { text = 1.0 }, ratio = 1 },
-]
-"#;
+use common::TOY_GRPO as GRPO;
 
 const OPD: &str = r#"
 iterations = 2
@@ -104,26 +91,12 @@ fn two_grpo_peers_train_as_one_device_with_half_batch_micro_batches() {
     }
 }
 
-/// A teacher adapter with non-zero `B` (seeded), so it changes the model.
-fn teacher(p: &flow_opd::model::Mmdit<B>, seed: u64) -> LoraAdapter<B> {
-    let device = Default::default();
-    let mut a = LoraConfig::new(2, 4.0, LoraTarget::FLOW_GRPO.to_vec()).init(p, seed, &device);
-    let mut noise = SeededNoise::new(seed);
-    for block in &mut a.blocks {
-        for layer in block.layers.iter_mut().flatten() {
-            let up: Tensor<B, 2> = noise.sample(layer.up.dims(), &device);
-            layer.up = burn::module::Param::from_tensor(up * 0.3);
-        }
-    }
-    a
-}
-
 #[test]
 fn two_opd_peers_train_as_one_device_with_half_batch_micro_batches() {
     let device = Default::default();
     let pipeline = common::toy_world_pipeline(11);
     let teachers = || Teachers {
-        adapters: vec![teacher(&pipeline.model.transformer, 7), teacher(&pipeline.model.transformer, 8)],
+        adapters: vec![common::toy_teacher(&pipeline.model.transformer, 7, &device), common::toy_teacher(&pipeline.model.transformer, 8, &device)],
         routing: BTreeMap::from([(Task::Composition, 0), (Task::Text, 1), (Task::Preference, 0), (Task::Quality, 1)]),
         anchor: Some(1),
     };

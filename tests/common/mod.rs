@@ -93,3 +93,32 @@ pub fn link_folder_without(src: &Path, dest: &Path, skip: &str) {
         }
     }
 }
+
+/// A two-iteration Flow-GRPO stage of the toy world over two partitions (composition, text).
+pub const TOY_GRPO: &str = r#"
+iterations = 2
+beta = 0.04
+seed = 3
+rollout = { prompts = 2, group_size = 3, steps = 4, noise_level = 0.7, guidance = 2.0 }
+lora = { rank = 2, alpha = 4.0 }
+optim = { lr = 1e-2 }
+partitions = [
+  { tasks = ["composition"], rewards = { composition = 1.0 }, ratio = 1 },
+  { tasks = ["text"], rewards = { text = 1.0 }, ratio = 1 },
+]
+"#;
+
+/// A teacher adapter with non-zero B (seeded), so it changes the model.
+pub fn toy_teacher<Bk: burn::tensor::backend::Backend>(p: &flow_opd::model::Mmdit<Bk>, seed: u64, device: &Bk::Device) -> flow_opd::model::lora::LoraAdapter<Bk> {
+    let mut a = flow_opd::model::lora::LoraConfig::new(2, 4.0, flow_opd::model::lora::LoraTarget::FLOW_GRPO.to_vec()).init(p, seed, device);
+    let mut noise = flow_opd::flow::SeededNoise::new(seed);
+    for block in &mut a.blocks {
+        for layer in block.layers.iter_mut().flatten() {
+            let shape = layer.up.dims();
+            let up: burn::tensor::Tensor<Bk, 2> = noise.sample(shape, device);
+            layer.up = burn::module::Param::from_tensor(up * 0.3);
+        }
+    }
+    a
+}
+
