@@ -131,7 +131,7 @@ fn two_opd_peers_train_as_one_device_with_half_batch_micro_batches() {
 
 #[test]
 fn exchanges_are_exact_and_a_failing_peer_stops_every_peer_with_its_own_error() {
-    let values = [0.1, 1.0 / 3.0, -2.5e-7, 12345.678901234];
+    let values = [0.1, 1.0 / 3.0, -2.5e-7, 12345.678901234, std::f64::consts::PI * 1e-20, 0.0];
     let results = run_peers::<B, _, _>(&two_cpu_devices(), |peer: Peer<B>| {
         let mine: Vec<f64> = values.iter().map(|v| v * (peer.index + 1) as f64).collect();
         let all = peer.gather(Ok(mine.clone()), values.len())?;
@@ -144,11 +144,9 @@ fn exchanges_are_exact_and_a_failing_peer_stops_every_peer_with_its_own_error() 
     let peers = first_error(results).unwrap();
     for (all, mean, any, failed) in &peers {
         let expected: Vec<f64> = values.iter().copied().chain(values.iter().map(|v| 2.0 * v)).collect();
-        for (a, e) in all.iter().zip(&expected) {
-            assert!((a - e).abs() <= 1e-14 * e.abs(), "gathered {a} for {e}");
-        }
+        assert_eq!(*all, expected, "f64 values travel exactly");
         for (m, v) in mean.iter().zip(values) {
-            assert!((m - 1.5 * v).abs() <= 1e-14 * v.abs(), "mean {m} for {}", 1.5 * v);
+            assert!((m - 1.5 * v).abs() <= 1e-15 * v.abs(), "mean {m} for {}", 1.5 * v);
         }
         assert_eq!(*any, (true, false));
         assert!(failed.is_err());

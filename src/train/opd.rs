@@ -184,9 +184,12 @@ impl<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> OpdTrainer<B, O> {
     pub fn iteration(&mut self, device: &B::Device) -> Result<OpdStats, String> {
         match self.sample(device) {
             Ok(ro) => self.step_on(&ro, device),
-            // A peer still takes part in the exchange, so the others do not wait for it.
-            Err(e) if self.peer.is_some() => self.peer.as_ref().expect("peer").gather(Err(e), 2 * Task::ALL.len()).map(|_| OpdStats::default()),
-            Err(e) => Err(e),
+            Err(e) => match &self.peer {
+                // A failed peer still takes part in the exchange (which then fails everywhere,
+                // here with its own message), so the others do not wait for it.
+                Some(peer) => peer.gather(Err(e), 2 * Task::ALL.len()).map(|_| unreachable!("a failed peer's exchange fails")),
+                None => Err(e),
+            },
         }
     }
 
