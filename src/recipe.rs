@@ -788,9 +788,8 @@ fn train_adapter_on<'d, B: Backend, L: AdapterLoop<Autodiff<B>> + Send>(
     let results = run_peers::<B, _, _>(devices, |peer| {
         let trainer = trainers[peer.index].lock().expect("trainer").take().expect("one trainer per peer");
         let ctx = if peer.index == 0 { lead.lock().expect("context").take() } else { None };
-        train_adapter(&stage, trainer, ctx, &peer.device.clone(), Some(&peer))
+        train_adapter(&stage, trainer, ctx, &peer.device, Some(&peer))
     });
-    drop(lead);
     first_error(results)?;
     Ok(())
 }

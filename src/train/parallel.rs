@@ -48,7 +48,7 @@ impl<B: Backend> Peer<B> {
 
     /// Checks that `n` items of `field` split evenly among the peers.
     pub fn check_divides(&self, n: usize, field: &str) -> Result<(), String> {
-        if n == 0 || n % self.count != 0 {
+        if n == 0 || !n.is_multiple_of(self.count) {
             return Err(format!("`{field}` = {n} does not split evenly among {} data-parallel devices", self.count));
         }
         Ok(())
