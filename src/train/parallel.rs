@@ -5,14 +5,17 @@
 //! same update, so the adapters stay identical.
 //!
 //! The split is exact: a batch of `n` samples on `k` peers gives the update one device gives
-//! with `micro_batch = n / k` (the rollouts draw the same prompts, initial noise and SDE noise,
-//! see [`crate::train::rollout::rollout_shard`]); the rewards are gathered before the
+//! with `micro_batch = n / k`, up to the order of floating-point sums (the rollouts draw the
+//! same prompts, initial noise and SDE noise, see [`crate::train::rollout::rollout_shard`];
+//! `tests/parallel.rs` checks it for GRPO and OPD); the rewards are gathered before the
 //! advantages are computed, as Flow-GRPO gathers them across processes, so group and global
 //! standard deviations see the whole batch.
 //!
-//! Failures do not leave peers waiting: every exchange carries an "ok" flag, and a peer whose
-//! rollout or reward failed still takes part in the exchange, so all peers stop together and
-//! the failing peer's message is the one reported.
+//! Failures do not leave peers waiting: the exchange after the steps that can fail (rollouts,
+//! rewards, routing) carries an "ok" flag from every peer, and a peer whose step failed still
+//! takes part in it, so all peers stop together and the failing peer's message is the one
+//! reported. (A panic in a peer is a bug; it is reported when the group ends, but peers
+//! already waiting in an exchange for it do not return.)
 
 use std::ops::Range;
 use std::sync::Mutex;
