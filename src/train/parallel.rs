@@ -14,8 +14,8 @@
 //! Failures do not leave peers waiting: the exchange after the steps that can fail (rollouts,
 //! rewards, routing) carries an "ok" flag from every peer, and a peer whose step failed still
 //! takes part in it, so all peers stop together and the failing peer's message is the one
-//! reported. (A panic in a peer is a bug; it is reported when the group ends, but peers
-//! already waiting in an exchange for it do not return.)
+//! reported. A peer that panics (a bug) ends the process instead, since the others may be
+//! waiting for it in an exchange.
 
 use std::ops::Range;
 use std::sync::Mutex;
@@ -176,7 +176,14 @@ where
                     register::<B>(peer.id(), peer.device.clone(), config)
                         .map_err(|e| format!("data-parallel peer {index}: registering with burn-collective: {e:?}"))?;
                     let id = peer.id();
-                    let result = work(peer);
+                    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(peer)));
+                    let Ok(result) = result else {
+                        // The other peers may be waiting in an exchange this one will never
+                        // join: end the process rather than hang (the panic is printed above;
+                        // the last checkpoint stays on disk).
+                        eprintln!("data-parallel peer {index} panicked; the other peers cannot finish their exchange: exiting");
+                        std::process::exit(101);
+                    };
                     let _ = finish_collective::<B>(id);
                     result
                 })
