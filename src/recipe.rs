@@ -483,10 +483,10 @@ pub fn run_recipe<B: Backend>(recipe: &Recipe, runs_dir: &Path, device: &B::Devi
     run_recipe_on::<B>(recipe, runs_dir, std::slice::from_ref(device))
 }
 
-/// [`run_recipe`] over several devices of backend `B`: the GRPO and OPD stages train
-/// data-parallel, one peer per device ([`crate::train::parallel`]; a device may be named more
-/// than once, e.g. two peers on one CPU or GPU), evaluations split their prompts among the
-/// devices (the same images as on one), the other stages run on the first device.
+/// [`run_recipe`] over several devices of backend `B`: the pre-training, GRPO and OPD stages
+/// train data-parallel, one peer per device ([`crate::train::parallel`]; a device may be named
+/// more than once, e.g. two peers on one CPU or GPU), evaluations split their prompts among the
+/// devices (the same images as on one), the merge and SFT stages run on the first device.
 pub fn run_recipe_on<B: Backend>(recipe: &Recipe, runs_dir: &Path, devices: &[B::Device]) -> Result<RunContext, RecipeError> {
     let Some(device) = devices.first() else {
         return Err(RecipeError::Stage { index: 0, kind: "recipe", message: "no device given".into() });
@@ -503,7 +503,7 @@ pub fn run_recipe_on<B: Backend>(recipe: &Recipe, runs_dir: &Path, devices: &[B:
     let mut ctx = RunContext { dir, outputs: BTreeMap::new(), metrics, sd3: recipe.sd3.clone() };
     for (index, stage) in recipe.stages.iter().enumerate() {
         match stage {
-            Stage::Pretrain(s) => run_pretrain::<B>(s, &mut ctx, device)
+            Stage::Pretrain(s) => run_pretrain::<B>(s, &mut ctx, devices)
                 .map_err(|message| RecipeError::Stage { index, kind: "pretrain", message })?,
             Stage::Grpo(s) => run_grpo::<B>(s, &mut ctx, devices)
                 .map_err(|message| RecipeError::Stage { index, kind: "grpo", message })?,
@@ -574,51 +574,108 @@ impl StageClock {
     }
 }
 
-fn run_pretrain<B: Backend>(stage: &PretrainStage, ctx: &mut RunContext, device: &B::Device) -> Result<(), String> {
+fn run_pretrain<B: Backend>(stage: &PretrainStage, ctx: &mut RunContext, devices: &[B::Device]) -> Result<(), String> {
     type AD<B> = Autodiff<B>;
+    let first = &devices[0];
     let pipeline: Pipeline<B> = match &stage.init {
-        Some(init) => Pipeline::load(&ctx.resolve(init), device).map_err(|e| e.to_string())?,
-        None => Pipeline::new_world(&stage.model, device).map_err(|e| e.to_string())?,
+        Some(init) => Pipeline::load(&ctx.resolve(init), first).map_err(|e| e.to_string())?,
+        None => Pipeline::new_world(&stage.model, first).map_err(|e| e.to_string())?,
     };
     let params = burn::module::Module::num_params(&pipeline.model);
     tracing::info!("pretrain `{}`: {params} parameters, {} steps of batch {}", stage.output, stage.train.steps, stage.train.batch_size);
-    let mut trainer = pretrainer::<AD<B>>(to_autodiff::<AD<B>>(pipeline), stage.train.clone());
-    let mut data = WorldPairs::new(stage.captions, stage.layout, stage.wrong_caption_fraction, stage.train.seed);
-    let out = ctx.dir.join(&stage.output);
-    let bar = progress_bar(stage.train.steps as u64, "pretrain");
+    let data = || WorldPairs::new(stage.captions, stage.layout, stage.wrong_caption_fraction, stage.train.seed);
+    if let [device] = devices {
+        let trainer = pretrainer::<AD<B>>(to_autodiff::<AD<B>>(pipeline), stage.train.clone());
+        return pretrain_loop(stage, trainer, data(), Some(ctx), device, None);
+    }
+    // Every peer starts from the same weights (a fresh model is drawn once, on the first device).
+    let count = devices.len();
+    let trainers = devices
+        .iter()
+        .enumerate()
+        .map(|(index, device)| {
+            let copy = Pipeline { model: burn::module::Module::to_device(pipeline.model.clone(), device), ..pipeline.clone() };
+            pretrainer::<AD<B>>(to_autodiff::<AD<B>>(copy), stage.train.clone())
+                .with_peer(Peer { index, count, device: device.clone() })
+                .map(|t| Mutex::new(Some(t)))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    tracing::info!("pretrain `{}`: data-parallel over {count} devices", stage.output);
+    let lead = Mutex::new(Some(&mut *ctx));
+    let results = run_peers::<B, _, _>(devices, |peer| {
+        let trainer = trainers[peer.index].lock().expect("trainer").take().expect("one trainer per peer");
+        let ctx = if peer.index == 0 { lead.lock().expect("context").take() } else { None };
+        pretrain_loop(stage, trainer, data(), ctx, &peer.device, Some(&peer))
+    });
+    first_error(results)?;
+    Ok(())
+}
+
+/// The pre-training loop: progress bar, `metrics.jsonl` every 10 steps, EMA checkpoints and
+/// export by the peer that holds the run's context (`lead`); the peers of a data-parallel group
+/// run it in step and agree after each step on whether to stop (see [`train_adapter`]).
+fn pretrain_loop<B: Backend, O: burn::optim::Optimizer<crate::model::pipeline::WorldModel<Autodiff<B>>, Autodiff<B>>>(
+    stage: &PretrainStage,
+    mut trainer: crate::train::pretrain::Pretrainer<Autodiff<B>, O>,
+    mut data: WorldPairs,
+    mut lead: Option<&mut RunContext>,
+    device: &B::Device,
+    peer: Option<&Peer<B>>,
+) -> Result<(), String> {
+    let out = lead.as_ref().map(|ctx| ctx.dir.join(&stage.output));
+    let bar = lead.as_ref().map(|_| progress_bar(stage.train.steps as u64, "pretrain"));
     let clock = StageClock::start(stage.max_seconds);
     let mut smoothed = None;
     for step in 1..=stage.train.steps {
-        let stats = trainer.step(&mut data, device);
+        let stats = trainer.step(&mut data, device)?;
         if !stats.loss.is_finite() {
+            // The averaged loss is the same on every peer: they all stop here.
             return Err(format!(
                 "step {step}: the loss is {} (diverged); the last good EMA checkpoint is in {} (saved every {} steps)",
                 stats.loss,
-                out.display(),
+                ctx_dir_output(&out, stage),
                 stage.checkpoint_every
             ));
         }
         let s = smoothed.map_or(stats.loss, |m: f64| 0.98 * m + 0.02 * stats.loss);
         smoothed = Some(s);
-        bar.set_message(format!("loss {s:.4}"));
-        bar.inc(1);
         let (seconds, out_of_time) = clock.read();
-        if step % 10 == 0 || step == stage.train.steps || out_of_time {
-            ctx.metrics
-                .log("pretrain", step, &[("loss", stats.loss), ("loss_smoothed", s), ("seconds", seconds)])
-                .map_err(|e| e.to_string())?;
+        let (mut written, mut saved) = (Ok(()), false);
+        if let (Some(ctx), Some(out), Some(bar)) = (lead.as_deref_mut(), &out, &bar) {
+            bar.set_message(format!("loss {s:.4}"));
+            bar.inc(1);
+            if step % 10 == 0 || step == stage.train.steps || out_of_time {
+                written = ctx.metrics.log("pretrain", step, &[("loss", stats.loss), ("loss_smoothed", s), ("seconds", seconds)]).map_err(|e| e.to_string());
+            }
+            if written.is_ok() && (step % stage.checkpoint_every == 0 || step == stage.train.steps || out_of_time || interrupted()) {
+                written = save_pipeline_atomic(&trainer.ema_pipeline(), out);
+                saved = true;
+            }
         }
-        if step % stage.checkpoint_every == 0 || step == stage.train.steps || out_of_time || interrupted() {
-            save_pipeline_atomic(&trainer.ema_pipeline(), &out)?;
-        }
-        if interrupted() {
-            return Err(format!("interrupted at step {step}; the EMA checkpoint is in {}", out.display()));
-        }
-        if out_of_time {
-            clock.log_spent(&format!("pretrain `{}`", stage.output), "step", step, stage.train.steps);
+        let stop_here = (lead.is_some() && out_of_time) || interrupted() || written.is_err();
+        let stop = match peer {
+            Some(peer) => peer.any(stop_here)?,
+            None => stop_here,
+        };
+        written?;
+        if stop {
+            if let Some(out) = &out {
+                if !saved {
+                    save_pipeline_atomic(&trainer.ema_pipeline(), out)?;
+                }
+                if interrupted() {
+                    return Err(format!("interrupted at step {step}; the EMA checkpoint is in {}", out.display()));
+                }
+                if out_of_time {
+                    clock.log_spent(&format!("pretrain `{}`", stage.output), "step", step, stage.train.steps);
+                }
+            }
             break;
         }
     }
+    let (Some(ctx), Some(out), Some(bar)) = (lead, out, bar) else {
+        return Ok(());
+    };
     bar.finish();
     if let Some(export) = &stage.export {
         save_pipeline_atomic(&trainer.ema_pipeline(), export)?;
@@ -626,6 +683,11 @@ fn run_pretrain<B: Backend>(stage: &PretrainStage, ctx: &mut RunContext, device:
     tracing::info!("pretrain `{}` done in {:.0} s", stage.output, clock.read().0);
     ctx.outputs.insert(stage.output.clone(), out);
     Ok(())
+}
+
+/// Where a stage's checkpoint is, for messages (the lead peer knows the run folder).
+fn ctx_dir_output(out: &Option<PathBuf>, stage: &PretrainStage) -> String {
+    out.as_ref().map_or_else(|| format!("the run's `{}` folder", stage.output), |p| p.display().to_string())
 }
 
 fn run_grpo<B: Backend>(stage: &GrpoStage, ctx: &mut RunContext, devices: &[B::Device]) -> Result<(), String> {

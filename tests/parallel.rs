@@ -204,3 +204,64 @@ fn an_evaluation_on_two_devices_draws_the_one_device_images() {
         assert!(grid(&one.dir) == grid(&two.dir), "{task}: the sample grids differ");
     }
 }
+
+/// Every f32 value of every safetensors file under `dir`, file by file in name order.
+fn folder_values(dir: &Path) -> Vec<f32> {
+    let mut files: Vec<_> = walk(dir).into_iter().filter(|p| p.extension().is_some_and(|e| e == "safetensors")).collect();
+    files.sort();
+    assert!(!files.is_empty(), "no weights under {}", dir.display());
+    files
+        .iter()
+        .flat_map(|f| {
+            let bytes = std::fs::read(f).unwrap();
+            let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+            let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
+            names.sort();
+            names
+                .into_iter()
+                .flat_map(|n| st.tensor(&n).unwrap().data().chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect::<Vec<_>>())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flat_map(|e| {
+            let p = e.unwrap().path();
+            if p.is_dir() { walk(&p) } else { vec![p] }
+        })
+        .collect()
+}
+
+#[test]
+fn two_pretraining_peers_take_the_one_device_steps() {
+    let runs = tempfile::tempdir().unwrap();
+    let model = runs.path().join("toy");
+    save_pipeline_atomic(&common::toy_world_pipeline(2), &model).unwrap();
+    let recipe = |name: &str| {
+        let text = format!(
+            "name = \"{name}\"\n[[stage]]\nkind = \"pretrain\"\noutput = \"base\"\ninit = \"{}\"\ncheckpoint_every = 3\n\
+             train = {{ steps = 3, batch_size = 4, seed = 1, optim = {{ lr = 1e-3 }} }}\n",
+            model.display()
+        );
+        Recipe::from_toml(Path::new("pretrain.toml"), &text).unwrap()
+    };
+    let one = run_recipe_on::<B>(&recipe("one"), runs.path(), &[Default::default()]).unwrap();
+    let two = run_recipe_on::<B>(&recipe("two"), runs.path(), &two_cpu_devices()).unwrap();
+    let (start, a, b) = (folder_values(&model), folder_values(&one.dir.join("base")), folder_values(&two.dir.join("base")));
+    assert!(a.iter().zip(&start).any(|(x, y)| x != y), "pre-training did not move the model");
+    assert_close("two peers vs one device (full batch)", &b, &a, 1e-5);
+    let loss = |dir: &Path| {
+        let m = flow_opd::train::metrics::read_metrics(&dir.join("metrics.jsonl")).unwrap();
+        m.iter().filter(|m| m["stage"] == "pretrain").map(|m| m["loss"].as_f64().unwrap()).collect::<Vec<_>>()
+    };
+    let (la, lb) = (loss(&one.dir), loss(&two.dir));
+    assert_eq!(la.len(), 1, "the last step is logged once");
+    assert!((la[0] - lb[0]).abs() <= 1e-5 * la[0], "loss {} vs {}", la[0], lb[0]);
+    let Err(err) = run_recipe_on::<B>(&recipe("odd").clone(), runs.path(), &[Default::default(), Default::default(), Default::default()]) else {
+        panic!("a batch of 4 on 3 devices");
+    };
+    assert!(err.to_string().contains("train.batch_size"), "{err}");
+}

@@ -143,6 +143,7 @@ pub struct Pretrainer<B: AutodiffBackend, O: Optimizer<WorldModel<B>, B>> {
     pub step: usize,
     rng: ChaCha8Rng,
     noise: SeededNoise,
+    peer: Option<super::parallel::Peer<B::InnerBackend>>,
 }
 
 /// Builds a pre-trainer for `pipeline`.
@@ -160,35 +161,55 @@ pub fn pretrainer<B: AutodiffBackend>(
         ema,
         config,
         step: 0,
+        peer: None,
     }
 }
 
 impl<B: AutodiffBackend, O: Optimizer<WorldModel<B>, B>> Pretrainer<B, O> {
+    /// Makes this pre-trainer one data-parallel peer of a group (see [`super::parallel`]):
+    /// every peer draws the whole batch's images, captions, noise, times and caption dropout
+    /// (from the same seeds), trains on its share of the rows, and the loss and gradients are
+    /// averaged over the peers: the step one device takes on the whole batch.
+    pub fn with_peer(mut self, peer: super::parallel::Peer<B::InnerBackend>) -> Result<Self, String> {
+        peer.check_divides(self.config.batch_size, "train.batch_size")?;
+        self.peer = Some(peer);
+        Ok(self)
+    }
+
     /// One optimiser step on a fresh batch from `data`.
-    pub fn step(&mut self, data: &mut impl ImageCaptions, device: &B::Device) -> PretrainStats {
+    pub fn step(&mut self, data: &mut impl ImageCaptions, device: &B::Device) -> Result<PretrainStats, String> {
         let b = self.config.batch_size;
+        let rows = self.peer.as_ref().map_or(0..b, |p| p.rows(b));
         let (pixels, captions) = data.batch(b);
         let side = self.pipeline.index.image_size;
-        let images = Tensor::<B, 4>::from_data(TensorData::new(pixels, [b, 3, side, side]), device);
+        let per_image = 3 * side * side;
+        let share = pixels[rows.start * per_image..rows.end * per_image].to_vec();
+        let images = Tensor::<B, 4>::from_data(TensorData::new(share, [rows.len(), 3, side, side]), device);
         let x0 = self.pipeline.encode_images(images);
-        let eps: Tensor<B, 4> = self.noise.sample(x0.dims(), device);
+        let [_, c, h, w] = x0.dims();
+        let eps: Tensor<B, 4> = self.noise.sample::<B, 4>([b, c, h, w], device).slice([rows.clone()]);
         let sigmas: Vec<f32> = (0..b).map(|_| self.config.timesteps.sample(&mut self.rng) as f32).collect();
-        let FlowMatchingPair { x_s, s, target } = FlowMatchingPair::new(x0, eps, sigmas, device);
+        let FlowMatchingPair { x_s, s, target } = FlowMatchingPair::new(x0, eps, sigmas[rows.clone()].to_vec(), device);
         let prompts: Vec<&str> = captions
             .iter()
             .map(|c| if self.rng.random_bool(self.config.caption_dropout) { "" } else { c.as_str() })
             .collect();
         let model = &self.pipeline.model;
-        let cond = model.text_encoder.encode(&self.pipeline.tokenizer, &prompts, device);
+        let cond = model.text_encoder.encode(&self.pipeline.tokenizer, &prompts[rows], device);
         let v = model.transformer.forward(x_s, cond.tokens, cond.pooled, s * 1000.0);
         let loss = (v - target).powi_scalar(2).mean();
-        let value = loss.clone().into_scalar().elem::<f64>();
-        let grads = GradientsParams::from_grads(loss.backward(), model);
+        let mut value = loss.clone().into_scalar().elem::<f64>();
+        let mut grads = GradientsParams::from_grads(loss.backward(), model);
+        if let Some(peer) = &self.peer {
+            // Equal shares of the batch: its loss and gradient are the peers' means.
+            value = peer.mean(&[value])?[0];
+            grads = peer.mean_gradients(model, grads)?;
+        }
         let model = self.pipeline.model.clone();
         self.step += 1;
         self.pipeline.model = self.optimizer.step(self.config.lr_at(self.step), model, grads);
         self.ema.update(&self.pipeline.model);
-        PretrainStats { loss: value }
+        Ok(PretrainStats { loss: value })
     }
 
     /// The EMA weights as an inference pipeline.
@@ -382,7 +403,7 @@ mod tests {
         let moved = |warmup| {
             let mut trainer = pretrainer::<AD>(to_autodiff::<AD>(base.clone()), config(warmup));
             let mut data = WorldPairs::new(CaptionSource::Grammar, Layout::Canonical, 0.3, 5);
-            trainer.step(&mut data, &device);
+            trainer.step(&mut data, &device).unwrap();
             let after = weights(&trainer.pipeline.model.valid());
             after.iter().zip(&before).map(|(a, b)| (a - b) as f64).collect::<Vec<f64>>()
         };
