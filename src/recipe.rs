@@ -652,23 +652,11 @@ fn pretrain_loop<B: Backend, O: burn::optim::Optimizer<crate::model::pipeline::W
                 saved = true;
             }
         }
-        let stop_here = (lead.is_some() && out_of_time) || interrupted() || written.is_err();
-        let stop = match peer {
-            Some(peer) => peer.any(stop_here)?,
-            None => stop_here,
-        };
-        written?;
-        if stop {
+        if agree_to_stop(peer, lead.is_some(), out_of_time, written)? {
             if let Some(out) = &out {
-                if !saved {
-                    save_pipeline_atomic(&trainer.ema_pipeline(), out)?;
-                }
-                if interrupted() {
-                    return Err(format!("interrupted at step {step}; the EMA checkpoint is in {}", out.display()));
-                }
-                if out_of_time {
-                    clock.log_spent(&format!("pretrain `{}`", stage.output), "step", step, stage.train.steps);
-                }
+                let label = format!("pretrain `{}`", stage.output);
+                let end = LoopEnd { out, saved, out_of_time, label: &label, unit: "step", done: step, of: stage.train.steps, what: "EMA checkpoint" };
+                end.finish(&clock, || save_pipeline_atomic(&trainer.ema_pipeline(), out))?;
             }
             break;
         }
@@ -683,6 +671,50 @@ fn pretrain_loop<B: Backend, O: burn::optim::Optimizer<crate::model::pipeline::W
     tracing::info!("pretrain `{}` done in {:.0} s", stage.output, clock.read().0);
     ctx.outputs.insert(stage.output.clone(), out);
     Ok(())
+}
+
+/// Whether a training loop stops after this step, the same answer on every peer: when the lead
+/// runs out of time or fails to write (`written`, whose error is then returned), or any peer is
+/// interrupted (Ctrl-C reaches every peer of the process, not necessarily in the same step).
+fn agree_to_stop<B: Backend>(peer: Option<&Peer<B>>, lead: bool, out_of_time: bool, written: Result<(), String>) -> Result<bool, String> {
+    let stop_here = (lead && out_of_time) || interrupted() || written.is_err();
+    let stop = match peer {
+        Some(peer) => peer.any(stop_here)?,
+        None => stop_here,
+    };
+    written?;
+    Ok(stop)
+}
+
+/// A training loop that stops before its last step, as the lead sees it.
+struct LoopEnd<'a> {
+    out: &'a Path,
+    /// Whether this step already saved a checkpoint.
+    saved: bool,
+    out_of_time: bool,
+    label: &'a str,
+    unit: &'a str,
+    done: usize,
+    of: usize,
+    /// What the checkpoint holds, for the interrupt message.
+    what: &'a str,
+}
+
+impl LoopEnd<'_> {
+    /// Saves a checkpoint unless this step did, then ends the run on Ctrl-C (saying where the
+    /// checkpoint is) or logs the spent time budget.
+    fn finish(&self, clock: &StageClock, save: impl FnOnce() -> Result<(), String>) -> Result<(), String> {
+        if !self.saved {
+            save()?;
+        }
+        if interrupted() {
+            return Err(format!("interrupted at {} {}; the {} is in {}", self.unit, self.done, self.what, self.out.display()));
+        }
+        if self.out_of_time {
+            clock.log_spent(self.label, self.unit, self.done, self.of);
+        }
+        Ok(())
+    }
 }
 
 /// Where a stage's checkpoint is, for messages (the lead peer knows the run folder).
@@ -887,26 +919,10 @@ fn train_adapter<B: Backend>(
                 saved = true;
             }
         }
-        // Peers stop together: when the lead runs out of time or fails to write, or any is
-        // interrupted (Ctrl-C reaches every peer of the process, not necessarily in the same
-        // iteration).
-        let stop_here = (lead.is_some() && out_of_time) || interrupted() || written.is_err();
-        let stop = match peer {
-            Some(peer) => peer.any(stop_here)?,
-            None => stop_here,
-        };
-        written?;
-        if stop {
+        if agree_to_stop(peer, lead.is_some(), out_of_time, written)? {
             if let Some(out) = &out {
-                if !saved {
-                    save_adapter_atomic(trainer.ema(), out)?;
-                }
-                if interrupted() {
-                    return Err(format!("interrupted at iteration {it}; the EMA adapter is in {}", out.display()));
-                }
-                if out_of_time {
-                    clock.log_spent(&label, "iteration", it, stage.iterations);
-                }
+                let end = LoopEnd { out, saved, out_of_time, label: &label, unit: "iteration", done: it, of: stage.iterations, what: "EMA adapter" };
+                end.finish(&clock, || save_adapter_atomic(trainer.ema(), out))?;
             }
             break;
         }
