@@ -589,26 +589,39 @@ fn run_pretrain<B: Backend>(stage: &PretrainStage, ctx: &mut RunContext, devices
         return pretrain_loop(stage, trainer, data(), Some(ctx), device, None);
     }
     // Every peer starts from the same weights (a fresh model is drawn once, on the first device).
+    let build = |_: &RunContext, device: &B::Device, peer: Peer<B>| {
+        let copy = Pipeline { model: burn::module::Module::to_device(pipeline.model.clone(), device), ..pipeline.clone() };
+        pretrainer::<AD<B>>(to_autodiff::<AD<B>>(copy), stage.train.clone()).with_peer(peer)
+    };
+    let label = format!("pretrain `{}`", stage.output);
+    run_group(ctx, devices, &label, build, |trainer, ctx, peer| pretrain_loop(stage, trainer, data(), ctx, &peer.device, Some(peer)))
+}
+
+/// A training stage on two or more devices: builds every peer's trainer first (so a bad stage
+/// fails before any peer waits), then runs `run` on each as a peer of one burn-collective group
+/// ([`run_peers`]), the first device's peer holding the run's context; the first real error of
+/// any peer is the stage's.
+fn run_group<'d, B: Backend, T: Send>(
+    ctx: &mut RunContext,
+    devices: &'d [B::Device],
+    label: &str,
+    build: impl Fn(&RunContext, &'d B::Device, Peer<B>) -> Result<T, String>,
+    run: impl Fn(T, Option<&mut RunContext>, &Peer<B>) -> Result<(), String> + Sync,
+) -> Result<(), String> {
     let count = devices.len();
     let trainers = devices
         .iter()
         .enumerate()
-        .map(|(index, device)| {
-            let copy = Pipeline { model: burn::module::Module::to_device(pipeline.model.clone(), device), ..pipeline.clone() };
-            pretrainer::<AD<B>>(to_autodiff::<AD<B>>(copy), stage.train.clone())
-                .with_peer(Peer { index, count, device: device.clone() })
-                .map(|t| Mutex::new(Some(t)))
-        })
+        .map(|(index, device)| build(ctx, device, Peer { index, count, device: device.clone() }).map(|t| Mutex::new(Some(t))))
         .collect::<Result<Vec<_>, _>>()?;
-    tracing::info!("pretrain `{}`: data-parallel over {count} devices", stage.output);
+    tracing::info!("{label}: data-parallel over {count} devices");
     let lead = Mutex::new(Some(&mut *ctx));
     let results = run_peers::<B, _, _>(devices, |peer| {
         let trainer = trainers[peer.index].lock().expect("trainer").take().expect("one trainer per peer");
         let ctx = if peer.index == 0 { lead.lock().expect("context").take() } else { None };
-        pretrain_loop(stage, trainer, data(), ctx, &peer.device, Some(&peer))
+        run(trainer, ctx, &peer)
     });
-    first_error(results)?;
-    Ok(())
+    first_error(results).map(|_| ())
 }
 
 /// The pre-training loop: progress bar, `metrics.jsonl` every 10 steps, EMA checkpoints and
@@ -857,10 +870,9 @@ where
     }
 }
 
-/// An adapter stage on one device, or data-parallel on several: `build` makes the trainer of
-/// each device (with its [`Peer`] when there are several; all are built before training
-/// starts, so a bad stage fails before any peer waits), then [`train_adapter`] runs on each,
-/// the first device's peer logging, checkpointing and exporting.
+/// An adapter stage on one device, or data-parallel on several ([`run_group`]): `build` makes
+/// the trainer of each device (with its [`Peer`] when there are several), then
+/// [`train_adapter`] runs on each, the first device's peer logging, checkpointing and exporting.
 fn train_adapter_on<'d, B: Backend, L: AdapterLoop<Autodiff<B>> + Send>(
     stage: AdapterStage<'_>,
     ctx: &mut RunContext,
@@ -871,21 +883,9 @@ fn train_adapter_on<'d, B: Backend, L: AdapterLoop<Autodiff<B>> + Send>(
         let trainer = build(ctx, device, None)?;
         return train_adapter(&stage, trainer, Some(ctx), device, None);
     }
-    let count = devices.len();
-    let trainers = devices
-        .iter()
-        .enumerate()
-        .map(|(index, device)| build(ctx, device, Some(Peer { index, count, device: device.clone() })).map(|t| Mutex::new(Some(t))))
-        .collect::<Result<Vec<_>, _>>()?;
-    tracing::info!("{}:{}: data-parallel over {count} devices", stage.kind, stage.output);
-    let lead = Mutex::new(Some(&mut *ctx));
-    let results = run_peers::<B, _, _>(devices, |peer| {
-        let trainer = trainers[peer.index].lock().expect("trainer").take().expect("one trainer per peer");
-        let ctx = if peer.index == 0 { lead.lock().expect("context").take() } else { None };
-        train_adapter(&stage, trainer, ctx, &peer.device, Some(&peer))
-    });
-    first_error(results)?;
-    Ok(())
+    let label = format!("{}:{}", stage.kind, stage.output);
+    let build_peer = |ctx: &RunContext, device: &'d B::Device, peer: Peer<B>| build(ctx, device, Some(peer));
+    run_group(ctx, devices, &label, build_peer, |trainer, ctx, peer| train_adapter(&stage, trainer, ctx, &peer.device, Some(peer)))
 }
 
 /// The stage loop of adapter trainers: progress bar, `metrics.jsonl`, EMA checkpoints, export,
@@ -1040,27 +1040,28 @@ fn run_eval<B: Backend>(stage: &EvalStage, ctx: &mut RunContext, devices: &[B::D
         };
         Ok((pipeline, adapter))
     };
+    // Loaded before the clock starts: the row's seconds are the evaluation's.
+    let mut loaded = devices.iter().map(load).collect::<Result<Vec<_>, _>>()?;
     let name = stage.row.clone().unwrap_or_else(|| stage.adapter.clone().unwrap_or_else(|| stage.model.clone()));
     let prompts = crate::eval::eval_prompts(&stage.eval).map_err(|e| e.to_string())?;
     let bar = progress_bar(prompts.iter().map(|(_, p)| p.len() as u64).sum(), "eval");
     bar.set_message(name.clone());
     let (results, seconds) = crate::eval::timed(|| -> Result<_, String> {
-        if let [device] = devices {
-            let (pipeline, adapter) = load(device)?;
+        if let ([device], [(pipeline, adapter)]) = (devices, loaded.as_slice()) {
             let adapters = adapter.as_ref().map_or_else(ActiveAdapters::none, ActiveAdapters::single);
-            return evaluate(&pipeline, &adapters, &stage.eval, prompts, device, |_, n| bar.inc(n as u64)).map_err(|e| e.to_string());
+            return evaluate(pipeline, &adapters, &stage.eval, prompts, device, |_, n| bar.inc(n as u64)).map_err(|e| e.to_string());
         }
         // Several devices: each samples a contiguous share of every task's prompts, with the
         // seeds those prompts have in the whole list, so the images are the one device's.
-        let (count, load, prompts_ref, bar) = (devices.len(), &load, &prompts, &bar);
+        let (count, prompts_ref, bar) = (devices.len(), &prompts, &bar);
         let share = |n: usize, d: usize| n * d / count..n * (d + 1) / count;
         let shares: Vec<Result<Vec<Vec<image::RgbImage>>, String>> = std::thread::scope(|scope| {
             let handles: Vec<_> = devices
                 .iter()
+                .zip(loaded.drain(..))
                 .enumerate()
-                .map(|(d, device)| {
+                .map(|(d, (device, (pipeline, adapter)))| {
                     scope.spawn(move || {
-                        let (pipeline, adapter) = load(device)?;
                         let adapters = adapter.as_ref().map_or_else(ActiveAdapters::none, ActiveAdapters::single);
                         prompts_ref
                             .iter()
