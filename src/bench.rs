@@ -7,7 +7,7 @@ use burn::backend::Autodiff;
 use burn::module::{AutodiffModule, Module};
 use burn::optim::Optimizer;
 use burn::tensor::Tensor;
-use burn::tensor::backend::{AutodiffBackend, Backend};
+use crate::{AutodiffBackend, Backend};
 
 use crate::flow::{SeededNoise, TextConditioning};
 use crate::train::rollout::sample_micro_batched;
@@ -25,23 +25,67 @@ pub struct BenchConfig {
     pub latent: usize,
     /// Text tokens.
     pub tokens: usize,
+    /// Timed iterations per figure (after one untimed warm-up); figures are medians.
     pub iterations: usize,
+    /// LoRA rank and alpha of the LoRA train step (Flow-GRPO: 32 / 64).
+    pub rank: usize,
+    pub alpha: f64,
 }
 
-/// Measured figures.
-#[derive(Debug, Clone)]
+/// Measured figures: samples per second of the median iteration, and every timed iteration's
+/// seconds (`tools/bench_torch.py` reports the same fields for PyTorch + diffusers).
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct BenchReport {
     pub parameters: usize,
     pub forward_samples_per_s: f64,
+    /// Forward, loss `mean((v - x)^2)`, backward and an AdamW step over every weight.
     pub train_samples_per_s: f64,
+    /// The same with the base frozen and a LoRA on the attention projections Flow-GRPO adapts.
+    pub lora_train_samples_per_s: f64,
+    pub seconds: BenchSeconds,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BenchSeconds {
+    pub forward: Vec<f64>,
+    pub train: Vec<f64>,
+    pub lora_train: Vec<f64>,
 }
 
 fn sync<B: Backend>(t: Tensor<B, 4>) {
     let _ = t.into_data();
 }
 
-/// Runs the forward and training-step benchmarks (one warm-up iteration each).
+/// Seconds of each of `iterations` timed calls of `f`, after one untimed warm-up call.
+fn timed(iterations: usize, mut f: impl FnMut()) -> Vec<f64> {
+    f();
+    (0..iterations)
+        .map(|_| {
+            let start = Instant::now();
+            f();
+            start.elapsed().as_secs_f64()
+        })
+        .collect()
+}
+
+/// Samples per second of the median of `seconds`.
+fn median_rate(batch: usize, seconds: &[f64]) -> f64 {
+    let mut sorted = seconds.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let n = sorted.len();
+    let median = if n % 2 == 1 { sorted[n / 2] } else { 0.5 * (sorted[n / 2 - 1] + sorted[n / 2]) };
+    batch as f64 / median
+}
+
+/// AdamW of the side-by-side benchmark (lr 1e-4, betas 0.9 / 0.999, weight decay 1e-4, no
+/// clipping), as `tools/bench_torch.py` steps PyTorch's.
+fn bench_optim() -> OptimConfig {
+    OptimConfig { lr: 1e-4, betas: (0.9, 0.999), weight_decay: 1e-4, grad_clip: 0.0 }
+}
+
+/// Runs the forward, full-weight train-step and LoRA train-step benchmarks.
 pub fn run_bench<B: Backend>(config: &BenchConfig, device: &B::Device) -> BenchReport {
+    type AD<B> = Autodiff<B>;
     let m = &config.model;
     let mut noise = SeededNoise::new(0);
     let (b, s) = (config.batch, config.latent);
@@ -51,33 +95,48 @@ pub fn run_bench<B: Backend>(config: &BenchConfig, device: &B::Device) -> BenchR
     let t = Tensor::<B, 1>::full([b], 500.0, device);
     let model = m.init::<B>(device);
     let parameters = model.num_params();
-    sync(model.forward(x.clone(), c.clone(), y.clone(), t.clone()));
-    let start = Instant::now();
-    for _ in 0..config.iterations {
-        sync(model.forward(x.clone(), c.clone(), y.clone(), t.clone()));
-    }
-    let forward = (b * config.iterations) as f64 / start.elapsed().as_secs_f64();
+    let forward = timed(config.iterations, || sync(model.forward(x.clone(), c.clone(), y.clone(), t.clone())));
 
-    let model = m.init::<Autodiff<B>>(device);
-    let to_ad = |t: Tensor<B, 4>| Tensor::<Autodiff<B>, 4>::from_inner(t);
     let (xa, ca, ya, ta) = (
-        to_ad(x.clone()),
-        Tensor::<Autodiff<B>, 3>::from_inner(c.clone()),
-        Tensor::<Autodiff<B>, 2>::from_inner(y.clone()),
-        Tensor::<Autodiff<B>, 1>::from_inner(t.clone()),
+        Tensor::<AD<B>, 4>::from_inner(x.clone()),
+        Tensor::<AD<B>, 3>::from_inner(c.clone()),
+        Tensor::<AD<B>, 2>::from_inner(y.clone()),
+        Tensor::<AD<B>, 1>::from_inner(t.clone()),
     );
-    let step = || {
+    let optim = bench_optim();
+    let mut full = Some(m.init::<AD<B>>(device));
+    let mut optimizer = optim.adamw().init::<AD<B>, Mmdit<AD<B>>>();
+    let train = timed(config.iterations, || {
+        let model = full.take().expect("model");
         let v = model.forward(xa.clone(), ca.clone(), ya.clone(), ta.clone());
         let grads = (v - xa.clone()).powi_scalar(2).mean().backward();
-        drop(grads);
-    };
-    step();
-    let start = Instant::now();
-    for _ in 0..config.iterations {
-        step();
+        let grads = burn::optim::GradientsParams::from_grads(grads, &model);
+        let model = optimizer.step(optim.lr, model, grads);
+        sync(model.transformer_blocks[0].ff.linear_out.weight.val().unsqueeze::<4>());
+        full = Some(model);
+    });
+    drop(full);
+
+    let inner = model;
+    let base = <Mmdit<AD<B>> as AutodiffModule<AD<B>>>::from_inner(inner.clone()).no_grad();
+    let lora = crate::model::lora::LoraConfig::new(config.rank, config.alpha, crate::model::lora::LoraTarget::FLOW_GRPO.to_vec());
+    let mut adapter = Some(crate::train::trainable(<LoraAdapter<AD<B>> as AutodiffModule<AD<B>>>::from_inner(lora.init(&inner, 0, device))));
+    let mut optimizer = optim.adamw().init::<AD<B>, LoraAdapter<AD<B>>>();
+    let lora_train = timed(config.iterations, || {
+        let trained = adapter.take().expect("adapter");
+        let v = base.forward_adapted(xa.clone(), ca.clone(), ya.clone(), ta.clone(), &ActiveAdapters::single(&trained));
+        let grads = (v - xa.clone()).powi_scalar(2).mean().backward();
+        let grads = burn::optim::GradientsParams::from_grads(grads, &trained);
+        let trained = optimizer.step(optim.lr, trained, grads);
+        adapter = Some(trained);
+    });
+    BenchReport {
+        parameters,
+        forward_samples_per_s: median_rate(b, &forward),
+        train_samples_per_s: median_rate(b, &train),
+        lora_train_samples_per_s: median_rate(b, &lora_train),
+        seconds: BenchSeconds { forward, train, lora_train },
     }
-    let train = (b * config.iterations) as f64 / start.elapsed().as_secs_f64();
-    BenchReport { parameters, forward_samples_per_s: forward, train_samples_per_s: train }
 }
 
 /// What one Flow-OPD benchmark step runs: random conditioning of the real shapes (SD3.5 at

@@ -6,7 +6,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use burn::tensor::backend::Backend;
+use crate::Backend;
 
 /// A device named on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

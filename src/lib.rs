@@ -2,6 +2,7 @@
 //! with Flow-OPD, on Burn. See `README.md` for the map.
 
 pub mod bench;
+pub mod kernels;
 pub mod device;
 pub mod flow;
 pub mod train;
@@ -11,3 +12,6 @@ pub mod recipe;
 pub mod sample;
 pub mod reward;
 pub mod world;
+
+/// The backends flow-opd runs on: Burn's, extended with the fused kernels ([`kernels`]).
+pub use kernels::{AutodiffBackend, Backend};

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use burn::tensor::backend::Backend;
+use flow_opd::Backend;
 use clap::{Args, Parser, Subcommand};
 
 use flow_opd::device::{BackendTask, DeviceSpec, MultiDeviceTask, dispatch, dispatch_many};
@@ -201,6 +201,9 @@ enum Command {
         /// OPD: storage precision of the frozen base, f32, bf16 or f16 (adapters stay f32).
         #[arg(long, default_value = "f32")]
         weights: flow_opd::model::t2i::WeightPrecision,
+        /// Print one JSON object (the fields `tools/bench_torch.py` prints) instead of text.
+        #[arg(long)]
+        json: bool,
         #[arg(long, default_value = "cpu")]
         device: DeviceSpec,
     },
@@ -460,6 +463,11 @@ fn parse_tasks(tasks: &str) -> Result<Vec<flow_opd::world::Task>> {
         .collect()
 }
 
+/// Threads the CPU backend runs on (rayon's global pool: `RAYON_NUM_THREADS`, else every core).
+fn rayon_threads() -> usize {
+    rayon::current_num_threads()
+}
+
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,burn_collective=warn".into()))
@@ -468,7 +476,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Model(ModelCommand::Info { path, config }) => info(&path, &config),
-        Command::Bench { config, batch, latent, tokens, iterations, opd: true, rank, alpha, teachers, steps, cfg, micro_batch, weights, device } => {
+        Command::Bench { config, batch, latent, tokens, iterations, opd: true, rank, alpha, teachers, steps, cfg, micro_batch, weights, device, .. } => {
             let model = resolve_config(&Some(config))?.expect("given");
             let bench =
                 flow_opd::bench::OpdBenchConfig { model, batch, latent, tokens, rank, alpha, teachers, steps, guidance: cfg, iterations, micro_batch, weights };
@@ -485,14 +493,33 @@ fn main() -> Result<()> {
             println!("loss:              {:.4e}", report.loss);
             Ok(())
         }
-        Command::Bench { config, batch, latent, tokens, iterations, device, .. } => {
-            let model = resolve_config(&Some(config))?.expect("given");
-            let report = dispatch(device, BenchTask(flow_opd::bench::BenchConfig { model, batch, latent, tokens, iterations }))?;
+        Command::Bench { config: name, batch, latent, tokens, iterations, rank, alpha, json, device, .. } => {
+            let model = resolve_config(&Some(name.clone()))?.expect("given");
+            let bench = flow_opd::bench::BenchConfig { model, batch, latent, tokens, iterations, rank, alpha };
+            let report = dispatch(device, BenchTask(bench))?;
+            if json {
+                let mut out = serde_json::to_value(&report)?;
+                let fields = serde_json::json!({
+                    "implementation": "flow-opd",
+                    "config": name,
+                    "device": device.to_string(),
+                    "batch": batch,
+                    "latent": latent,
+                    "tokens": tokens,
+                    "threads": rayon_threads(),
+                    "runs": iterations,
+                    "versions": { "flow-opd": env!("CARGO_PKG_VERSION"), "burn": "0.21.0" },
+                });
+                out.as_object_mut().expect("object").extend(fields.as_object().expect("object").clone());
+                println!("{out}");
+                return Ok(());
+            }
             println!("device:            {device}");
             println!("parameters:        {}", report.parameters);
             println!("batch x latent:    {batch} x {latent}x{latent}, {tokens} text tokens");
             println!("forward:           {:.1} samples/s", report.forward_samples_per_s);
-            println!("train step:        {:.1} samples/s (forward + backward)", report.train_samples_per_s);
+            println!("train step:        {:.1} samples/s (forward + backward + AdamW, all weights)", report.train_samples_per_s);
+            println!("LoRA train step:   {:.1} samples/s (rank {rank}, attention projections)", report.lora_train_samples_per_s);
             Ok(())
         }
         Command::Sample { model, prompt, prompts, adapter, steps, cfg, seed, out, scale, height, width, t5_length, device } => {

@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::backend::Autodiff;
-use burn::tensor::backend::Backend;
+use crate::Backend;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
@@ -818,7 +818,7 @@ struct AdapterStage<'a> {
 }
 
 /// An adapter trainer as the stage loop sees it.
-trait AdapterLoop<B: burn::tensor::backend::AutodiffBackend> {
+trait AdapterLoop<B: crate::AutodiffBackend> {
     /// One iteration: a progress message and the metrics to log.
     fn iterate(&mut self, device: &B::Device) -> Result<(String, Vec<(String, f64)>), String>;
     /// The EMA adapter that checkpoints and exports save.
@@ -829,7 +829,7 @@ struct GrpoLoop<T>(T);
 
 impl<B, O> AdapterLoop<B> for GrpoLoop<crate::train::grpo::GrpoTrainer<B, O>>
 where
-    B: burn::tensor::backend::AutodiffBackend,
+    B: crate::AutodiffBackend,
     O: burn::optim::Optimizer<crate::model::lora::LoraAdapter<B>, B>,
 {
     fn iterate(&mut self, device: &B::Device) -> Result<(String, Vec<(String, f64)>), String> {
@@ -855,7 +855,7 @@ struct OpdLoop<T>(T);
 
 impl<B, O> AdapterLoop<B> for OpdLoop<crate::train::opd::OpdTrainer<B, O>>
 where
-    B: burn::tensor::backend::AutodiffBackend,
+    B: crate::AutodiffBackend,
     O: burn::optim::Optimizer<crate::model::lora::LoraAdapter<B>, B>,
 {
     fn iterate(&mut self, device: &B::Device) -> Result<(String, Vec<(String, f64)>), String> {

@@ -8,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
-use burn::tensor::backend::Backend;
+use crate::Backend;
 
 use crate::eval::generate::{GenerateConfig, generate};
 use crate::model::lora::{ActiveAdapters, LoraIoError, load_lora};

@@ -4,7 +4,7 @@
 //! sampled transitions equals the direct gradient of `-KL` — on a small differentiable model.
 
 use burn::backend::{Autodiff, Flex};
-use burn::tensor::backend::Backend;
+use flow_opd::Backend;
 use burn::tensor::{Tensor, TensorData};
 use flow_opd::flow::{
     FlowSchedule, KlReduction, LogProbReduction, ReferenceKl, SdeKind, SeededNoise, StepSigmas, distillation_loss,

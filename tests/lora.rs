@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use burn::backend::{Autodiff, Flex};
 use burn::module::Module;
-use burn::tensor::backend::Backend;
+use flow_opd::Backend;
 use common::{case, read_tensor, rel_l2};
 use flow_opd::model::Mmdit;
 use flow_opd::model::forward_io::ForwardInputs;

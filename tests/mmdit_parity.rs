@@ -6,7 +6,7 @@ mod common;
 
 use std::path::Path;
 
-use burn::tensor::backend::Backend;
+use flow_opd::Backend;
 use common::{Case, cases, case, read_all, read_tensor, rel_l2};
 use flow_opd::model::forward_io::ForwardInputs;
 use flow_opd::model::weights::{ModelSource, SaveDtype, save_diffusers};

@@ -11,7 +11,7 @@ mod common;
 use burn::backend::{Autodiff, Flex};
 use burn::module::{AutodiffModule, Module};
 use burn::tensor::Tensor;
-use burn::tensor::backend::Backend;
+use flow_opd::Backend;
 use flow_opd::flow::{GuidedModel, KlReduction, SeededNoise, VelocityField, opd_loss};
 use flow_opd::model::lora::{ActiveAdapters, AdapterChoice, LoraAdapter, save_lora, LoraFormat};
 use flow_opd::model::pipeline::Pipeline;

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use burn::tensor::backend::Backend;
+use flow_opd::Backend;
 use flow_opd::model::MmditConfig;
 use flow_opd::model::weights::manifest;
 

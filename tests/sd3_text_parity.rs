@@ -8,7 +8,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::Tensor;
-use burn::tensor::backend::Backend;
+use flow_opd::Backend;
 use common::{read_all, rel_l2, write};
 use flow_opd::model::ModelError;
 use flow_opd::model::text::{ClipTextModel, PromptTokenizer, Sd3TextEncoders, T5Encoder, TextError};

@@ -3,7 +3,7 @@
 //! on how prompts are batched.
 
 use burn::tensor::Tensor;
-use burn::tensor::backend::Backend;
+use crate::Backend;
 
 use image::RgbImage;
 

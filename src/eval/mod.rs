@@ -11,7 +11,7 @@ pub mod table;
 use std::path::Path;
 use std::time::Instant;
 
-use burn::tensor::backend::Backend;
+use crate::Backend;
 use serde::{Deserialize, Serialize};
 
 use image::RgbImage;

@@ -3,7 +3,7 @@
 //! distillation loss with Manifold Anchor Regularization (MAR).
 
 use burn::tensor::Tensor;
-use burn::tensor::backend::Backend;
+use crate::Backend;
 
 use super::sde::StepSigmas;
 

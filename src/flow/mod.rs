@@ -18,7 +18,7 @@ pub use sampler::{
 pub use schedule::FlowSchedule;
 
 use burn::tensor::Tensor;
-use burn::tensor::backend::Backend;
+use crate::Backend;
 
 /// Reduces `[B, C, H, W]` per sample to `[B]`: the sum (`mean = false`) or the mean over
 /// the `C H W` latent elements (Flow-GRPO's log-prob and KL reduce by the mean).

@@ -3,7 +3,7 @@
 
 use std::ops::Range;
 
-use burn::tensor::backend::Backend;
+use crate::Backend;
 use burn::tensor::{Tensor, TensorData};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;

@@ -5,7 +5,7 @@
 //! (the MMDiT may run in half precision, its velocity is upcast before the step).
 
 use burn::tensor::Tensor;
-use burn::tensor::backend::Backend;
+use crate::Backend;
 
 /// Which stochastic step a sampler takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]

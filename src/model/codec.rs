@@ -2,7 +2,7 @@
 //! is one; the synthetic world uses an exact pixel-unshuffle codec with the same interface.
 
 use burn::tensor::Tensor;
-use burn::tensor::backend::Backend;
+use crate::Backend;
 
 /// Images `[B, 3, H, W]` in `[0, 1]` <-> latents `[B, C, h, w]`.
 pub trait LatentCodec<B: Backend> {

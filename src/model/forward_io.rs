@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use burn::tensor::backend::Backend;
+use crate::Backend;
 use burn::tensor::{Tensor, TensorData};
 
 use crate::model::error::ModelError;

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use burn::config::Config;
 use burn::module::Module;
 use burn::tensor::Tensor;
-use burn::tensor::backend::Backend;
+use crate::Backend;
 use burn_store::{ModuleSnapshot, SafetensorsStore};
 use serde::{Deserialize, Serialize};
 

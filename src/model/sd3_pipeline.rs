@@ -19,7 +19,7 @@
 use std::path::{Path, PathBuf};
 
 use burn::tensor::Tensor;
-use burn::tensor::backend::Backend;
+use crate::Backend;
 use serde_json::Value;
 
 use crate::eval::generate::initial_noise;

@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use burn::tensor::Tensor;
-use burn::tensor::backend::Backend;
+use crate::Backend;
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
 

@@ -10,7 +10,7 @@ use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::nn::transformer::{TransformerEncoder, TransformerEncoderConfig, TransformerEncoderInput};
 use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
-use burn::tensor::backend::Backend;
+use crate::Backend;
 use burn::tensor::{Bool, Distribution, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 

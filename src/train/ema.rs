@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::tensor::Tensor;
-use burn::tensor::backend::{AutodiffBackend, Backend};
+use crate::{AutodiffBackend, Backend};
 
 /// An EMA copy of a module, kept on the inner (non-autodiff) backend. Parameters are matched
 /// by [`ParamId`], which `valid()` preserves; parameters that do not require gradients (a

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use burn::module::{AutodiffModule, Module};
 use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
-use burn::tensor::backend::AutodiffBackend;
+use crate::AutodiffBackend;
 use burn::tensor::{ElementConversion, Tensor};
 use rand::SeedableRng;
 use rand::seq::IndexedRandom;

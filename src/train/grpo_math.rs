@@ -2,7 +2,7 @@
 //! clipped-ratio policy loss.
 
 use burn::tensor::Tensor;
-use burn::tensor::backend::Backend;
+use crate::Backend;
 use serde::{Deserialize, Serialize};
 
 /// Which standard deviation normalises the advantages.

@@ -12,7 +12,7 @@
 use burn::module::{AutodiffModule, ModuleVisitor, Param};
 use burn::optim::{GradientsParams, Optimizer};
 use burn::tensor::Tensor;
-use burn::tensor::backend::AutodiffBackend;
+use crate::AutodiffBackend;
 
 use super::grpo::{GrpoStats, GrpoTrainer};
 use crate::model::lora::LoraAdapter;

@@ -15,7 +15,7 @@ pub mod sft;
 
 use burn::module::{Module, ModuleMapper, Param};
 use burn::tensor::Tensor;
-use burn::tensor::backend::AutodiffBackend;
+use crate::AutodiffBackend;
 
 /// Marks every float parameter of `module` as trainable (requiring gradients). Modules moved
 /// onto the autodiff backend with `from_inner` keep the flag they had on the inner backend,

@@ -9,7 +9,7 @@ use std::ops::Range;
 
 use burn::module::{AutodiffModule, Module};
 use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
-use burn::tensor::backend::{AutodiffBackend, Backend};
+use crate::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Tensor};
 use rand::SeedableRng;
 use rand::seq::IndexedRandom;

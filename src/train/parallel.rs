@@ -23,7 +23,7 @@ use std::sync::Mutex;
 use burn::collective::{CollectiveConfig, PeerId, ReduceOperation, all_reduce, finish_collective, register, reset_collective};
 use burn::module::{AutodiffModule, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
-use burn::tensor::backend::{AutodiffBackend, Backend};
+use crate::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData, TensorPrimitive};
 
 /// One peer of a data-parallel group: its index, the group's size and its device (of the

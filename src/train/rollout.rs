@@ -2,7 +2,7 @@
 //! trajectories per prompt from the current policy (base + adapter, CFG), the decoded images,
 //! and everything the losses need at each recorded state.
 
-use burn::tensor::backend::Backend;
+use crate::Backend;
 use burn::tensor::{Tensor, TensorData};
 use rand::Rng;
 use serde::{Deserialize, Serialize};

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use burn::module::{AutodiffModule, Module};
 use burn::optim::{GradientsParams, Optimizer};
-use burn::tensor::backend::AutodiffBackend;
+use crate::AutodiffBackend;
 use burn::tensor::{ElementConversion, Tensor};
 use rand::{Rng, SeedableRng};
 use rand::seq::IndexedRandom;
@@ -55,13 +55,13 @@ fn default_ema() -> f64 {
 }
 
 /// Teacher samples: prompts and their final latents `[N, C, h, w]`.
-pub struct SftData<B: burn::tensor::backend::Backend> {
+pub struct SftData<B: crate::Backend> {
     pub prompts: Vec<TaskPrompt>,
     pub latents: Tensor<B, 4>,
 }
 
 /// Samples `samples_per_task` training prompts of every routed task with its teacher.
-pub fn teacher_samples<B: burn::tensor::backend::Backend, P: TextToImage<B> + ?Sized>(
+pub fn teacher_samples<B: crate::Backend, P: TextToImage<B> + ?Sized>(
     pipeline: &P,
     teachers: &[LoraAdapter<B>],
     routing: &BTreeMap<Task, usize>,

@@ -109,7 +109,7 @@ partitions = [
 "#;
 
 /// A teacher adapter with non-zero B (seeded), so it changes the model.
-pub fn toy_teacher<Bk: burn::tensor::backend::Backend>(p: &flow_opd::model::Mmdit<Bk>, seed: u64, device: &Bk::Device) -> flow_opd::model::lora::LoraAdapter<Bk> {
+pub fn toy_teacher<Bk: flow_opd::Backend>(p: &flow_opd::model::Mmdit<Bk>, seed: u64, device: &Bk::Device) -> flow_opd::model::lora::LoraAdapter<Bk> {
     let mut a = flow_opd::model::lora::LoraConfig::new(2, 4.0, flow_opd::model::lora::LoraTarget::FLOW_GRPO.to_vec()).init(p, seed, device);
     let mut noise = flow_opd::flow::SeededNoise::new(seed);
     for block in &mut a.blocks {

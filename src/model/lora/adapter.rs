@@ -4,7 +4,7 @@
 
 use burn::module::{Module, Param};
 use burn::nn::Linear;
-use burn::tensor::backend::Backend;
+use crate::Backend;
 use burn::tensor::module::linear;
 use burn::tensor::{Distribution, IndexingUpdateOp, Int, Tensor, TensorData};
 use rand_burn::SeedableRng;

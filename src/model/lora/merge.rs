@@ -2,7 +2,7 @@
 //! adapters into one (Flow-OPD's "merge" cold start, REFERENCE section 4).
 
 use burn::tensor::Tensor;
-use burn::tensor::backend::Backend;
+use crate::Backend;
 
 use super::adapter::{LoraAdapter, LoraBlock, LoraLayer};
 use super::target::LoraTarget;

@@ -1,45 +1,27 @@
 //! Joint (image + text) attention and the image-only self-attention of dual-attention blocks,
-//! both through Burn's fused `attention` op.
+//! both through the fused token-major attention kernel ([`crate::kernels::attention`]).
 
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig, RmsNorm, RmsNormConfig};
 use burn::tensor::Tensor;
-use burn::tensor::backend::Backend;
-use burn::tensor::module::attention;
-use burn::tensor::ops::AttentionModuleOptions;
+use crate::Backend;
 
+use crate::kernels;
 use crate::model::lora::{BlockAdapters, LoraTarget};
 
 /// Epsilon of every LayerNorm and RMSNorm in the SD3 family.
 pub const NORM_EPS: f64 = 1e-6;
 
-/// `[B, N, H * hd] -> [B, N, H, hd]` (a contiguous view; heads are moved to axis 1 only after
-/// the per-head norms and the concatenation, so those run on contiguous memory).
-fn split_heads<B: Backend>(x: Tensor<B, 3>, heads: usize) -> Tensor<B, 4> {
-    let [batch, tokens, dim] = x.dims();
-    x.reshape([batch, tokens, heads, dim / heads])
-}
-
-/// `[B, N, H, hd] -> [B, H, N, hd]`.
-fn heads_first<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
-    x.swap_dims(1, 2)
-}
-
-/// `[B, H, N, hd] -> [B, N, H * hd]`.
-fn merge_heads<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 3> {
-    let [batch, heads, tokens, head_dim] = x.dims();
-    x.swap_dims(1, 2).reshape([batch, tokens, heads * head_dim])
-}
-
-/// `softmax(q k^T / sqrt(hd)) v` with no mask.
-fn scaled_dot_product<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Tensor<B, 4> {
-    attention(q, k, v, None, None, AttentionModuleOptions::default())
-}
-
-/// Per-head RMSNorm (eps 1e-6, learned `[head_dim]` scale) if the model has qk-norm.
-fn maybe_norm<B: Backend>(norm: &Option<RmsNorm<B>>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+/// Per-head RMSNorm (eps 1e-6, learned `[head_dim]` scale) of token-major `[B, N, H * hd]`
+/// if the model has qk-norm: one fused kernel over the `hd`-wide rows.
+fn maybe_norm<B: Backend>(norm: &Option<RmsNorm<B>>, x: Tensor<B, 3>) -> Tensor<B, 3> {
     match norm {
-        Some(norm) => norm.forward(x),
+        Some(norm) => {
+            let [batch, tokens, dim] = x.dims();
+            let head_dim = norm.gamma.dims()[0];
+            let rows = x.reshape([batch, tokens, dim / head_dim, head_dim]);
+            kernels::rms_norm(rows, norm.gamma.val(), norm.epsilon).reshape([batch, tokens, dim])
+        }
         None => x,
     }
 }
@@ -110,26 +92,20 @@ impl<B: Backend> JointAttention<B> {
         lora: &BlockAdapters<'_, '_, B>,
     ) -> (Tensor<B, 3>, Option<Tensor<B, 3>>) {
         let image_tokens = x.dims()[1];
-        let h = self.heads;
-        let q = maybe_norm(&self.norm_q, split_heads(lora.linear(LoraTarget::ToQ, &self.to_q, x.clone()), h));
-        let k = maybe_norm(&self.norm_k, split_heads(lora.linear(LoraTarget::ToK, &self.to_k, x.clone()), h));
-        let v = split_heads(lora.linear(LoraTarget::ToV, &self.to_v, x), h);
-        let cq = maybe_norm(
-            &self.norm_added_q,
-            split_heads(lora.linear(LoraTarget::AddQProj, &self.add_q_proj, c.clone()), h),
-        );
-        let ck = maybe_norm(
-            &self.norm_added_k,
-            split_heads(lora.linear(LoraTarget::AddKProj, &self.add_k_proj, c.clone()), h),
-        );
-        let cv = split_heads(lora.linear(LoraTarget::AddVProj, &self.add_v_proj, c), h);
+        let q = maybe_norm(&self.norm_q, lora.linear(LoraTarget::ToQ, &self.to_q, x.clone()));
+        let k = maybe_norm(&self.norm_k, lora.linear(LoraTarget::ToK, &self.to_k, x.clone()));
+        let v = lora.linear(LoraTarget::ToV, &self.to_v, x);
+        let cq = maybe_norm(&self.norm_added_q, lora.linear(LoraTarget::AddQProj, &self.add_q_proj, c.clone()));
+        let ck = maybe_norm(&self.norm_added_k, lora.linear(LoraTarget::AddKProj, &self.add_k_proj, c.clone()));
+        let cv = lora.linear(LoraTarget::AddVProj, &self.add_v_proj, c);
 
-        let out = scaled_dot_product(
-            heads_first(Tensor::cat(vec![q, cq], 1)),
-            heads_first(Tensor::cat(vec![k, ck], 1)),
-            heads_first(Tensor::cat(vec![v, cv], 1)),
+        // One attention over the image then text tokens, token-major `[B, N + L, H * hd]`.
+        let out = kernels::attention(
+            Tensor::cat(vec![q, cq], 1),
+            Tensor::cat(vec![k, ck], 1),
+            Tensor::cat(vec![v, cv], 1),
+            self.heads,
         );
-        let out = merge_heads(out);
         let [batch, total, dim] = out.dims();
         let image = out.clone().slice([0..batch, 0..image_tokens, 0..dim]);
         let image = lora.linear(LoraTarget::ToOut, &self.to_out, image);
@@ -169,11 +145,10 @@ impl<B: Backend> SelfAttention<B> {
     }
 
     pub fn forward(&self, x: Tensor<B, 3>, lora: &BlockAdapters<'_, '_, B>) -> Tensor<B, 3> {
-        let h = self.heads;
-        let q = maybe_norm(&self.norm_q, split_heads(lora.linear(LoraTarget::Attn2ToQ, &self.to_q, x.clone()), h));
-        let k = maybe_norm(&self.norm_k, split_heads(lora.linear(LoraTarget::Attn2ToK, &self.to_k, x.clone()), h));
-        let v = split_heads(lora.linear(LoraTarget::Attn2ToV, &self.to_v, x), h);
-        let out = scaled_dot_product(heads_first(q), heads_first(k), heads_first(v));
-        lora.linear(LoraTarget::Attn2ToOut, &self.to_out, merge_heads(out))
+        let q = maybe_norm(&self.norm_q, lora.linear(LoraTarget::Attn2ToQ, &self.to_q, x.clone()));
+        let k = maybe_norm(&self.norm_k, lora.linear(LoraTarget::Attn2ToK, &self.to_k, x.clone()));
+        let v = lora.linear(LoraTarget::Attn2ToV, &self.to_v, x);
+        let out = kernels::attention(q, k, v, self.heads);
+        lora.linear(LoraTarget::Attn2ToOut, &self.to_out, out)
     }
 }

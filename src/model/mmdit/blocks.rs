@@ -5,35 +5,17 @@ use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::Tensor;
 use burn::tensor::activation::silu;
-use burn::tensor::backend::Backend;
+use crate::Backend;
 
 use super::attention::{JointAttention, NORM_EPS, SelfAttention};
+use crate::kernels;
 use crate::model::lora::{BlockAdapters, LoraTarget};
 
-/// LayerNorm over the last axis without affine parameters: `(x - mean) / sqrt(var + eps)`
-/// with the biased variance (PyTorch `LayerNorm(elementwise_affine=False)`).
-pub fn layer_norm<B: Backend>(x: Tensor<B, 3>, eps: f64) -> Tensor<B, 3> {
-    let (var, mean) = x.clone().var_mean_bias(2);
-    (x - mean) / (var + eps).sqrt()
-}
-
-/// A per-sample `[B, D]` vector repeated over `tokens` as a contiguous `[B, tokens, D]` tensor.
-/// (Backends such as flex have fast kernels for contiguous operands but iterate strides
-/// element by element for a `[B, 1, D]` broadcast; the copy is far cheaper than that.)
-fn per_token<B: Backend>(v: Tensor<B, 2>, tokens: usize) -> Tensor<B, 3> {
-    v.unsqueeze_dim::<3>(1).repeat_dim(1, tokens)
-}
-
-/// `x * (1 + scale) + shift`, with `[B, D]` modulation applied to every token.
-pub fn modulate<B: Backend>(x: Tensor<B, 3>, shift: Tensor<B, 2>, scale: Tensor<B, 2>) -> Tensor<B, 3> {
-    let tokens = x.dims()[1];
-    x * per_token(scale + 1.0, tokens) + per_token(shift, tokens)
-}
-
-/// `gate * x` with a `[B, D]` gate applied to every token.
-fn gated<B: Backend>(gate: Tensor<B, 2>, x: Tensor<B, 3>) -> Tensor<B, 3> {
-    let tokens = x.dims()[1];
-    x * per_token(gate, tokens)
+/// `LayerNorm(x) * (1 + scale) + shift` (LayerNorm without affine, biased variance, as
+/// PyTorch's `LayerNorm(elementwise_affine=False)`), with `[B, D]` modulation applied to every
+/// token: one fused kernel ([`kernels::layer_norm_modulate`]).
+pub fn norm_modulate<B: Backend>(x: Tensor<B, 3>, shift: Tensor<B, 2>, scale: Tensor<B, 2>) -> Tensor<B, 3> {
+    kernels::layer_norm_modulate(x, shift, scale, NORM_EPS)
 }
 
 /// Adaptive modulation `Linear(SiLU(temb))` split into `chunks` vectors of width `D`.
@@ -59,20 +41,8 @@ impl<B: Backend> AdaLnModulation<B> {
     pub fn continuous(&self, x: Tensor<B, 3>, temb: Tensor<B, 2>) -> Tensor<B, 3> {
         let mut chunks = self.forward(temb).into_iter();
         let (scale, shift) = (chunks.next().unwrap(), chunks.next().unwrap());
-        modulate(layer_norm(x, NORM_EPS), shift, scale)
+        norm_modulate(x, shift, scale)
     }
-}
-
-/// GELU with the tanh approximation, `x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`, with
-/// `tanh(u) = 1 - 2 / (exp(2u) + 1)` and `x^3` as products: the same function as
-/// `gelu_approximate`, written with the element-wise ops CPU backends run fastest (`powf` and
-/// `tanh` go through scalar libm calls).
-pub fn gelu_tanh<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
-    const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
-    // |u| > 15 is tanh = +-1 in f32; clamping keeps exp finite, so no inf/inf in the gradient.
-    let inner = (x.clone() * (x.clone() * x.clone() * 0.044715 + 1.0) * SQRT_2_OVER_PI).clamp(-15.0, 15.0);
-    let tanh = ((inner * 2.0).exp() + 1.0).recip() * -2.0 + 1.0;
-    x * (tanh + 1.0) * 0.5
 }
 
 /// `net.2(GELU_tanh(net.0.proj(x)))`, hidden width `4 D` (diffusers `FeedForward` with
@@ -100,7 +70,7 @@ impl<B: Backend> FeedForward<B> {
         lora: &BlockAdapters<'_, '_, B>,
         targets: (LoraTarget, LoraTarget),
     ) -> Tensor<B, 3> {
-        let hidden = gelu_tanh(lora.linear(targets.0, &self.linear_in, x));
+        let hidden = kernels::gelu_tanh(lora.linear(targets.0, &self.linear_in, x));
         lora.linear(targets.1, &self.linear_out, hidden)
     }
 }
@@ -158,31 +128,33 @@ impl<B: Backend> JointBlock<B> {
         lora: &BlockAdapters<'_, '_, B>,
     ) -> (Tensor<B, 3>, Option<Tensor<B, 3>>) {
         let m = self.norm1.forward(temb.clone());
-        let x_norm = layer_norm(x.clone(), NORM_EPS);
-        let attn_in = modulate(x_norm.clone(), m[0].clone(), m[1].clone());
+        let attn_in = norm_modulate(x.clone(), m[0].clone(), m[1].clone());
 
         let (c_attn_in, c_mod) = if self.context_pre_only() {
             (self.norm1_context.continuous(c.clone(), temb), None)
         } else {
             let cm = self.norm1_context.forward(temb);
-            let c_in = modulate(layer_norm(c.clone(), NORM_EPS), cm[0].clone(), cm[1].clone());
+            let c_in = norm_modulate(c.clone(), cm[0].clone(), cm[1].clone());
             (c_in, Some(cm))
         };
 
         let (attn_out, c_attn_out) = self.attn.forward(attn_in, c_attn_in, lora);
-        let mut x = x + gated(m[2].clone(), attn_out);
+        let x_in = x.clone();
+        let mut x = kernels::gated_residual(x, m[2].clone(), attn_out);
         if let Some(attn2) = &self.attn2 {
-            let attn2_in = modulate(x_norm, m[6].clone(), m[7].clone());
-            x = x + gated(m[8].clone(), attn2.forward(attn2_in, lora));
+            // attn2 normalises the block's input, not the stream after attn.
+            let attn2_in = norm_modulate(x_in, m[6].clone(), m[7].clone());
+            x = kernels::gated_residual(x, m[8].clone(), attn2.forward(attn2_in, lora));
         }
-        let ff_in = modulate(layer_norm(x.clone(), NORM_EPS), m[3].clone(), m[4].clone());
-        let x = x.clone() + gated(m[5].clone(), self.ff.forward(ff_in, lora, (LoraTarget::FfIn, LoraTarget::FfOut)));
+        let ff_in = norm_modulate(x.clone(), m[3].clone(), m[4].clone());
+        let x = kernels::gated_residual(x, m[5].clone(), self.ff.forward(ff_in, lora, (LoraTarget::FfIn, LoraTarget::FfOut)));
 
         let c = match (c_mod, c_attn_out, &self.ff_context) {
             (Some(cm), Some(c_attn_out), Some(ff_context)) => {
-                let c = c + gated(cm[2].clone(), c_attn_out);
-                let ff_in = modulate(layer_norm(c.clone(), NORM_EPS), cm[3].clone(), cm[4].clone());
-                Some(c.clone() + gated(cm[5].clone(), ff_context.forward(ff_in, lora, (LoraTarget::FfContextIn, LoraTarget::FfContextOut))))
+                let c = kernels::gated_residual(c, cm[2].clone(), c_attn_out);
+                let ff_in = norm_modulate(c.clone(), cm[3].clone(), cm[4].clone());
+                let ff_out = ff_context.forward(ff_in, lora, (LoraTarget::FfContextIn, LoraTarget::FfContextOut));
+                Some(kernels::gated_residual(c, cm[5].clone(), ff_out))
             }
             _ => None,
         };
@@ -201,7 +173,7 @@ mod tests {
         type AD = Autodiff<Flex>;
         let xs = [-1000.0f32, -30.0, -3.0, -0.5, 0.0, 0.7, 2.5, 30.0, 1000.0];
         let x = Tensor::<AD, 1>::from_data(TensorData::new(xs.to_vec(), [xs.len()]), &Default::default()).require_grad();
-        let y = gelu_tanh(x.clone());
+        let y = kernels::gelu_tanh(x.clone());
         let values = y.clone().into_data().into_vec::<f32>().unwrap();
         for (v, x) in values.iter().zip(xs) {
             let x = x as f64;

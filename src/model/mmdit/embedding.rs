@@ -5,7 +5,7 @@ use burn::module::{Module, Param, ParamId};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::activation::silu;
-use burn::tensor::backend::Backend;
+use crate::Backend;
 use burn::tensor::{Tensor, TensorData};
 
 /// Patch embedding `Conv2d(C -> D, k = p, s = p)` flattened row-major to `h * w` tokens, plus the

@@ -14,7 +14,7 @@ pub mod embedding;
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{FloatDType, Tensor};
-use burn::tensor::backend::Backend;
+use crate::Backend;
 
 pub use blocks::{AdaLnModulation, JointBlock};
 pub use config::{MmditConfig, QkNorm};

@@ -17,7 +17,7 @@ use std::path::Path;
 
 use burn::module::Module;
 use burn::tensor::Tensor;
-use burn::tensor::backend::Backend;
+use crate::Backend;
 
 use crate::model::text::TextError;
 use crate::model::text::clip::ClipTextModel;

@@ -12,7 +12,7 @@
 
 use std::path::{Path, PathBuf};
 
-use burn::tensor::backend::Backend;
+use crate::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use serde::Deserialize;
 use tokenizers::{

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use burn::module::Param;
 use burn::nn::{Embedding, LayerNorm, Linear};
-use burn::tensor::backend::Backend;
+use crate::Backend;
 use burn::tensor::{Tensor, TensorData};
 use serde::de::DeserializeOwned;
 

@@ -6,7 +6,7 @@ use burn::nn::GroupNorm;
 use burn::nn::conv::Conv2d;
 use burn::tensor::Tensor;
 use burn::tensor::activation::silu;
-use burn::tensor::backend::Backend;
+use crate::Backend;
 
 use super::blocks::{
     Downsample2d, Downsample2dConfig, MidBlock2d, MidBlock2dConfig, ResnetBlock2d, conv, group_norm, resnet_stack,

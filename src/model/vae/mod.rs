@@ -21,7 +21,7 @@ pub mod weights;
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
 use burn::tensor::Tensor;
-use burn::tensor::backend::Backend;
+use crate::Backend;
 
 pub use config::VaeConfig;
 pub use decoder::{Decoder, DecoderConfig};

@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use burn::tensor::backend::Backend;
+use crate::Backend;
 
 use crate::model::error::ModelError;
 use crate::model::weights::file::is_float_dtype;

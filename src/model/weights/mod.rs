@@ -14,7 +14,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use burn::module::{Module, ParamId};
-use burn::tensor::backend::Backend;
+use crate::Backend;
 use burn_store::{ModuleSnapshot, TensorSnapshot};
 use safetensors::Dtype;
 

@@ -3,7 +3,7 @@
 
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::Tensor;
-use burn::tensor::backend::Backend;
+use crate::Backend;
 
 /// The diffusers key of a Burn parameter path. Burn field names equal diffusers' except where
 /// a Python name is not a Rust identifier or Burn names a parameter differently:

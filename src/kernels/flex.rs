@@ -1,0 +1,587 @@
+//! The `flex` CPU backend's fused kernels: one pass over contiguous f32 rows per composite,
+//! split over rayon's threads, each row loop compiled for AVX-512, AVX2 + FMA and the baseline
+//! (chosen at run time by `multiversion`); attention runs each (sample, head) as two small
+//! GEMMs (the `gemm` crate flex itself uses) on token-major memory, so no head transpose is
+//! ever copied. Other dtypes (bf16 / f16 weights) take the composed ops.
+
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{Bytes, DType, Shape, TensorMetadata};
+use burn_flex::{Flex, FlexTensor, Layout};
+use multiversion::multiversion;
+use rayon::prelude::*;
+
+use super::{Backend, composed};
+
+/// Whether every tensor is f32 (the kernels' dtype).
+fn all_f32(tensors: &[&FlexTensor]) -> bool {
+    tensors.iter().all(|t| t.dtype() == DType::F32)
+}
+
+/// `t` with a contiguous, offset-free f32 buffer.
+fn contiguous(t: FlexTensor) -> FlexTensor {
+    if t.as_slice::<f32>().is_some() { t } else { t.to_contiguous() }
+}
+
+fn data(t: &FlexTensor) -> &[f32] {
+    t.as_slice::<f32>().expect("contiguous f32")
+}
+
+fn output(values: Vec<f32>, shape: Shape) -> FlexTensor {
+    FlexTensor::new(Bytes::from_elems(values), Layout::contiguous(shape), DType::F32)
+}
+
+/// Rows per parallel task: about four tasks a thread, at least one row.
+fn rows_per_task(rows: usize) -> usize {
+    (rows / (4 * rayon::current_num_threads())).max(1)
+}
+
+/// Sum with 16 independent lanes (vectorisable without reassociating a single accumulator).
+#[inline(always)]
+fn sum(xs: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 16];
+    let chunks = xs.chunks_exact(16);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for chunk in chunks {
+        for (a, x) in acc.iter_mut().zip(chunk) {
+            *a += x;
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `sum(a * b)` with 16 lanes.
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..16 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `sum((x - mean)^2)` with 16 lanes.
+#[inline(always)]
+fn centered_squares(xs: &[f32], mean: f32) -> f32 {
+    let mut acc = [0.0f32; 16];
+    let chunks = xs.chunks_exact(16);
+    let tail: f32 = chunks.remainder().iter().map(|x| (x - mean) * (x - mean)).sum();
+    for chunk in chunks {
+        for (a, x) in acc.iter_mut().zip(chunk) {
+            *a += (x - mean) * (x - mean);
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `e^x` in f32 (Cody-Waite range reduction and a degree-6 polynomial, about 1 ulp),
+/// branch-free so that loops over it vectorise; inputs are clamped to [-87, 88].
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding and subtracting it rounds to an integer
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let x = x.max(-87.0).min(88.0);
+    let n = (x * LOG2E + ROUND) - ROUND;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.987_569_1e-4f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 5.000_000_1e-1;
+    let y = p * r * r + r + 1.0;
+    y * f32::from_bits(((n as i32 + 127) << 23) as u32)
+}
+
+const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+const GELU_CUBIC: f32 = 0.044715;
+
+/// `tanh(sqrt(2/pi) (x + 0.044715 x^3))`, as the composed op computes it.
+#[inline(always)]
+fn gelu_tanh_inner(x: f32) -> f32 {
+    let u = (x * (x * x * GELU_CUBIC + 1.0) * SQRT_2_OVER_PI).max(-15.0).min(15.0);
+    1.0 - 2.0 / (exp(2.0 * u) + 1.0)
+}
+
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn gelu_rows(x: &[f32], out: &mut [f32]) {
+    for (o, &x) in out.iter_mut().zip(x) {
+        *o = 0.5 * x * (1.0 + gelu_tanh_inner(x));
+    }
+}
+
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn gelu_backward_rows(x: &[f32], grad: &[f32], out: &mut [f32]) {
+    for ((o, &x), &g) in out.iter_mut().zip(x).zip(grad) {
+        let t = gelu_tanh_inner(x);
+        let slope = 0.5 * (1.0 + t) + 0.5 * SQRT_2_OVER_PI * x * (1.0 - t * t) * (1.0 + 3.0 * GELU_CUBIC * x * x);
+        *o = g * slope;
+    }
+}
+
+/// Element-wise kernels run over chunks of this many values a task.
+const CHUNK: usize = 16 * 1024;
+
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn layer_norm_modulate_rows(x: &[f32], shift: &[f32], scale: &[f32], out: &mut [f32], eps: f32) {
+    let d = shift.len();
+    for (row, o) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+        let mean = sum(row) / d as f32;
+        let rstd = 1.0 / (centered_squares(row, mean) / d as f32 + eps).sqrt();
+        for i in 0..d {
+            o[i] = (row[i] - mean) * rstd * (1.0 + scale[i]) + shift[i];
+        }
+    }
+}
+
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn layer_norm_modulate_backward_sample(
+    x: &[f32],
+    scale: &[f32],
+    grad: &[f32],
+    dx: &mut [f32],
+    dshift: &mut [f32],
+    dscale: &mut [f32],
+    eps: f32,
+) {
+    let d = scale.len();
+    let mut gh = vec![0.0f32; d];
+    let mut xhat = vec![0.0f32; d];
+    for ((row, g), dxr) in x.chunks_exact(d).zip(grad.chunks_exact(d)).zip(dx.chunks_exact_mut(d)) {
+        let mean = sum(row) / d as f32;
+        let rstd = 1.0 / (centered_squares(row, mean) / d as f32 + eps).sqrt();
+        for i in 0..d {
+            xhat[i] = (row[i] - mean) * rstd;
+            gh[i] = g[i] * (1.0 + scale[i]);
+            dshift[i] += g[i];
+            dscale[i] += g[i] * xhat[i];
+        }
+        let mean_gh = sum(&gh) / d as f32;
+        let mean_ghx = dot(&gh, &xhat) / d as f32;
+        for i in 0..d {
+            dxr[i] = rstd * (gh[i] - mean_gh - xhat[i] * mean_ghx);
+        }
+    }
+}
+
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn gated_rows(x: &[f32], gate: &[f32], y: &[f32], out: &mut [f32]) {
+    let d = gate.len();
+    for ((xr, yr), o) in x.chunks_exact(d).zip(y.chunks_exact(d)).zip(out.chunks_exact_mut(d)) {
+        for i in 0..d {
+            o[i] = xr[i] + gate[i] * yr[i];
+        }
+    }
+}
+
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn gated_backward_sample(gate: &[f32], y: &[f32], grad: &[f32], dgate: &mut [f32], dy: &mut [f32]) {
+    let d = gate.len();
+    for ((yr, g), dyr) in y.chunks_exact(d).zip(grad.chunks_exact(d)).zip(dy.chunks_exact_mut(d)) {
+        for i in 0..d {
+            dgate[i] += g[i] * yr[i];
+            dyr[i] = g[i] * gate[i];
+        }
+    }
+}
+
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn rms_rows(x: &[f32], weight: &[f32], out: &mut [f32], eps: f32) {
+    let d = weight.len();
+    for (row, o) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+        let r = 1.0 / (dot(row, row) / d as f32 + eps).sqrt();
+        for i in 0..d {
+            o[i] = row[i] * r * weight[i];
+        }
+    }
+}
+
+/// RMSNorm backward over a run of rows: writes `dx`, adds the rows' share of `dweight`.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn rms_backward_rows(x: &[f32], weight: &[f32], grad: &[f32], dx: &mut [f32], dweight: &mut [f32], eps: f32) {
+    let d = weight.len();
+    for ((row, g), dxr) in x.chunks_exact(d).zip(grad.chunks_exact(d)).zip(dx.chunks_exact_mut(d)) {
+        let r = 1.0 / (dot(row, row) / d as f32 + eps).sqrt();
+        let mut proj = 0.0f32;
+        for i in 0..d {
+            proj += g[i] * weight[i] * row[i];
+        }
+        let c = proj * r * r / d as f32;
+        for i in 0..d {
+            dweight[i] += g[i] * row[i] * r;
+            dxr[i] = r * (g[i] * weight[i] - row[i] * c);
+        }
+    }
+}
+
+/// In-place softmax of each `cols`-wide row of `scores`, after multiplying by `scale`.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn softmax_rows(scores: &mut [f32], cols: usize) {
+    for row in scores.chunks_exact_mut(cols) {
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        for v in row.iter_mut() {
+            *v = exp(*v - max);
+        }
+        let inv = 1.0 / sum(row);
+        for v in row.iter_mut() {
+            *v *= inv;
+        }
+    }
+}
+
+/// `ds = p * (dp - rowsum(dp * p)) * scale`, in place in `dp`.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn softmax_backward_rows(probs: &[f32], dp: &mut [f32], cols: usize, scale: f32) {
+    for (p, d) in probs.chunks_exact(cols).zip(dp.chunks_exact_mut(cols)) {
+        let inner = dot(p, d);
+        for i in 0..cols {
+            d[i] = p[i] * (d[i] - inner) * scale;
+        }
+    }
+}
+
+/// A raw pointer shared by tasks that write disjoint parts of one buffer.
+#[derive(Clone, Copy)]
+struct SharedMut(*mut f32);
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+impl SharedMut {
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// `dst (m x n, row stride dst_rs) = [dst +] beta * lhs (m x k) * rhs (k x n)`, single-threaded.
+///
+/// # Safety
+/// Every pointer with its strides must address valid memory for the shapes.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    dst_rs: usize,
+    lhs: *const f32,
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: *const f32,
+    (rhs_rs, rhs_cs): (usize, usize),
+    beta: f32,
+) {
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_rs as isize,
+            false,
+            lhs,
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs,
+            rhs_cs as isize,
+            rhs_rs as isize,
+            0.0,
+            beta,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+/// Shapes of a token-major attention input `[B, S, H * hd]`.
+#[derive(Clone, Copy)]
+struct Heads {
+    batch: usize,
+    tokens: usize,
+    heads: usize,
+    head_dim: usize,
+}
+
+impl Heads {
+    fn of(q: &FlexTensor, heads: usize) -> Self {
+        let shape = q.shape();
+        let (batch, tokens, dim) = (shape[0], shape[1], shape[2]);
+        Self { batch, tokens, heads, head_dim: dim / heads }
+    }
+
+    fn dim(&self) -> usize {
+        self.heads * self.head_dim
+    }
+
+    /// Offset of head `h` of sample `b`'s first token.
+    fn offset(&self, task: usize) -> usize {
+        let (b, h) = (task / self.heads, task % self.heads);
+        b * self.tokens * self.dim() + h * self.head_dim
+    }
+
+    fn scale(&self) -> f32 {
+        1.0 / (self.head_dim as f32).sqrt()
+    }
+}
+
+/// Scores, softmax and `P V` of one (sample, head): `probs` gets `P [S, S]`, `out` the head's
+/// columns of the output.
+///
+/// # Safety
+/// `q, k, v, out` address `[B, S, H * hd]` buffers of shape `s`.
+unsafe fn attention_head(s: Heads, task: usize, q: *const f32, k: *const f32, v: *const f32, out: SharedMut, probs: &mut [f32]) {
+    let (n, hd, dim) = (s.tokens, s.head_dim, s.dim());
+    let off = s.offset(task);
+    unsafe {
+        gemm((n, n, hd), probs.as_mut_ptr(), n, q.add(off), (dim, 1), k.add(off), (1, dim), s.scale());
+        softmax_rows(probs, n);
+        gemm((n, hd, n), out.ptr().add(off), dim, probs.as_ptr(), (n, 1), v.add(off), (dim, 1), 1.0);
+    }
+}
+
+fn attention_impl(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, heads: usize, keep_probs: bool) -> (FlexTensor, Option<FlexTensor>) {
+    let s = Heads::of(q, heads);
+    let n = s.tokens;
+    let (qd, kd, vd) = (data(q).as_ptr() as usize, data(k).as_ptr() as usize, data(v).as_ptr() as usize);
+    let mut out = vec![0.0f32; s.batch * n * s.dim()];
+    let shared = SharedMut(out.as_mut_ptr());
+    let tasks = s.batch * s.heads;
+    let run = |task: usize, probs: &mut [f32]| unsafe {
+        attention_head(s, task, qd as *const f32, kd as *const f32, vd as *const f32, shared, probs)
+    };
+    let probs = if keep_probs {
+        let mut probs = vec![0.0f32; tasks * n * n];
+        probs.par_chunks_mut(n * n).enumerate().for_each(|(task, p)| run(task, p));
+        Some(output(probs, Shape::new([s.batch, s.heads, n, n])))
+    } else {
+        (0..tasks).into_par_iter().for_each_init(|| vec![0.0f32; n * n], |p, task| run(task, p));
+        None
+    };
+    (output(out, q.shape()), probs)
+}
+
+impl Backend for Flex {
+    fn layer_norm_modulate(x: FloatTensor<Self>, shift: FloatTensor<Self>, scale: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
+        if !all_f32(&[&x, &shift, &scale]) {
+            return composed::layer_norm_modulate::<Self>(x, shift, scale, eps);
+        }
+        let (x, shift, scale) = (contiguous(x), contiguous(shift), contiguous(scale));
+        let shape = x.shape();
+        let (tokens, d) = (shape[1], shape[2]);
+        let (xs, shifts, scales) = (data(&x), data(&shift), data(&scale));
+        let mut out = vec![0.0f32; xs.len()];
+        let rows = rows_per_task(shape.num_elements() / d);
+        out.par_chunks_mut(rows * d).enumerate().for_each(|(task, o)| {
+            // A task's rows may span samples: split at sample boundaries.
+            let first = task * rows;
+            let mut row = first;
+            for o in o.chunks_mut(d) {
+                let b = row / tokens;
+                let span = o.len();
+                layer_norm_modulate_rows(&xs[row * d..row * d + span], &shifts[b * d..(b + 1) * d], &scales[b * d..(b + 1) * d], o, eps as f32);
+                row += 1;
+            }
+        });
+        output(out, shape)
+    }
+
+    fn layer_norm_modulate_backward(
+        x: FloatTensor<Self>,
+        scale: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        eps: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        if !all_f32(&[&x, &scale, &grad]) {
+            return composed::layer_norm_modulate_backward::<Self>(x, scale, grad, eps);
+        }
+        let (x, scale, grad) = (contiguous(x), contiguous(scale), contiguous(grad));
+        let shape = x.shape();
+        let (batch, tokens, d) = (shape[0], shape[1], shape[2]);
+        let (xs, scales, gs) = (data(&x), data(&scale), data(&grad));
+        let mut dx = vec![0.0f32; xs.len()];
+        let mut dshift = vec![0.0f32; batch * d];
+        let mut dscale = vec![0.0f32; batch * d];
+        let per = tokens * d;
+        dx.par_chunks_mut(per)
+            .zip(dshift.par_chunks_mut(d))
+            .zip(dscale.par_chunks_mut(d))
+            .enumerate()
+            .for_each(|(b, ((dx, dshift), dscale))| {
+                let range = b * per..(b + 1) * per;
+                layer_norm_modulate_backward_sample(&xs[range.clone()], &scales[b * d..(b + 1) * d], &gs[range], dx, dshift, dscale, eps as f32);
+            });
+        (output(dx, shape), output(dshift, Shape::new([batch, d])), output(dscale, Shape::new([batch, d])))
+    }
+
+    fn gated_residual(x: FloatTensor<Self>, gate: FloatTensor<Self>, y: FloatTensor<Self>) -> FloatTensor<Self> {
+        if !all_f32(&[&x, &gate, &y]) {
+            return composed::gated_residual::<Self>(x, gate, y);
+        }
+        let (x, gate, y) = (contiguous(x), contiguous(gate), contiguous(y));
+        let shape = x.shape();
+        let (tokens, d) = (shape[1], shape[2]);
+        let (xs, gates, ys) = (data(&x), data(&gate), data(&y));
+        let mut out = vec![0.0f32; xs.len()];
+        let per = tokens * d;
+        out.par_chunks_mut(per).enumerate().for_each(|(b, o)| {
+            let range = b * per..(b + 1) * per;
+            gated_rows(&xs[range.clone()], &gates[b * d..(b + 1) * d], &ys[range], o);
+        });
+        output(out, shape)
+    }
+
+    fn gated_residual_backward(
+        gate: FloatTensor<Self>,
+        y: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        if !all_f32(&[&gate, &y, &grad]) {
+            return composed::gated_residual_backward::<Self>(gate, y, grad);
+        }
+        let (gate, y, grad) = (contiguous(gate), contiguous(y), contiguous(grad));
+        let shape = y.shape();
+        let (batch, tokens, d) = (shape[0], shape[1], shape[2]);
+        let (gates, ys, gs) = (data(&gate), data(&y), data(&grad));
+        let mut dgate = vec![0.0f32; batch * d];
+        let mut dy = vec![0.0f32; ys.len()];
+        let per = tokens * d;
+        dy.par_chunks_mut(per).zip(dgate.par_chunks_mut(d)).enumerate().for_each(|(b, (dy, dgate))| {
+            let range = b * per..(b + 1) * per;
+            gated_backward_sample(&gates[b * d..(b + 1) * d], &ys[range.clone()], &gs[range], dgate, dy);
+        });
+        (output(dgate, Shape::new([batch, d])), output(dy, shape))
+    }
+
+    fn gelu_tanh(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        if !all_f32(&[&x]) {
+            return composed::gelu_tanh::<Self>(x);
+        }
+        let x = contiguous(x);
+        let xs = data(&x);
+        let mut out = vec![0.0f32; xs.len()];
+        out.par_chunks_mut(CHUNK).zip(xs.par_chunks(CHUNK)).for_each(|(o, x)| gelu_rows(x, o));
+        output(out, x.shape())
+    }
+
+    fn gelu_tanh_backward(x: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
+        if !all_f32(&[&x, &grad]) {
+            return composed::gelu_tanh_backward::<Self>(x, grad);
+        }
+        let (x, grad) = (contiguous(x), contiguous(grad));
+        let (xs, gs) = (data(&x), data(&grad));
+        let mut out = vec![0.0f32; xs.len()];
+        out.par_chunks_mut(CHUNK)
+            .zip(xs.par_chunks(CHUNK))
+            .zip(gs.par_chunks(CHUNK))
+            .for_each(|((o, x), g)| gelu_backward_rows(x, g, o));
+        output(out, x.shape())
+    }
+
+    fn rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
+        if !all_f32(&[&x, &weight]) {
+            return composed::rms_norm::<Self>(x, weight, eps);
+        }
+        let (x, weight) = (contiguous(x), contiguous(weight));
+        let (xs, w) = (data(&x), data(&weight));
+        let d = w.len();
+        let mut out = vec![0.0f32; xs.len()];
+        let span = rows_per_task(xs.len() / d) * d;
+        out.par_chunks_mut(span).zip(xs.par_chunks(span)).for_each(|(o, x)| rms_rows(x, w, o, eps as f32));
+        output(out, x.shape())
+    }
+
+    fn rms_norm_backward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        eps: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        if !all_f32(&[&x, &weight, &grad]) {
+            return composed::rms_norm_backward::<Self>(x, weight, grad, eps);
+        }
+        let (x, weight, grad) = (contiguous(x), contiguous(weight), contiguous(grad));
+        let (xs, w, gs) = (data(&x), data(&weight), data(&grad));
+        let d = w.len();
+        let mut dx = vec![0.0f32; xs.len()];
+        let span = rows_per_task(xs.len() / d) * d;
+        let dweight = dx
+            .par_chunks_mut(span)
+            .zip(xs.par_chunks(span))
+            .zip(gs.par_chunks(span))
+            .map(|((dx, x), g)| {
+                let mut dw = vec![0.0f32; d];
+                rms_backward_rows(x, w, g, dx, &mut dw, eps as f32);
+                dw
+            })
+            .reduce(|| vec![0.0f32; d], |mut a, b| {
+                a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                a
+            });
+        (output(dx, x.shape()), output(dweight, weight.shape()))
+    }
+
+    fn token_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, heads: usize) -> FloatTensor<Self> {
+        if !all_f32(&[&q, &k, &v]) {
+            return composed::token_attention::<Self>(q, k, v, heads);
+        }
+        let (q, k, v) = (contiguous(q), contiguous(k), contiguous(v));
+        attention_impl(&q, &k, &v, heads, false).0
+    }
+
+    fn token_attention_with_probs(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        heads: usize,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        if !all_f32(&[&q, &k, &v]) {
+            return composed::token_attention_with_probs::<Self>(q, k, v, heads);
+        }
+        let (q, k, v) = (contiguous(q), contiguous(k), contiguous(v));
+        let (out, probs) = attention_impl(&q, &k, &v, heads, true);
+        (out, probs.expect("kept"))
+    }
+
+    fn token_attention_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        probs: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        heads: usize,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        if !all_f32(&[&q, &k, &v, &probs, &grad]) {
+            return composed::token_attention_backward::<Self>(q, k, v, probs, grad, heads);
+        }
+        let (q, k, v, probs, grad) = (contiguous(q), contiguous(k), contiguous(v), contiguous(probs), contiguous(grad));
+        let s = Heads::of(&q, heads);
+        let (n, hd, dim) = (s.tokens, s.head_dim, s.dim());
+        let len = s.batch * n * dim;
+        let (mut dq, mut dk, mut dv) = (vec![0.0f32; len], vec![0.0f32; len], vec![0.0f32; len]);
+        let (dqp, dkp, dvp) = (SharedMut(dq.as_mut_ptr()), SharedMut(dk.as_mut_ptr()), SharedMut(dv.as_mut_ptr()));
+        let ptr = |t: &FlexTensor| data(t).as_ptr() as usize;
+        let (qd, kd, vd, gd) = (ptr(&q), ptr(&k), ptr(&v), ptr(&grad));
+        let ps = data(&probs);
+        let scale = s.scale();
+        (0..s.batch * s.heads).into_par_iter().for_each_init(
+            || vec![0.0f32; n * n],
+            |dp, task| unsafe {
+                let off = s.offset(task);
+                let p = &ps[task * n * n..(task + 1) * n * n];
+                let (q, k, v, g) = ((qd as *const f32).add(off), (kd as *const f32).add(off), (vd as *const f32).add(off), (gd as *const f32).add(off));
+                // dV = P^T dO; dP = dO V^T; dS = P (dP - rowsum(dP P)) scale; dQ = dS K; dK = dS^T Q.
+                gemm((n, hd, n), dvp.ptr().add(off), dim, p.as_ptr(), (1, n), g, (dim, 1), 1.0);
+                gemm((n, n, hd), dp.as_mut_ptr(), n, g, (dim, 1), v, (1, dim), 1.0);
+                softmax_backward_rows(p, dp, n, scale);
+                gemm((n, hd, n), dqp.ptr().add(off), dim, dp.as_ptr(), (n, 1), k, (dim, 1), 1.0);
+                gemm((n, hd, n), dkp.ptr().add(off), dim, dp.as_ptr(), (1, n), q, (dim, 1), 1.0);
+            },
+        );
+        let shape = q.shape();
+        (output(dq, shape.clone()), output(dk, shape.clone()), output(dv, shape))
+    }
+}
