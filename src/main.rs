@@ -463,6 +463,9 @@ fn parse_tasks(tasks: &str) -> Result<Vec<flow_opd::world::Task>> {
         .collect()
 }
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Threads the CPU backend runs on (rayon's global pool: `RAYON_NUM_THREADS`, else every core).
 fn rayon_threads() -> usize {
     rayon::current_num_threads()

@@ -22,6 +22,43 @@ macro_rules! register {
 }
 
 #[derive(Debug)]
+struct Linear;
+
+/// `(x, weight)` of a linear node.
+type LinearState<B> = (FloatTensor<B>, FloatTensor<B>);
+
+impl<B: Backend> Backward<B, 2> for Linear {
+    type State = LinearState<B>;
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [x_node, weight_node] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (x, weight) = ops.state;
+        let [dx, dweight, _] = B::fused_linear_backward(x, weight, grad, [x_node.is_some(), weight_node.is_some(), false]);
+        register!(grads, x_node, dx.expect("asked"));
+        register!(grads, weight_node, dweight.expect("asked"));
+    }
+}
+
+#[derive(Debug)]
+struct LinearBias;
+
+impl<B: Backend> Backward<B, 3> for LinearBias {
+    type State = LinearState<B>;
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [x_node, weight_node, bias_node] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (x, weight) = ops.state;
+        let wanted = [x_node.is_some(), weight_node.is_some(), bias_node.is_some()];
+        let [dx, dweight, dbias] = B::fused_linear_backward(x, weight, grad, wanted);
+        register!(grads, x_node, dx.expect("asked"));
+        register!(grads, weight_node, dweight.expect("asked"));
+        register!(grads, bias_node, dbias.expect("asked"));
+    }
+}
+
+#[derive(Debug)]
 struct LayerNormModulate;
 
 impl<B: Backend> Backward<B, 3> for LayerNormModulate {
@@ -104,6 +141,25 @@ impl<B: Backend> Backward<B, 3> for Attention {
 }
 
 impl<B: Backend, C: CheckpointStrategy> Backend for Autodiff<B, C> {
+    fn fused_linear(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: Option<FloatTensor<Self>>) -> FloatTensor<Self> {
+        match bias {
+            None => match Linear.prepare::<C>([x.node.clone(), weight.node.clone()]).compute_bound().stateful() {
+                OpsKind::Tracked(prep) => {
+                    let out = B::fused_linear(x.primitive.clone(), weight.primitive.clone(), None);
+                    prep.finish((x.primitive, weight.primitive), out)
+                }
+                OpsKind::UnTracked(prep) => prep.finish(B::fused_linear(x.primitive, weight.primitive, None)),
+            },
+            Some(bias) => match LinearBias.prepare::<C>([x.node.clone(), weight.node.clone(), bias.node.clone()]).compute_bound().stateful() {
+                OpsKind::Tracked(prep) => {
+                    let out = B::fused_linear(x.primitive.clone(), weight.primitive.clone(), Some(bias.primitive));
+                    prep.finish((x.primitive, weight.primitive), out)
+                }
+                OpsKind::UnTracked(prep) => prep.finish(B::fused_linear(x.primitive, weight.primitive, Some(bias.primitive))),
+            },
+        }
+    }
+
     fn layer_norm_modulate(x: FloatTensor<Self>, shift: FloatTensor<Self>, scale: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
         match LayerNormModulate.prepare::<C>([x.node.clone(), shift.node.clone(), scale.node.clone()]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => {

@@ -4,10 +4,29 @@
 //! backwards are the closed-form gradients.
 
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::ops::{AttentionModuleOptions, ModuleOps};
 use burn::tensor::{DType, Shape, Tensor, TensorMetadata};
 
 use super::{prim, tensor};
+
+/// Burn's own `linear` op (`nn::Linear`'s forward).
+pub fn linear<B: super::Backend>(x: FloatTensor<B>, weight: FloatTensor<B>, bias: Option<FloatTensor<B>>) -> FloatTensor<B> {
+    <B as ModuleOps<B>>::linear(x, weight, bias)
+}
+
+/// Burn's own backward ops of `linear`.
+pub fn linear_backward<B: super::Backend>(
+    x: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    grad: FloatTensor<B>,
+    [dx, dweight, dbias]: [bool; 3],
+) -> [Option<FloatTensor<B>>; 3] {
+    [
+        dx.then(|| <B as ModuleOps<B>>::linear_x_backward(weight, grad.clone())),
+        dweight.then(|| <B as ModuleOps<B>>::linear_weight_backward(x, grad.clone())),
+        dbias.then(|| <B as ModuleOps<B>>::linear_bias_backward(grad)),
+    ]
+}
 
 /// A per-sample `[B, D]` vector repeated over `tokens` as a contiguous `[B, tokens, D]` tensor.
 /// (Backends such as flex have fast kernels for contiguous operands but iterate strides

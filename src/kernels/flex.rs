@@ -77,6 +77,20 @@ fn centered_squares(xs: &[f32], mean: f32) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// Largest value, with 16 lanes.
+#[inline(always)]
+fn max(xs: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 16];
+    let chunks = xs.chunks_exact(16);
+    let tail = chunks.remainder().iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    for chunk in chunks {
+        for (a, &x) in acc.iter_mut().zip(chunk) {
+            *a = a.max(x);
+        }
+    }
+    acc.iter().fold(tail, |m, &v| m.max(v))
+}
+
 /// `e^x` in f32 (Cody-Waite range reduction and a degree-6 polynomial, about 1 ulp),
 /// branch-free so that loops over it vectorise; inputs are clamped to [-87, 88].
 #[inline(always)]
@@ -86,7 +100,10 @@ fn exp(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
     let x = x.max(-87.0).min(88.0);
-    let n = (x * LOG2E + ROUND) - ROUND;
+    // `t` holds round(x log2 e) in its low mantissa bits (t = ROUND + n exactly, |n| < 2^22),
+    // which gives 2^n by integer ops alone (a float-to-int cast would not vectorise).
+    let t = x * LOG2E + ROUND;
+    let n = t - ROUND;
     let r = x - n * LN2_HI - n * LN2_LO;
     let mut p = 1.987_569_1e-4f32;
     p = p * r + 1.398_199_9e-3;
@@ -95,7 +112,7 @@ fn exp(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 5.000_000_1e-1;
     let y = p * r * r + r + 1.0;
-    y * f32::from_bits(((n as i32 + 127) << 23) as u32)
+    y * f32::from_bits(t.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127) << 23)
 }
 
 const SQRT_2_OVER_PI: f32 = 0.797_884_6;
@@ -207,11 +224,15 @@ fn rms_backward_rows(x: &[f32], weight: &[f32], grad: &[f32], dx: &mut [f32], dw
     let d = weight.len();
     for ((row, g), dxr) in x.chunks_exact(d).zip(grad.chunks_exact(d)).zip(dx.chunks_exact_mut(d)) {
         let r = 1.0 / (dot(row, row) / d as f32 + eps).sqrt();
-        let mut proj = 0.0f32;
-        for i in 0..d {
-            proj += g[i] * weight[i] * row[i];
-        }
-        let c = proj * r * r / d as f32;
+        let mut gw = [0.0f32; 64];
+        let c = if d <= 64 {
+            for i in 0..d {
+                gw[i] = g[i] * weight[i];
+            }
+            dot(&gw[..d], row)
+        } else {
+            (0..d).map(|i| g[i] * weight[i] * row[i]).sum()
+        } * r * r / d as f32;
         for i in 0..d {
             dweight[i] += g[i] * row[i] * r;
             dxr[i] = r * (g[i] * weight[i] - row[i] * c);
@@ -223,7 +244,7 @@ fn rms_backward_rows(x: &[f32], weight: &[f32], grad: &[f32], dx: &mut [f32], dw
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
 fn softmax_rows(scores: &mut [f32], cols: usize) {
     for row in scores.chunks_exact_mut(cols) {
-        let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        let max = max(row);
         for v in row.iter_mut() {
             *v = exp(*v - max);
         }
@@ -364,7 +385,181 @@ fn attention_impl(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, heads: usize, 
     (output(out, q.shape()), probs)
 }
 
+/// `out [m, n] = (read ? out : 0) + a [m, k] b` for row-major `a` (row stride `k`), split
+/// into row blocks over rayon's threads (each block one single-threaded GEMM).
+///
+/// # Safety
+/// The pointers must address the shapes.
+unsafe fn par_gemm_rows((m, n, k): (usize, usize, usize), out: *mut f32, read: bool, a: *const f32, b: *const f32, (b_rs, b_cs): (usize, usize)) {
+    let blocks = if m * n * k < 1 << 20 { 1 } else { (4 * rayon::current_num_threads()).min(m.div_ceil(32)) };
+    let span = m.div_ceil(blocks);
+    let (out, a, b) = (SharedMut(out), a as usize, b as usize);
+    (0..blocks).into_par_iter().for_each(|block| {
+        let (start, end) = (block * span, ((block + 1) * span).min(m));
+        if start < end {
+            unsafe {
+                gemm_rows(
+                    (end - start, n, k),
+                    out.ptr().add(start * n),
+                    read,
+                    (a as *const f32).add(start * k),
+                    (k, 1),
+                    b as *const f32,
+                    (b_rs, b_cs),
+                    gemm::Parallelism::None,
+                )
+            }
+        }
+    });
+}
+
+/// `out [rows, n] = (read ? out : 0) + a [rows, k] b` with `b` at strides `(b_rs, b_cs)`.
+///
+/// # Safety
+/// The pointers must address the shapes.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_rows(
+    (m, n, k): (usize, usize, usize),
+    out: *mut f32,
+    read: bool,
+    a: *const f32,
+    (a_rs, a_cs): (usize, usize),
+    b: *const f32,
+    (b_rs, b_cs): (usize, usize),
+    parallelism: gemm::Parallelism,
+) {
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out,
+            1,
+            n as isize,
+            read,
+            a,
+            a_cs as isize,
+            a_rs as isize,
+            b,
+            b_cs as isize,
+            b_rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
+}
+
+/// Column sums of `[rows, n]` and `a^T g` for `a [rows, k]`, `g [rows, n]`, split over rows
+/// among the threads (each computes a partial product; partials are added).
+fn weight_and_bias_grads(a: &[f32], g: &[f32], k: usize, n: usize, want_weight: bool, want_bias: bool) -> (Vec<f32>, Vec<f32>) {
+    let rows = g.len() / n;
+    let parts = rayon::current_num_threads().min(rows.div_ceil(64)).max(1);
+    let span = rows.div_ceil(parts);
+    (0..parts)
+        .into_par_iter()
+        .map(|part| {
+            let (start, end) = (part * span, ((part + 1) * span).min(rows));
+            let mut dw = if want_weight { vec![0.0f32; k * n] } else { Vec::new() };
+            let mut db = if want_bias { vec![0.0f32; n] } else { Vec::new() };
+            if start < end {
+                if want_weight {
+                    // dW [k, n] = a[start..end]^T g[start..end]
+                    unsafe {
+                        gemm_rows(
+                            (k, n, end - start),
+                            dw.as_mut_ptr(),
+                            false,
+                            a[start * k..].as_ptr(),
+                            (1, k),
+                            g[start * n..].as_ptr(),
+                            (n, 1),
+                            gemm::Parallelism::None,
+                        )
+                    };
+                }
+                if want_bias {
+                    for row in g[start * n..end * n].chunks_exact(n) {
+                        db.iter_mut().zip(row).for_each(|(d, v)| *d += v);
+                    }
+                }
+            }
+            (dw, db)
+        })
+        .reduce(
+            || (Vec::new(), Vec::new()),
+            |(mut aw, mut ab), (bw, bb)| {
+                for (acc, part) in [(&mut aw, bw), (&mut ab, bb)] {
+                    if acc.is_empty() {
+                        *acc = part;
+                    } else if !part.is_empty() {
+                        acc.iter_mut().zip(&part).for_each(|(a, b)| *a += b);
+                    }
+                }
+                (aw, ab)
+            },
+        )
+}
+
 impl Backend for Flex {
+    fn fused_linear(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: Option<FloatTensor<Self>>) -> FloatTensor<Self> {
+        if !all_f32(&[&x, &weight]) || bias.as_ref().is_some_and(|b| b.dtype() != DType::F32) {
+            return composed::linear::<Self>(x, weight, bias);
+        }
+        let (x, weight) = (contiguous(x), contiguous(weight));
+        let wshape = weight.shape();
+        let (k, n) = (wshape[0], wshape[1]);
+        let xs = data(&x);
+        let rows = xs.len() / k;
+        let mut out = vec![0.0f32; rows * n];
+        let read = match bias.map(contiguous) {
+            Some(bias) => {
+                let b = data(&bias);
+                out.par_chunks_mut(n * rows_per_task(rows)).for_each(|o| o.chunks_exact_mut(n).for_each(|row| row.copy_from_slice(b)));
+                true
+            }
+            None => false,
+        };
+        unsafe {
+            par_gemm_rows((rows, n, k), out.as_mut_ptr(), read, xs.as_ptr(), data(&weight).as_ptr(), (n, 1))
+        };
+        let mut shape = x.shape();
+        let last = shape.num_dims() - 1;
+        shape[last] = n;
+        output(out, shape)
+    }
+
+    fn fused_linear_backward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        wanted: [bool; 3],
+    ) -> [Option<FloatTensor<Self>>; 3] {
+        if !all_f32(&[&x, &weight, &grad]) {
+            return composed::linear_backward::<Self>(x, weight, grad, wanted);
+        }
+        let (x, weight, grad) = (contiguous(x), contiguous(weight), contiguous(grad));
+        let wshape = weight.shape();
+        let (k, n) = (wshape[0], wshape[1]);
+        let (xs, gs) = (data(&x), data(&grad));
+        let rows = gs.len() / n;
+        let dx = wanted[0].then(|| {
+            // dx [rows, k] = g [rows, n] W^T
+            let mut dx = vec![0.0f32; rows * k];
+            unsafe {
+                par_gemm_rows((rows, k, n), dx.as_mut_ptr(), false, gs.as_ptr(), data(&weight).as_ptr(), (1, n))
+            };
+            output(dx, x.shape())
+        });
+        let (dw, db) = if wanted[1] || wanted[2] { weight_and_bias_grads(xs, gs, k, n, wanted[1], wanted[2]) } else { (Vec::new(), Vec::new()) };
+        let dw = wanted[1].then(|| output(dw, wshape));
+        let db = wanted[2].then(|| output(db, Shape::new([n])));
+        [dx, dw, db]
+    }
+
     fn layer_norm_modulate(x: FloatTensor<Self>, shift: FloatTensor<Self>, scale: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
         if !all_f32(&[&x, &shift, &scale]) {
             return composed::layer_norm_modulate::<Self>(x, shift, scale, eps);

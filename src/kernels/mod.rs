@@ -29,6 +29,23 @@ use burn::tensor::{Tensor, TensorPrimitive};
 
 /// A Burn backend with flow-opd's fused kernels (see the module docs).
 pub trait Backend: burn::tensor::backend::Backend {
+    /// `x @ weight [+ bias]` for `x [.., in]`, `weight [in, out]`, `bias [out]` (Burn's
+    /// `linear`, which `nn::Linear` runs).
+    fn fused_linear(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: Option<FloatTensor<Self>>) -> FloatTensor<Self> {
+        composed::linear::<Self>(x, weight, bias)
+    }
+
+    /// Gradients `(dx, dweight, dbias)` of [`Backend::fused_linear`], each computed only if
+    /// asked for in `wanted` (same order).
+    fn fused_linear_backward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        wanted: [bool; 3],
+    ) -> [Option<FloatTensor<Self>>; 3] {
+        composed::linear_backward::<Self>(x, weight, grad, wanted)
+    }
+
     /// `LayerNorm(x) * (1 + scale) + shift` for `x [B, T, D]`, `shift, scale [B, D]`.
     fn layer_norm_modulate(x: FloatTensor<Self>, shift: FloatTensor<Self>, scale: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
         composed::layer_norm_modulate::<Self>(x, shift, scale, eps)
@@ -130,6 +147,16 @@ fn prim<B: Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B> {
 
 fn tensor<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
     Tensor::from_primitive(TensorPrimitive::Float(t))
+}
+
+/// `x @ weight [+ bias]`: what `nn::Linear::forward` computes, as one fused kernel.
+pub fn linear<B: Backend, const D: usize>(x: Tensor<B, D>, weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Tensor<B, D> {
+    tensor(B::fused_linear(prim(x), prim(weight), bias.map(prim)))
+}
+
+/// A Burn `nn::Linear` layer applied through [`linear`].
+pub fn linear_layer<B: Backend, const D: usize>(layer: &burn::nn::Linear<B>, x: Tensor<B, D>) -> Tensor<B, D> {
+    linear(x, layer.weight.val(), layer.bias.as_ref().map(|b| b.val()))
 }
 
 /// `LayerNorm(x) * (1 + scale) + shift` (LayerNorm without affine, biased variance), with

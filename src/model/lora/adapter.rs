@@ -4,8 +4,7 @@
 
 use burn::module::{Module, Param};
 use burn::nn::Linear;
-use crate::Backend;
-use burn::tensor::module::linear;
+use crate::{Backend, kernels};
 use burn::tensor::{Distribution, IndexingUpdateOp, Int, Tensor, TensorData};
 use rand_burn::SeedableRng;
 use rand_burn::rngs::StdRng;
@@ -94,7 +93,7 @@ impl<B: Backend> LoraLayer<B> {
         // In the adapter's precision (f32 over a bf16 / f16 base), returned in the input's.
         let dtype = x.dtype();
         let x = x.cast(self.down.val().dtype());
-        (linear(linear(x, self.down.val(), None), self.up.val(), None) * self.scale()).cast(dtype)
+        (kernels::linear(kernels::linear(x, self.down.val(), None), self.up.val(), None) * self.scale()).cast(dtype)
     }
 
     /// The dense update `ΔW = (alpha / r) A B`, `[in, out]` (Burn orientation).
@@ -254,7 +253,7 @@ impl<'a, B: Backend> ActiveAdapters<'a, B> {
         base: &Linear<B>,
         x: Tensor<B, D>,
     ) -> Tensor<B, D> {
-        let mut out = base.forward(x.clone());
+        let mut out = kernels::linear_layer(base, x.clone());
         for (k, rows) in &self.groups {
             let Some(layer) = self.adapters[*k].blocks.get(block).and_then(|b| b.layer(target)) else {
                 continue;

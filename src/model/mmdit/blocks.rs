@@ -34,7 +34,7 @@ impl<B: Backend> AdaLnModulation<B> {
     }
 
     pub fn forward(&self, temb: Tensor<B, 2>) -> Vec<Tensor<B, 2>> {
-        self.linear.forward(silu(temb)).chunk(self.chunks, 1)
+        kernels::linear_layer(&self.linear, silu(temb)).chunk(self.chunks, 1)
     }
 
     /// `AdaLayerNormContinuous`: `LayerNorm(x) * (1 + scale) + shift`, chunks `(scale, shift)`.

@@ -178,7 +178,7 @@ impl<B: Backend> Mmdit<B> {
 
         let mut image = self.pos_embed.forward(x);
         let temb = self.time_text_embed.forward(t, y);
-        let mut context = Some(self.context_embedder.forward(c));
+        let mut context = Some(crate::kernels::linear_layer(&self.context_embedder, c));
         for (index, block) in self.transformer_blocks.iter().enumerate() {
             let text = context.take().expect("only the last block is context-pre-only");
             let lora = BlockAdapters::new(adapters, index);
@@ -187,7 +187,7 @@ impl<B: Backend> Mmdit<B> {
             context = next_context;
         }
         let image = self.norm_out.continuous(image, temb);
-        let patches = self.proj_out.forward(image);
+        let patches = crate::kernels::linear_layer(&self.proj_out, image);
         unpatchify(patches, batch, h, w, p, self.out_channels).cast(io)
     }
 
