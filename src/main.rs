@@ -463,8 +463,22 @@ fn parse_tasks(tasks: &str) -> Result<Vec<flow_opd::world::Task>> {
         .collect()
 }
 
+// Tensors are allocated and freed by the thousand a step; mimalloc reuses their memory where
+// the system allocator returns large blocks to the OS and pays a page fault per fresh page.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// mimalloc's `mi_option_purge_delay` (its `mimalloc.h`, v3): -1 never returns freed pages to
+/// the OS, so the next step's tensors reuse them without page faults. A run's peak memory is
+/// what it keeps; `MIMALLOC_PURGE_DELAY` in the environment still overrides it.
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+fn keep_freed_pages() {
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: sets one integer option; mimalloc reads options atomically.
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+    }
+}
 
 /// Threads the CPU backend runs on (rayon's global pool: `RAYON_NUM_THREADS`, else every core).
 fn rayon_threads() -> usize {
@@ -472,6 +486,7 @@ fn rayon_threads() -> usize {
 }
 
 fn main() -> Result<()> {
+    keep_freed_pages();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,burn_collective=warn".into()))
         .with_writer(std::io::stderr)
