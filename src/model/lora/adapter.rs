@@ -334,7 +334,7 @@ impl<'s, 'a, B: Backend> BlockAdapters<'s, 'a, B> {
     /// `base(x)` plus the routed adapters' updates (see [`ActiveAdapters::linear`]).
     pub fn linear<const D: usize>(&self, target: LoraTarget, base: &Linear<B>, x: Tensor<B, D>) -> Tensor<B, D> {
         if self.active.is_base() {
-            return base.forward(x);
+            return kernels::linear_layer(base, x);
         }
         self.active.linear(self.block, target, base, x)
     }
