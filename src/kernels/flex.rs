@@ -63,6 +63,20 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// `sum(a * b * c)` with 16 lanes.
+#[inline(always)]
+fn dot3(a: &[f32], b: &[f32], c: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 16];
+    let n = a.len() / 16 * 16;
+    for i in (0..n).step_by(16) {
+        for j in 0..16 {
+            acc[j] += a[i + j] * b[i + j] * c[i + j];
+        }
+    }
+    let tail: f32 = (n..a.len()).map(|i| a[i] * b[i] * c[i]).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
 /// `sum((x - mean)^2)` with 16 lanes.
 #[inline(always)]
 fn centered_squares(xs: &[f32], mean: f32) -> f32 {
@@ -224,15 +238,7 @@ fn rms_backward_rows(x: &[f32], weight: &[f32], grad: &[f32], dx: &mut [f32], dw
     let d = weight.len();
     for ((row, g), dxr) in x.chunks_exact(d).zip(grad.chunks_exact(d)).zip(dx.chunks_exact_mut(d)) {
         let r = 1.0 / (dot(row, row) / d as f32 + eps).sqrt();
-        let mut gw = [0.0f32; 64];
-        let c = if d <= 64 {
-            for i in 0..d {
-                gw[i] = g[i] * weight[i];
-            }
-            dot(&gw[..d], row)
-        } else {
-            (0..d).map(|i| g[i] * weight[i] * row[i]).sum()
-        } * r * r / d as f32;
+        let c = dot3(g, weight, row) * r * r / d as f32;
         for i in 0..d {
             dweight[i] += g[i] * row[i] * r;
             dxr[i] = r * (g[i] * weight[i] - row[i] * c);
@@ -385,6 +391,18 @@ fn attention_impl(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, heads: usize, 
     (output(out, q.shape()), probs)
 }
 
+/// A buffer of `len` values that `write` fills through a raw pointer (no zeroing first).
+///
+/// # Safety
+/// `write` must write all `len` elements.
+unsafe fn gemm_output(len: usize, write: impl FnOnce(*mut f32)) -> Vec<f32> {
+    let mut out = Vec::<f32>::with_capacity(len);
+    write(out.spare_capacity_mut().as_mut_ptr().cast());
+    // SAFETY: every element was written (the caller's contract).
+    unsafe { out.set_len(len) };
+    out
+}
+
 /// `out [m, n] = (read ? out : 0) + a [m, k] b` for row-major `a` (row stride `k`), split
 /// into row blocks over rayon's threads (each block one single-threaded GEMM).
 ///
@@ -514,17 +532,16 @@ impl Backend for Flex {
         let (k, n) = (wshape[0], wshape[1]);
         let xs = data(&x);
         let rows = xs.len() / k;
-        let mut out = vec![0.0f32; rows * n];
-        let read = match bias.map(contiguous) {
+        let out = match bias.map(contiguous) {
             Some(bias) => {
                 let b = data(&bias);
+                let mut out = vec![0.0f32; rows * n];
                 out.par_chunks_mut(n * rows_per_task(rows)).for_each(|o| o.chunks_exact_mut(n).for_each(|row| row.copy_from_slice(b)));
-                true
+                unsafe { par_gemm_rows((rows, n, k), out.as_mut_ptr(), true, xs.as_ptr(), data(&weight).as_ptr(), (n, 1)) };
+                out
             }
-            None => false,
-        };
-        unsafe {
-            par_gemm_rows((rows, n, k), out.as_mut_ptr(), read, xs.as_ptr(), data(&weight).as_ptr(), (n, 1))
+            // SAFETY: the GEMM writes every element (it does not read `out`).
+            None => unsafe { gemm_output(rows * n, |out| par_gemm_rows((rows, n, k), out, false, xs.as_ptr(), data(&weight).as_ptr(), (n, 1))) },
         };
         let mut shape = x.shape();
         let last = shape.num_dims() - 1;
@@ -548,10 +565,8 @@ impl Backend for Flex {
         let rows = gs.len() / n;
         let dx = wanted[0].then(|| {
             // dx [rows, k] = g [rows, n] W^T
-            let mut dx = vec![0.0f32; rows * k];
-            unsafe {
-                par_gemm_rows((rows, k, n), dx.as_mut_ptr(), false, gs.as_ptr(), data(&weight).as_ptr(), (1, n))
-            };
+            // SAFETY: the GEMM writes every element.
+            let dx = unsafe { gemm_output(rows * k, |dx| par_gemm_rows((rows, k, n), dx, false, gs.as_ptr(), data(&weight).as_ptr(), (1, n))) };
             output(dx, x.shape())
         });
         let (dw, db) = if wanted[1] || wanted[2] { weight_and_bias_grads(xs, gs, k, n, wanted[1], wanted[2]) } else { (Vec::new(), Vec::new()) };
@@ -569,16 +584,18 @@ impl Backend for Flex {
         let (tokens, d) = (shape[1], shape[2]);
         let (xs, shifts, scales) = (data(&x), data(&shift), data(&scale));
         let mut out = vec![0.0f32; xs.len()];
-        let rows = rows_per_task(shape.num_elements() / d);
+        // One task per sample when there are enough samples, else per row block.
+        let per = tokens * d;
+        let rows = if shape[0] >= 2 * rayon::current_num_threads() { tokens } else { rows_per_task(shape.num_elements() / d) };
         out.par_chunks_mut(rows * d).enumerate().for_each(|(task, o)| {
-            // A task's rows may span samples: split at sample boundaries.
-            let first = task * rows;
-            let mut row = first;
-            for o in o.chunks_mut(d) {
-                let b = row / tokens;
-                let span = o.len();
-                layer_norm_modulate_rows(&xs[row * d..row * d + span], &shifts[b * d..(b + 1) * d], &scales[b * d..(b + 1) * d], o, eps as f32);
-                row += 1;
+            let start = task * rows * d;
+            // A block never spans two samples when `rows` divides `tokens`; split it where it does.
+            let mut at = 0;
+            while at < o.len() {
+                let b = (start + at) / per;
+                let end = ((b + 1) * per - start).min(o.len());
+                layer_norm_modulate_rows(&xs[start + at..start + end], &shifts[b * d..(b + 1) * d], &scales[b * d..(b + 1) * d], &mut o[at..end], eps as f32);
+                at = end;
             }
         });
         output(out, shape)
