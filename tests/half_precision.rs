@@ -6,7 +6,7 @@ mod common;
 
 use burn::backend::{Autodiff, Flex};
 use burn::module::{AutodiffModule, Module};
-use flow_opd::Backend;
+use burn::tensor::backend::Backend as _;
 use burn::tensor::{DType, FloatDType, Tensor};
 use flow_opd::flow::SeededNoise;
 use flow_opd::model::lora::{ActiveAdapters, LoraAdapter, LoraConfig, LoraTarget};

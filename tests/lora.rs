@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use burn::backend::{Autodiff, Flex};
 use burn::module::Module;
+use burn::tensor::backend::Backend as _;
 use flow_opd::Backend;
 use common::{case, read_tensor, rel_l2};
 use flow_opd::model::Mmdit;

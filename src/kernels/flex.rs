@@ -284,7 +284,8 @@ impl SharedMut {
     }
 }
 
-/// `dst (m x n, row stride dst_rs) = [dst +] beta * lhs (m x k) * rhs (k x n)`, single-threaded.
+/// `dst (m x n, row stride dst_rs) = (read ? dst : 0) + beta * lhs (m x k) * rhs (k x n)`, with
+/// `lhs` and `rhs` at any strides `(row, column)`, on the calling thread.
 ///
 /// # Safety
 /// Every pointer with its strides must address valid memory for the shapes.
@@ -293,6 +294,7 @@ unsafe fn gemm(
     (m, n, k): (usize, usize, usize),
     dst: *mut f32,
     dst_rs: usize,
+    read: bool,
     lhs: *const f32,
     (lhs_rs, lhs_cs): (usize, usize),
     rhs: *const f32,
@@ -307,14 +309,14 @@ unsafe fn gemm(
             dst,
             1,
             dst_rs as isize,
-            false,
+            read,
             lhs,
             lhs_cs as isize,
             lhs_rs as isize,
             rhs,
             rhs_cs as isize,
             rhs_rs as isize,
-            0.0,
+            1.0,
             beta,
             false,
             false,
@@ -364,9 +366,9 @@ unsafe fn attention_head(s: Heads, task: usize, q: *const f32, k: *const f32, v:
     let (n, hd, dim) = (s.tokens, s.head_dim, s.dim());
     let off = s.offset(task);
     unsafe {
-        gemm((n, n, hd), probs.as_mut_ptr(), n, q.add(off), (dim, 1), k.add(off), (1, dim), s.scale());
+        gemm((n, n, hd), probs.as_mut_ptr(), n, false, q.add(off), (dim, 1), k.add(off), (1, dim), s.scale());
         softmax_rows(probs, n);
-        gemm((n, hd, n), out.ptr().add(off), dim, probs.as_ptr(), (n, 1), v.add(off), (dim, 1), 1.0);
+        gemm((n, hd, n), out.ptr().add(off), dim, false, probs.as_ptr(), (n, 1), v.add(off), (dim, 1), 1.0);
     }
 }
 
@@ -416,59 +418,10 @@ unsafe fn par_gemm_rows((m, n, k): (usize, usize, usize), out: *mut f32, read: b
         let (start, end) = (block * span, ((block + 1) * span).min(m));
         if start < end {
             unsafe {
-                gemm_rows(
-                    (end - start, n, k),
-                    out.ptr().add(start * n),
-                    read,
-                    (a as *const f32).add(start * k),
-                    (k, 1),
-                    b as *const f32,
-                    (b_rs, b_cs),
-                    gemm::Parallelism::None,
-                )
+                gemm((end - start, n, k), out.ptr().add(start * n), n, read, (a as *const f32).add(start * k), (k, 1), b as *const f32, (b_rs, b_cs), 1.0)
             }
         }
     });
-}
-
-/// `out [rows, n] = (read ? out : 0) + a [rows, k] b` with `b` at strides `(b_rs, b_cs)`.
-///
-/// # Safety
-/// The pointers must address the shapes.
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm_rows(
-    (m, n, k): (usize, usize, usize),
-    out: *mut f32,
-    read: bool,
-    a: *const f32,
-    (a_rs, a_cs): (usize, usize),
-    b: *const f32,
-    (b_rs, b_cs): (usize, usize),
-    parallelism: gemm::Parallelism,
-) {
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            out,
-            1,
-            n as isize,
-            read,
-            a,
-            a_cs as isize,
-            a_rs as isize,
-            b,
-            b_cs as isize,
-            b_rs as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        )
-    }
 }
 
 /// Column sums of `[rows, n]` and `a^T g` for `a [rows, k]`, `g [rows, n]`, split over rows
@@ -487,16 +440,7 @@ fn weight_and_bias_grads(a: &[f32], g: &[f32], k: usize, n: usize, want_weight: 
                 if want_weight {
                     // dW [k, n] = a[start..end]^T g[start..end]
                     unsafe {
-                        gemm_rows(
-                            (k, n, end - start),
-                            dw.as_mut_ptr(),
-                            false,
-                            a[start * k..].as_ptr(),
-                            (1, k),
-                            g[start * n..].as_ptr(),
-                            (n, 1),
-                            gemm::Parallelism::None,
-                        )
+                        gemm((k, n, end - start), dw.as_mut_ptr(), n, false, a[start * k..].as_ptr(), (1, k), g[start * n..].as_ptr(), (n, 1), 1.0)
                     };
                 }
                 if want_bias {
@@ -786,11 +730,11 @@ impl Backend for Flex {
                 let p = &ps[task * n * n..(task + 1) * n * n];
                 let (q, k, v, g) = ((qd as *const f32).add(off), (kd as *const f32).add(off), (vd as *const f32).add(off), (gd as *const f32).add(off));
                 // dV = P^T dO; dP = dO V^T; dS = P (dP - rowsum(dP P)) scale; dQ = dS K; dK = dS^T Q.
-                gemm((n, hd, n), dvp.ptr().add(off), dim, p.as_ptr(), (1, n), g, (dim, 1), 1.0);
-                gemm((n, n, hd), dp.as_mut_ptr(), n, g, (dim, 1), v, (1, dim), 1.0);
+                gemm((n, hd, n), dvp.ptr().add(off), dim, false, p.as_ptr(), (1, n), g, (dim, 1), 1.0);
+                gemm((n, n, hd), dp.as_mut_ptr(), n, false, g, (dim, 1), v, (1, dim), 1.0);
                 softmax_backward_rows(p, dp, n, scale);
-                gemm((n, hd, n), dqp.ptr().add(off), dim, dp.as_ptr(), (n, 1), k, (dim, 1), 1.0);
-                gemm((n, hd, n), dkp.ptr().add(off), dim, dp.as_ptr(), (1, n), q, (dim, 1), 1.0);
+                gemm((n, hd, n), dqp.ptr().add(off), dim, false, dp.as_ptr(), (n, 1), k, (dim, 1), 1.0);
+                gemm((n, hd, n), dkp.ptr().add(off), dim, false, dp.as_ptr(), (1, n), q, (dim, 1), 1.0);
             },
         );
         let shape = q.shape();
