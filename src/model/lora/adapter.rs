@@ -93,7 +93,9 @@ impl<B: Backend> LoraLayer<B> {
         // In the adapter's precision (f32 over a bf16 / f16 base), returned in the input's.
         let dtype = x.dtype();
         let x = x.cast(self.down.val().dtype());
-        (kernels::linear(kernels::linear(x, self.down.val(), None), self.up.val(), None) * self.scale()).cast(dtype)
+        // The scale goes on `B` ([r, out]) rather than on the output: one pass over the
+        // activations fewer, forward and backward.
+        kernels::linear(kernels::linear(x, self.down.val(), None), self.up.val() * self.scale(), None).cast(dtype)
     }
 
     /// The dense update `ΔW = (alpha / r) A B`, `[in, out]` (Burn orientation).
