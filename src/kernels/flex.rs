@@ -7,6 +7,8 @@
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Bytes, DType, Shape, TensorMetadata};
 use burn_flex::{Flex, FlexTensor, Layout};
+use std::mem::MaybeUninit;
+
 use multiversion::multiversion;
 use rayon::prelude::*;
 
@@ -24,6 +26,18 @@ fn contiguous(t: FlexTensor) -> FlexTensor {
 
 fn data(t: &FlexTensor) -> &[f32] {
     t.as_slice::<f32>().expect("contiguous f32")
+}
+
+/// A buffer of `len` values that `fill` writes through `MaybeUninit` slices (no zeroing first).
+///
+/// # Safety
+/// `fill` must write every one of the `len` elements.
+unsafe fn written(len: usize, fill: impl FnOnce(&mut [MaybeUninit<f32>])) -> Vec<f32> {
+    let mut out = Vec::<f32>::with_capacity(len);
+    fill(&mut out.spare_capacity_mut()[..len]);
+    // SAFETY: every element was written (the caller's contract).
+    unsafe { out.set_len(len) };
+    out
 }
 
 fn output(values: Vec<f32>, shape: Shape) -> FlexTensor {
@@ -140,18 +154,18 @@ fn gelu_tanh_inner(x: f32) -> f32 {
 }
 
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
-fn gelu_rows(x: &[f32], out: &mut [f32]) {
+fn gelu_rows(x: &[f32], out: &mut [MaybeUninit<f32>]) {
     for (o, &x) in out.iter_mut().zip(x) {
-        *o = 0.5 * x * (1.0 + gelu_tanh_inner(x));
+        o.write(0.5 * x * (1.0 + gelu_tanh_inner(x)));
     }
 }
 
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
-fn gelu_backward_rows(x: &[f32], grad: &[f32], out: &mut [f32]) {
+fn gelu_backward_rows(x: &[f32], grad: &[f32], out: &mut [MaybeUninit<f32>]) {
     for ((o, &x), &g) in out.iter_mut().zip(x).zip(grad) {
         let t = gelu_tanh_inner(x);
         let slope = 0.5 * (1.0 + t) + 0.5 * SQRT_2_OVER_PI * x * (1.0 - t * t) * (1.0 + 3.0 * GELU_CUBIC * x * x);
-        *o = g * slope;
+        o.write(g * slope);
     }
 }
 
@@ -159,13 +173,13 @@ fn gelu_backward_rows(x: &[f32], grad: &[f32], out: &mut [f32]) {
 const CHUNK: usize = 16 * 1024;
 
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
-fn layer_norm_modulate_rows(x: &[f32], shift: &[f32], scale: &[f32], out: &mut [f32], eps: f32) {
+fn layer_norm_modulate_rows(x: &[f32], shift: &[f32], scale: &[f32], out: &mut [MaybeUninit<f32>], eps: f32) {
     let d = shift.len();
     for (row, o) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
         let mean = sum(row) / d as f32;
         let rstd = 1.0 / (centered_squares(row, mean) / d as f32 + eps).sqrt();
         for i in 0..d {
-            o[i] = (row[i] - mean) * rstd * (1.0 + scale[i]) + shift[i];
+            o[i].write((row[i] - mean) * rstd * (1.0 + scale[i]) + shift[i]);
         }
     }
 }
@@ -175,7 +189,7 @@ fn layer_norm_modulate_backward_sample(
     x: &[f32],
     scale: &[f32],
     grad: &[f32],
-    dx: &mut [f32],
+    dx: &mut [MaybeUninit<f32>],
     dshift: &mut [f32],
     dscale: &mut [f32],
     eps: f32,
@@ -195,53 +209,53 @@ fn layer_norm_modulate_backward_sample(
         let mean_gh = sum(&gh) / d as f32;
         let mean_ghx = dot(&gh, &xhat) / d as f32;
         for i in 0..d {
-            dxr[i] = rstd * (gh[i] - mean_gh - xhat[i] * mean_ghx);
+            dxr[i].write(rstd * (gh[i] - mean_gh - xhat[i] * mean_ghx));
         }
     }
 }
 
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
-fn gated_rows(x: &[f32], gate: &[f32], y: &[f32], out: &mut [f32]) {
+fn gated_rows(x: &[f32], gate: &[f32], y: &[f32], out: &mut [MaybeUninit<f32>]) {
     let d = gate.len();
     for ((xr, yr), o) in x.chunks_exact(d).zip(y.chunks_exact(d)).zip(out.chunks_exact_mut(d)) {
         for i in 0..d {
-            o[i] = xr[i] + gate[i] * yr[i];
+            o[i].write(xr[i] + gate[i] * yr[i]);
         }
     }
 }
 
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
-fn gated_backward_sample(gate: &[f32], y: &[f32], grad: &[f32], dgate: &mut [f32], dy: &mut [f32]) {
+fn gated_backward_sample(gate: &[f32], y: &[f32], grad: &[f32], dgate: &mut [f32], dy: &mut [MaybeUninit<f32>]) {
     let d = gate.len();
     for ((yr, g), dyr) in y.chunks_exact(d).zip(grad.chunks_exact(d)).zip(dy.chunks_exact_mut(d)) {
         for i in 0..d {
             dgate[i] += g[i] * yr[i];
-            dyr[i] = g[i] * gate[i];
+            dyr[i].write(g[i] * gate[i]);
         }
     }
 }
 
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
-fn rms_rows(x: &[f32], weight: &[f32], out: &mut [f32], eps: f32) {
+fn rms_rows(x: &[f32], weight: &[f32], out: &mut [MaybeUninit<f32>], eps: f32) {
     let d = weight.len();
     for (row, o) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
         let r = 1.0 / (dot(row, row) / d as f32 + eps).sqrt();
         for i in 0..d {
-            o[i] = row[i] * r * weight[i];
+            o[i].write(row[i] * r * weight[i]);
         }
     }
 }
 
 /// RMSNorm backward over a run of rows: writes `dx`, adds the rows' share of `dweight`.
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
-fn rms_backward_rows(x: &[f32], weight: &[f32], grad: &[f32], dx: &mut [f32], dweight: &mut [f32], eps: f32) {
+fn rms_backward_rows(x: &[f32], weight: &[f32], grad: &[f32], dx: &mut [MaybeUninit<f32>], dweight: &mut [f32], eps: f32) {
     let d = weight.len();
     for ((row, g), dxr) in x.chunks_exact(d).zip(grad.chunks_exact(d)).zip(dx.chunks_exact_mut(d)) {
         let r = 1.0 / (dot(row, row) / d as f32 + eps).sqrt();
         let c = dot3(g, weight, row) * r * r / d as f32;
         for i in 0..d {
             dweight[i] += g[i] * row[i] * r;
-            dxr[i] = r * (g[i] * weight[i] - row[i] * c);
+            dxr[i].write(r * (g[i] * weight[i] - row[i] * c));
         }
     }
 }
@@ -527,11 +541,11 @@ impl Backend for Flex {
         let shape = x.shape();
         let (tokens, d) = (shape[1], shape[2]);
         let (xs, shifts, scales) = (data(&x), data(&shift), data(&scale));
-        let mut out = vec![0.0f32; xs.len()];
         // One task per sample when there are enough samples, else per row block.
         let per = tokens * d;
         let rows = if shape[0] >= 2 * rayon::current_num_threads() { tokens } else { rows_per_task(shape.num_elements() / d) };
-        out.par_chunks_mut(rows * d).enumerate().for_each(|(task, o)| {
+        // SAFETY: the blocks tile the output and each row of a block is written.
+        let out = unsafe { written(xs.len(), |out| out.par_chunks_mut(rows * d).enumerate().for_each(|(task, o)| {
             let start = task * rows * d;
             // A block never spans two samples when `rows` divides `tokens`; split it where it does.
             let mut at = 0;
@@ -541,7 +555,7 @@ impl Backend for Flex {
                 layer_norm_modulate_rows(&xs[start + at..start + end], &shifts[b * d..(b + 1) * d], &scales[b * d..(b + 1) * d], &mut o[at..end], eps as f32);
                 at = end;
             }
-        });
+        })) };
         output(out, shape)
     }
 
@@ -558,18 +572,20 @@ impl Backend for Flex {
         let shape = x.shape();
         let (batch, tokens, d) = (shape[0], shape[1], shape[2]);
         let (xs, scales, gs) = (data(&x), data(&scale), data(&grad));
-        let mut dx = vec![0.0f32; xs.len()];
         let mut dshift = vec![0.0f32; batch * d];
         let mut dscale = vec![0.0f32; batch * d];
         let per = tokens * d;
-        dx.par_chunks_mut(per)
-            .zip(dshift.par_chunks_mut(d))
-            .zip(dscale.par_chunks_mut(d))
-            .enumerate()
-            .for_each(|(b, ((dx, dshift), dscale))| {
-                let range = b * per..(b + 1) * per;
-                layer_norm_modulate_backward_sample(&xs[range.clone()], &scales[b * d..(b + 1) * d], &gs[range], dx, dshift, dscale, eps as f32);
-            });
+        // SAFETY: each sample's rows of `dx` are written.
+        let dx = unsafe {
+            written(xs.len(), |dx| {
+                dx.par_chunks_mut(per).zip(dshift.par_chunks_mut(d)).zip(dscale.par_chunks_mut(d)).enumerate().for_each(
+                    |(b, ((dx, dshift), dscale))| {
+                        let range = b * per..(b + 1) * per;
+                        layer_norm_modulate_backward_sample(&xs[range.clone()], &scales[b * d..(b + 1) * d], &gs[range], dx, dshift, dscale, eps as f32);
+                    },
+                )
+            })
+        };
         (output(dx, shape), output(dshift, Shape::new([batch, d])), output(dscale, Shape::new([batch, d])))
     }
 
@@ -581,12 +597,16 @@ impl Backend for Flex {
         let shape = x.shape();
         let (tokens, d) = (shape[1], shape[2]);
         let (xs, gates, ys) = (data(&x), data(&gate), data(&y));
-        let mut out = vec![0.0f32; xs.len()];
         let per = tokens * d;
-        out.par_chunks_mut(per).enumerate().for_each(|(b, o)| {
-            let range = b * per..(b + 1) * per;
-            gated_rows(&xs[range.clone()], &gates[b * d..(b + 1) * d], &ys[range], o);
-        });
+        // SAFETY: each sample's rows are written.
+        let out = unsafe {
+            written(xs.len(), |out| {
+                out.par_chunks_mut(per).enumerate().for_each(|(b, o)| {
+                    let range = b * per..(b + 1) * per;
+                    gated_rows(&xs[range.clone()], &gates[b * d..(b + 1) * d], &ys[range], o);
+                })
+            })
+        };
         output(out, shape)
     }
 
@@ -603,12 +623,16 @@ impl Backend for Flex {
         let (batch, tokens, d) = (shape[0], shape[1], shape[2]);
         let (gates, ys, gs) = (data(&gate), data(&y), data(&grad));
         let mut dgate = vec![0.0f32; batch * d];
-        let mut dy = vec![0.0f32; ys.len()];
         let per = tokens * d;
-        dy.par_chunks_mut(per).zip(dgate.par_chunks_mut(d)).enumerate().for_each(|(b, (dy, dgate))| {
-            let range = b * per..(b + 1) * per;
-            gated_backward_sample(&gates[b * d..(b + 1) * d], &ys[range.clone()], &gs[range], dgate, dy);
-        });
+        // SAFETY: each sample's rows of `dy` are written.
+        let dy = unsafe {
+            written(ys.len(), |dy| {
+                dy.par_chunks_mut(per).zip(dgate.par_chunks_mut(d)).enumerate().for_each(|(b, (dy, dgate))| {
+                    let range = b * per..(b + 1) * per;
+                    gated_backward_sample(&gates[b * d..(b + 1) * d], &ys[range.clone()], &gs[range], dgate, dy);
+                })
+            })
+        };
         (output(dgate, Shape::new([batch, d])), output(dy, shape))
     }
 
@@ -618,8 +642,8 @@ impl Backend for Flex {
         }
         let x = contiguous(x);
         let xs = data(&x);
-        let mut out = vec![0.0f32; xs.len()];
-        out.par_chunks_mut(CHUNK).zip(xs.par_chunks(CHUNK)).for_each(|(o, x)| gelu_rows(x, o));
+        // SAFETY: the chunks of `out` and `x` pair up and every element is written.
+        let out = unsafe { written(xs.len(), |out| out.par_chunks_mut(CHUNK).zip(xs.par_chunks(CHUNK)).for_each(|(o, x)| gelu_rows(x, o))) };
         output(out, x.shape())
     }
 
@@ -629,11 +653,12 @@ impl Backend for Flex {
         }
         let (x, grad) = (contiguous(x), contiguous(grad));
         let (xs, gs) = (data(&x), data(&grad));
-        let mut out = vec![0.0f32; xs.len()];
-        out.par_chunks_mut(CHUNK)
-            .zip(xs.par_chunks(CHUNK))
-            .zip(gs.par_chunks(CHUNK))
-            .for_each(|((o, x), g)| gelu_backward_rows(x, g, o));
+        // SAFETY: the chunks pair up and every element is written.
+        let out = unsafe {
+            written(xs.len(), |out| {
+                out.par_chunks_mut(CHUNK).zip(xs.par_chunks(CHUNK)).zip(gs.par_chunks(CHUNK)).for_each(|((o, x), g)| gelu_backward_rows(x, g, o))
+            })
+        };
         output(out, x.shape())
     }
 
@@ -644,9 +669,9 @@ impl Backend for Flex {
         let (x, weight) = (contiguous(x), contiguous(weight));
         let (xs, w) = (data(&x), data(&weight));
         let d = w.len();
-        let mut out = vec![0.0f32; xs.len()];
         let span = rows_per_task(xs.len() / d) * d;
-        out.par_chunks_mut(span).zip(xs.par_chunks(span)).for_each(|(o, x)| rms_rows(x, w, o, eps as f32));
+        // SAFETY: the row blocks pair up and every row is written.
+        let out = unsafe { written(xs.len(), |out| out.par_chunks_mut(span).zip(xs.par_chunks(span)).for_each(|(o, x)| rms_rows(x, w, o, eps as f32))) };
         output(out, x.shape())
     }
 
@@ -662,9 +687,12 @@ impl Backend for Flex {
         let (x, weight, grad) = (contiguous(x), contiguous(weight), contiguous(grad));
         let (xs, w, gs) = (data(&x), data(&weight), data(&grad));
         let d = w.len();
-        let mut dx = vec![0.0f32; xs.len()];
         let span = rows_per_task(xs.len() / d) * d;
-        let dweight = dx
+        let mut dweight = Vec::new();
+        // SAFETY: every row of `dx` is written.
+        let dx = unsafe {
+            written(xs.len(), |dx| {
+                dweight = dx
             .par_chunks_mut(span)
             .zip(xs.par_chunks(span))
             .zip(gs.par_chunks(span))
@@ -677,6 +705,8 @@ impl Backend for Flex {
                 a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
                 a
             });
+            })
+        };
         (output(dx, x.shape()), output(dweight, weight.shape()))
     }
 
