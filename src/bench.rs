@@ -56,6 +56,11 @@ fn sync<B: Backend>(t: Tensor<B, 4>) {
     let _ = t.into_data();
 }
 
+/// Waits for the device's queued work (a timed step ends when its update has landed).
+fn wait<B: Backend>(device: &B::Device) {
+    B::sync(device).expect("device sync");
+}
+
 /// Seconds of each of `iterations` timed calls of `f`, after one untimed warm-up call.
 fn timed(iterations: usize, mut f: impl FnMut()) -> Vec<f64> {
     f();
@@ -112,7 +117,7 @@ pub fn run_bench<B: Backend>(config: &BenchConfig, device: &B::Device) -> BenchR
         let grads = (v - xa.clone()).powi_scalar(2).mean().backward();
         let grads = burn::optim::GradientsParams::from_grads(grads, &model);
         let model = optimizer.step(optim.lr, model, grads);
-        sync(model.transformer_blocks[0].ff.linear_out.weight.val().unsqueeze::<4>());
+        wait::<B>(device);
         full = Some(model);
     });
     drop(full);
@@ -128,6 +133,7 @@ pub fn run_bench<B: Backend>(config: &BenchConfig, device: &B::Device) -> BenchR
         let grads = (v - xa.clone()).powi_scalar(2).mean().backward();
         let grads = burn::optim::GradientsParams::from_grads(grads, &trained);
         let trained = optimizer.step(optim.lr, trained, grads);
+        wait::<B>(device);
         adapter = Some(trained);
     });
     BenchReport {

@@ -480,11 +480,6 @@ fn keep_freed_pages() {
     }
 }
 
-/// Threads the CPU backend runs on (rayon's global pool: `RAYON_NUM_THREADS`, else every core).
-fn rayon_threads() -> usize {
-    rayon::current_num_threads()
-}
-
 fn main() -> Result<()> {
     keep_freed_pages();
     tracing_subscriber::fmt()
@@ -524,7 +519,8 @@ fn main() -> Result<()> {
                     "batch": batch,
                     "latent": latent,
                     "tokens": tokens,
-                    "threads": rayon_threads(),
+                    // rayon's global pool, which flex runs on: RAYON_NUM_THREADS, else every core.
+                    "threads": rayon::current_num_threads(),
                     "runs": iterations,
                     "versions": { "flow-opd": env!("CARGO_PKG_VERSION"), "burn": "0.21.0" },
                 });

@@ -44,6 +44,12 @@ fn output(values: Vec<f32>, shape: Shape) -> FlexTensor {
     FlexTensor::new(Bytes::from_elems(values), Layout::contiguous(shape), DType::F32)
 }
 
+/// `acc += part`, element by element (partial sums of parallel tasks).
+fn add_assign(mut acc: Vec<f32>, part: &[f32]) -> Vec<f32> {
+    acc.iter_mut().zip(part).for_each(|(a, b)| *a += b);
+    acc
+}
+
 /// Rows per parallel task: about four tasks a thread, at least one row.
 fn rows_per_task(rows: usize) -> usize {
     (rows / (4 * rayon::current_num_threads())).max(1)
@@ -260,7 +266,7 @@ fn rms_backward_rows(x: &[f32], weight: &[f32], grad: &[f32], dx: &mut [MaybeUni
     }
 }
 
-/// In-place softmax of each `cols`-wide row of `scores`, after multiplying by `scale`.
+/// In-place softmax of each `cols`-wide row of `scores`.
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
 fn softmax_rows(scores: &mut [f32], cols: usize) {
     for row in scores.chunks_exact_mut(cols) {
@@ -407,18 +413,6 @@ fn attention_impl(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, heads: usize, 
     (output(out, q.shape()), probs)
 }
 
-/// A buffer of `len` values that `write` fills through a raw pointer (no zeroing first).
-///
-/// # Safety
-/// `write` must write all `len` elements.
-unsafe fn gemm_output(len: usize, write: impl FnOnce(*mut f32)) -> Vec<f32> {
-    let mut out = Vec::<f32>::with_capacity(len);
-    write(out.spare_capacity_mut().as_mut_ptr().cast());
-    // SAFETY: every element was written (the caller's contract).
-    unsafe { out.set_len(len) };
-    out
-}
-
 /// `out [m, n] = (read ? out : 0) + a [m, k] b` for row-major `a` (row stride `k`), split
 /// into row blocks over rayon's threads (each block one single-threaded GEMM).
 ///
@@ -466,17 +460,8 @@ fn weight_and_bias_grads(a: &[f32], g: &[f32], k: usize, n: usize, want_weight: 
             (dw, db)
         })
         .reduce(
-            || (Vec::new(), Vec::new()),
-            |(mut aw, mut ab), (bw, bb)| {
-                for (acc, part) in [(&mut aw, bw), (&mut ab, bb)] {
-                    if acc.is_empty() {
-                        *acc = part;
-                    } else if !part.is_empty() {
-                        acc.iter_mut().zip(&part).for_each(|(a, b)| *a += b);
-                    }
-                }
-                (aw, ab)
-            },
+            || (vec![0.0f32; if want_weight { k * n } else { 0 }], vec![0.0f32; if want_bias { n } else { 0 }]),
+            |(aw, ab), (bw, bb)| (add_assign(aw, &bw), add_assign(ab, &bb)),
         )
 }
 
@@ -499,7 +484,7 @@ impl Backend for Flex {
                 out
             }
             // SAFETY: the GEMM writes every element (it does not read `out`).
-            None => unsafe { gemm_output(rows * n, |out| par_gemm_rows((rows, n, k), out, false, xs.as_ptr(), data(&weight).as_ptr(), (n, 1))) },
+            None => unsafe { written(rows * n, |out| par_gemm_rows((rows, n, k), out.as_mut_ptr().cast(), false, xs.as_ptr(), data(&weight).as_ptr(), (n, 1))) },
         };
         let mut shape = x.shape();
         let last = shape.num_dims() - 1;
@@ -524,7 +509,7 @@ impl Backend for Flex {
         let dx = wanted[0].then(|| {
             // dx [rows, k] = g [rows, n] W^T
             // SAFETY: the GEMM writes every element.
-            let dx = unsafe { gemm_output(rows * k, |dx| par_gemm_rows((rows, k, n), dx, false, gs.as_ptr(), data(&weight).as_ptr(), (1, n))) };
+            let dx = unsafe { written(rows * k, |dx| par_gemm_rows((rows, k, n), dx.as_mut_ptr().cast(), false, gs.as_ptr(), data(&weight).as_ptr(), (1, n))) };
             output(dx, x.shape())
         });
         let (dw, db) = if wanted[1] || wanted[2] { weight_and_bias_grads(xs, gs, k, n, wanted[1], wanted[2]) } else { (Vec::new(), Vec::new()) };
@@ -701,10 +686,7 @@ impl Backend for Flex {
                 rms_backward_rows(x, w, g, dx, &mut dw, eps as f32);
                 dw
             })
-            .reduce(|| vec![0.0f32; d], |mut a, b| {
-                a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-                a
-            });
+            .reduce(|| vec![0.0f32; d], |a, b| add_assign(a, &b));
             })
         };
         (output(dx, x.shape()), output(dweight, weight.shape()))
