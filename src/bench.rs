@@ -14,7 +14,7 @@ use crate::train::rollout::sample_micro_batched;
 use crate::model::MmditConfig;
 use crate::model::lora::{ActiveAdapters, LoraAdapter};
 use crate::model::mmdit::Mmdit;
-use crate::train::pretrain::OptimConfig;
+use crate::train::adapter::{AdapterTraining, OptimConfig};
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -167,7 +167,7 @@ pub struct OpdBenchConfig {
     /// Samples per transformer pass (gradients accumulated); the whole batch if `None`.
     pub micro_batch: Option<usize>,
     /// Storage precision of the frozen base (the adapters stay f32).
-    pub weights: crate::model::t2i::WeightPrecision,
+    pub weights: crate::pipeline::WeightPrecision,
 }
 
 /// Measured figures of the OPD benchmark (wall-clock, synchronised at each phase's end).
@@ -226,15 +226,17 @@ pub fn run_opd_bench<B: AutodiffBackend>(config: &OpdBenchConfig, device: &B::De
         mar_lambda: 0.02,
         reduction: Default::default(),
         timestep_fraction: 0.99,
-        optim: OptimConfig { lr: 1e-4, betas: (0.9, 0.999), weight_decay: 1e-4, grad_clip: 1.0 },
         lora: None,
-        ema_max_decay: 0.9,
-        seed: 0,
-        prompt_files: Default::default(),
+        training: AdapterTraining {
+            optim: OptimConfig { lr: 1e-4, betas: (0.9, 0.999), weight_decay: 1e-4, grad_clip: 1.0 },
+            ema_max_decay: 0.9,
+            seed: 0,
+            prompt_files: Default::default(),
+        },
         train_metrics: false,
         remote_rewards: Default::default(),
     };
-    let mut optimizer = opd.optim.adamw().init::<B, LoraAdapter<B>>();
+    let mut optimizer = opd.training.optim.adamw().init::<B, LoraAdapter<B>>();
     let mut noise = SeededNoise::new(0);
     let conditioning = |noise: &mut SeededNoise| TextConditioning {
         tokens: noise.sample([b, config.tokens, m.joint_attention_dim], device),
@@ -256,7 +258,7 @@ pub fn run_opd_bench<B: AutodiffBackend>(config: &OpdBenchConfig, device: &B::De
         let batch = OpdBatch { trajectory: &trajectory, cond: &cond, negative: &negative, route: route.clone() };
         let (stats, grads) = objective.gradients(&student, &batch, device);
         let grads = grads.ok_or("no trained step: the rollout has no stochastic transition")?;
-        student = optimizer.step(opd.optim.lr, student, grads);
+        student = optimizer.step(opd.training.optim.lr, student, grads);
         B::sync(device).map_err(|e| format!("device sync: {e:?}"))?;
         let updated = start.elapsed().as_secs_f64();
         if iteration > 0 {

@@ -9,7 +9,8 @@ pub mod train;
 pub mod eval;
 pub mod model;
 pub mod recipe;
-pub mod sample;
+pub mod pipeline;
+pub mod io;
 pub mod reward;
 pub mod world;
 

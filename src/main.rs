@@ -37,7 +37,11 @@ impl RecipeInputs {
                 .into_iter()
                 .filter_map(|(k, v)| v.map(|v| (k.to_string(), v.to_string_lossy().into_owned())))
                 .collect();
-        Ok(flow_opd::recipe::Recipe::from_file_with(path, &inputs)?)
+        let found = flow_opd::recipe::find_recipe(path, Path::new("recipes"))?;
+        if found != path {
+            eprintln!("recipe: {}", found.display());
+        }
+        Ok(flow_opd::recipe::Recipe::from_file_with(&found, &inputs)?)
     }
 }
 
@@ -200,7 +204,7 @@ enum Command {
         micro_batch: Option<usize>,
         /// OPD: storage precision of the frozen base, f32, bf16 or f16 (adapters stay f32).
         #[arg(long, default_value = "f32")]
-        weights: flow_opd::model::t2i::WeightPrecision,
+        weights: flow_opd::pipeline::WeightPrecision,
         /// Print one JSON object (the fields `tools/bench_torch.py` prints) instead of text.
         #[arg(long)]
         json: bool,
@@ -404,13 +408,13 @@ impl BackendTask for OpdBenchTask {
     }
 }
 
-struct SampleTask(flow_opd::sample::SampleRequest, flow_opd::sample::Sd3SampleOptions);
+struct SampleTask(flow_opd::pipeline::sample::SampleRequest, flow_opd::pipeline::sample::Sd3SampleOptions);
 
 impl BackendTask for SampleTask {
     type Output = Result<Vec<PathBuf>>;
     fn run<B: Backend>(self, device: B::Device) -> Self::Output {
         let bar = flow_opd::recipe::progress_bar(self.0.prompts.len() as u64, "sample");
-        let paths = flow_opd::sample::run_sample_with::<B>(&self.0, &self.1, &device, |n| bar.inc(n as u64)).map_err(anyhow::Error::msg)?;
+        let paths = flow_opd::pipeline::sample::run_sample_with::<B>(&self.0, &self.1, &device, |n| bar.inc(n as u64)).map_err(anyhow::Error::msg)?;
         bar.finish();
         Ok(paths)
     }
@@ -424,7 +428,8 @@ struct RecipeTask {
 impl MultiDeviceTask for RecipeTask {
     type Output = Result<()>;
     fn run<B: Backend>(self, devices: Vec<B::Device>) -> Self::Output {
-        let ctx = flow_opd::recipe::run_recipe_on::<B>(&self.recipe, &self.runs, &devices)?;
+        let interrupter = flow_opd::recipe::Interrupter::ctrl_c();
+        let ctx = flow_opd::recipe::run_recipe_with::<B>(&self.recipe, &self.runs, &devices, interrupter)?;
         println!("run written to {}", ctx.dir.display());
         Ok(())
     }
@@ -539,11 +544,11 @@ fn main() -> Result<()> {
         Command::Sample { model, prompt, prompts, adapter, steps, cfg, seed, out, scale, height, width, t5_length, device } => {
             let mut all = prompt;
             if let Some(file) = prompts {
-                all.extend(flow_opd::sample::read_prompt_file(&file).map_err(anyhow::Error::msg)?);
+                all.extend(flow_opd::io::prompts::read_prompt_file(&file)?);
             }
-            let sampling = flow_opd::eval::GenerateConfig { steps, guidance: cfg, ..Default::default() };
-            let request = flow_opd::sample::SampleRequest { model, adapter, prompts: all, sampling, seed, out, scale };
-            let sd3 = flow_opd::sample::Sd3SampleOptions { height, width, t5_length };
+            let sampling = flow_opd::pipeline::generate::GenerateConfig { steps, guidance: cfg, ..Default::default() };
+            let request = flow_opd::pipeline::sample::SampleRequest { model, adapter, prompts: all, sampling, seed, out, scale };
+            let sd3 = flow_opd::pipeline::sample::Sd3SampleOptions { height, width, t5_length };
             for path in dispatch(device, SampleTask(request, sd3))?? {
                 println!("wrote {}", path.display());
             }
@@ -581,7 +586,7 @@ fn main() -> Result<()> {
                 adapter: adapter.map(|a| a.to_string_lossy().into_owned()),
                 row: Some(name.unwrap_or(model_name)),
                 eval: flow_opd::eval::EvalConfig {
-                    sampling: flow_opd::eval::GenerateConfig { steps, guidance: cfg, ..Default::default() },
+                    sampling: flow_opd::pipeline::generate::GenerateConfig { steps, guidance: cfg, ..Default::default() },
                     prompts_per_task: Some(prompts),
                     seed: 0,
                     tasks,

@@ -9,10 +9,11 @@ mod common;
 
 use burn::backend::{Autodiff, Flex};
 use flow_opd::model::lora::load_lora;
-use flow_opd::model::pipeline::Pipeline;
-use flow_opd::recipe::{Recipe, run_recipe, save_pipeline_atomic};
+use flow_opd::pipeline::world::Pipeline;
+use flow_opd::pipeline::world::save_pipeline_atomic;
+use flow_opd::recipe::{Recipe, run_recipe};
 use flow_opd::train::grpo::{GrpoConfig, grpo_trainer};
-use flow_opd::train::metrics::read_metrics;
+use flow_opd::io::metrics::read_metrics;
 
 type B = Flex;
 
@@ -277,7 +278,7 @@ fn a_partition_beta_overrides_the_stage_beta() {
         for _ in 0..2 {
             trainer.iteration(&device).unwrap();
         }
-        trainer.adapter.valid()
+        trainer.state.adapter.valid()
     };
     let gradient = |stage_beta: f64, partition_beta: Option<f64>| {
         let pipeline = Pipeline::<B>::load(&model, &device).unwrap();
@@ -287,7 +288,7 @@ fn a_partition_beta_overrides_the_stage_beta() {
         let mut trainer = grpo_trainer::<Autodiff<B>>(pipeline, Some(moved.clone()), config, &device).unwrap();
         let (grads, stats) = trainer.gradient_on(0, &device).unwrap();
         assert!(stats.kl > 0.0, "the adapter has moved: {stats:?}");
-        flatten_gradient(&trainer.adapter, &grads.unwrap())
+        flatten_gradient(&trainer.state.adapter, &grads.unwrap())
     };
     let overridden = gradient(0.0, Some(5.0));
     let stage = gradient(5.0, None);

@@ -33,7 +33,7 @@ fn setup() -> (Mmdit<B>, LoraAdapter<B>, Inputs) {
     B::seed(&device, 11);
     let config = MmditConfig::tiny();
     // Parameters initialise lazily; materialise them so clones share the same values.
-    let model = flow_opd::model::pipeline::materialize(config.init::<B>(&device));
+    let model = flow_opd::pipeline::world::materialize(config.init::<B>(&device));
     let mut adapter = LoraConfig::new(4, 8.0, LoraTarget::FLOW_GRPO.to_vec()).init(&model, 0, &device);
     let mut noise = SeededNoise::new(3);
     for layer in adapter.blocks.iter_mut().flat_map(|b| b.layers.iter_mut().flatten()) {

@@ -14,9 +14,10 @@ use burn::tensor::Tensor;
 use flow_opd::Backend;
 use flow_opd::flow::{GuidedModel, KlReduction, SeededNoise, VelocityField, opd_loss};
 use flow_opd::model::lora::{ActiveAdapters, AdapterChoice, LoraAdapter, save_lora, LoraFormat};
-use flow_opd::model::pipeline::Pipeline;
+use flow_opd::pipeline::world::Pipeline;
 use flow_opd::model::weights::SaveDtype;
-use flow_opd::recipe::{Recipe, run_recipe, save_pipeline_atomic};
+use flow_opd::pipeline::world::save_pipeline_atomic;
+use flow_opd::recipe::{Recipe, run_recipe};
 use flow_opd::train::opd::{OpdBatch, OpdConfig, OpdObjective, Teachers, opd_trainer};
 use flow_opd::world::Task;
 
@@ -77,7 +78,7 @@ fn student_equal_to_teacher_has_zero_loss_and_gradient_and_lambda_zero_drops_mar
     let x: Tensor<B, 4> = SeededNoise::new(6).sample([2, 12, 16, 16], &device);
     let v_teacher = GuidedModel { model: &p.model.transformer, adapters: &ActiveAdapters::single(&t), cond: &cond, guidance: None }.velocity(x.clone(), 0.6);
     let v_anchor = GuidedModel { model: &p.model.transformer, adapters: &ActiveAdapters::single(&anchor), cond: &cond, guidance: None }.velocity(x.clone(), 0.6);
-    let cond_ad = flow_opd::train::grpo::lift_conditioning::<AD>(&cond);
+    let cond_ad = flow_opd::train::adapter::lift_conditioning::<AD>(&cond);
     let single = ActiveAdapters::single(&student);
     let student_v = || GuidedModel { model: &base_ad, adapters: &single, cond: &cond_ad, guidance: None }.velocity(Tensor::from_inner(x.clone()), 0.6);
     let v = student_v();
@@ -218,7 +219,7 @@ eval = {{ prompts_per_task = 1, sampling = {{ steps = 2, guidance = 2.0 }} }}
     let recipe = Recipe::from_toml(Path::new("opd.toml"), &text).unwrap();
     run_recipe::<B>(&recipe, runs.path(), &device).unwrap();
     let dir = runs.path().join("opd_smoke");
-    let metrics = flow_opd::train::metrics::read_metrics(&dir.join("metrics.jsonl")).unwrap();
+    let metrics = flow_opd::io::metrics::read_metrics(&dir.join("metrics.jsonl")).unwrap();
     let opd: Vec<_> = metrics.iter().filter(|m| m["stage"] == "opd:student").collect();
     assert_eq!(opd.len(), 2);
     assert!(opd.iter().all(|m| m["loss_opd"].as_f64().unwrap() > 0.0 && m["loss_mar"].as_f64().unwrap() > 0.0));
@@ -265,7 +266,7 @@ train = {{ samples_per_task = 3, sampling = {{ steps = 2, guidance = 2.0 }}, ste
     let recipe = Recipe::from_toml(Path::new("sft.toml"), &text).unwrap();
     run_recipe::<B>(&recipe, runs.path(), &device).unwrap();
     let dir = runs.path().join("sft_smoke");
-    let metrics = flow_opd::train::metrics::read_metrics(&dir.join("metrics.jsonl")).unwrap();
+    let metrics = flow_opd::io::metrics::read_metrics(&dir.join("metrics.jsonl")).unwrap();
     assert_eq!(metrics.iter().filter(|m| m["stage"] == "sft:cold").count(), 3);
     let cold = flow_opd::model::lora::load_lora(&dir.join("cold"), &p.model.transformer, &device).unwrap();
     let b_norm: f32 = cold.layers().map(|(_, _, l)| l.up.val().abs().max().into_scalar()).fold(0.0, f32::max);
@@ -288,7 +289,7 @@ fn opd_bench_times_a_full_iteration() {
         guidance: 4.5,
         iterations: 1,
         micro_batch: Some(1),
-        weights: flow_opd::model::t2i::WeightPrecision::Bf16,
+        weights: flow_opd::pipeline::WeightPrecision::Bf16,
     };
     let report = flow_opd::bench::run_opd_bench::<AD>(&config, &Default::default()).unwrap();
     assert!(report.rollout_s > 0.0 && report.update_s > 0.0);

@@ -11,8 +11,10 @@ mod common;
 
 use burn::backend::{Autodiff, Flex};
 use flow_opd::model::lora::LoraAdapter;
-use flow_opd::model::pipeline::Pipeline;
-use flow_opd::recipe::{Recipe, run_recipe_on, save_pipeline_atomic};
+use flow_opd::pipeline::world::Pipeline;
+use flow_opd::pipeline::world::save_pipeline_atomic;
+use flow_opd::recipe::{Recipe, run_recipe_on};
+use flow_opd::train::adapter::AdapterTrainer;
 use flow_opd::train::grpo::{GrpoConfig, grpo_trainer};
 use flow_opd::train::opd::{OpdConfig, Teachers, opd_trainer};
 use flow_opd::train::parallel::{ANOTHER_PEER_FAILED, Peer, first_error, run_peers};
@@ -58,7 +60,7 @@ fn two_grpo_peers_train_as_one_device_with_half_batch_micro_batches() {
     let device = Default::default();
     let pipeline = common::toy_world_pipeline(0);
     let config: GrpoConfig = toml::from_str(GRPO).unwrap();
-    let start = flat(&grpo_trainer::<AD>(pipeline.clone(), None, config.clone(), &device).unwrap().ema.average);
+    let start = flat(&grpo_trainer::<AD>(pipeline.clone(), None, config.clone(), &device).unwrap().state.ema.average);
 
     let mut halves = config.clone();
     halves.rollout.micro_batch = Some(3);
@@ -69,11 +71,11 @@ fn two_grpo_peers_train_as_one_device_with_half_batch_micro_batches() {
         let device = peer.device.clone();
         let mut trainer = grpo_trainer::<AD>(pipeline.clone(), None, config.clone(), &device)?.with_peer(peer)?;
         let stats: Vec<_> = (0..2).map(|_| trainer.iteration(&device)).collect::<Result<_, _>>()?;
-        Ok((flat(&trainer.ema.average), stats))
+        Ok((flat(&trainer.state.ema.average), stats))
     });
     let peers = first_error(results).unwrap();
 
-    let single = flat(&one.ema.average);
+    let single = flat(&one.state.ema.average);
     assert!(single.iter().zip(&start).any(|(a, b)| a != b), "the adapter did not move: the comparison would be empty");
     assert_eq!(peers[0].0, peers[1].0, "the peers' adapters differ");
     assert_close("two peers vs one device", &peers[0].0, &single, 1e-4);
@@ -110,10 +112,10 @@ fn two_opd_peers_train_as_one_device_with_half_batch_micro_batches() {
         let device = peer.device.clone();
         let mut trainer = opd_trainer::<AD>(pipeline.clone(), None, teachers(), config.clone(), &device)?.with_peer(peer)?;
         let stats: Vec<_> = (0..2).map(|_| trainer.iteration(&device)).collect::<Result<_, _>>()?;
-        Ok((flat(&trainer.ema.average), stats))
+        Ok((flat(&trainer.state.ema.average), stats))
     });
     let peers = first_error(results).unwrap();
-    let single = flat(&one.ema.average);
+    let single = flat(&one.state.ema.average);
     assert!(single.iter().any(|x| *x != 0.0));
     assert_eq!(peers[0].0, peers[1].0, "the peers' adapters differ");
     assert_close("two peers vs one device", &peers[0].0, &single, 1e-4);
@@ -168,7 +170,7 @@ fn a_recipe_on_two_devices_logs_and_saves_once_and_refuses_uneven_splits() {
         Recipe::from_toml(Path::new("dp.toml"), &text).unwrap()
     };
     let ctx = run_recipe_on::<B>(&recipe("dp", 2), runs.path(), &two_cpu_devices()).unwrap();
-    let metrics = flow_opd::train::metrics::read_metrics(&ctx.dir.join("metrics.jsonl")).unwrap();
+    let metrics = flow_opd::io::metrics::read_metrics(&ctx.dir.join("metrics.jsonl")).unwrap();
     let steps: Vec<u64> = metrics.iter().map(|m| m["step"].as_u64().unwrap()).collect();
     assert_eq!(steps, [1, 2], "one line per iteration, from the lead peer only");
     let saved = flow_opd::model::lora::load_lora(&ctx.dir.join("teacher"), &Pipeline::<B>::load(&model, &Default::default()).unwrap().model.transformer, &Default::default()).unwrap();
@@ -254,7 +256,7 @@ fn two_pretraining_peers_take_the_one_device_steps() {
     assert!(a.iter().zip(&start).any(|(x, y)| x != y), "pre-training did not move the model");
     assert_close("two peers vs one device (full batch)", &b, &a, 1e-5);
     let loss = |dir: &Path| {
-        let m = flow_opd::train::metrics::read_metrics(&dir.join("metrics.jsonl")).unwrap();
+        let m = flow_opd::io::metrics::read_metrics(&dir.join("metrics.jsonl")).unwrap();
         m.iter().filter(|m| m["stage"] == "pretrain").map(|m| m["loss"].as_f64().unwrap()).collect::<Vec<_>>()
     };
     let (la, lb) = (loss(&one.dir), loss(&two.dir));

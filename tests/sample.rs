@@ -5,9 +5,10 @@
 mod common;
 
 use burn::backend::Flex;
-use flow_opd::eval::GenerateConfig;
-use flow_opd::recipe::save_pipeline_atomic;
-use flow_opd::sample::{SampleRequest, read_prompt_file, run_sample};
+use flow_opd::pipeline::generate::GenerateConfig;
+use flow_opd::pipeline::world::save_pipeline_atomic;
+use flow_opd::io::prompts::read_prompt_file;
+use flow_opd::pipeline::sample::{SampleRequest, run_sample};
 
 #[test]
 fn an_image_is_the_same_alone_or_in_a_batch() {
@@ -43,7 +44,7 @@ fn bad_inputs_name_what_is_wrong() {
     let dir = tempfile::tempdir().unwrap();
     let empty = dir.path().join("prompts.txt");
     std::fs::write(&empty, "# only a comment\n\n").unwrap();
-    let err = read_prompt_file(&empty).unwrap_err();
+    let err = read_prompt_file(&empty).unwrap_err().to_string();
     assert!(err.contains("prompts.txt") && err.contains("no prompts"), "{err}");
     let request = SampleRequest {
         model: dir.path().join("no_such_model"),

@@ -13,11 +13,11 @@ use std::path::{Path, PathBuf};
 use burn::backend::Flex;
 use burn::tensor::{Tensor, TensorData};
 use common::{read_all, rel_l2};
-use flow_opd::eval::GenerateConfig;
+use flow_opd::pipeline::generate::GenerateConfig;
 use flow_opd::model::lora::ActiveAdapters;
-use flow_opd::model::sd3_pipeline::{InitialLatents, Sd3Pipeline, Sd3SampleConfig, to_rgb_images};
+use flow_opd::pipeline::sd3::{InitialLatents, Sd3Pipeline, Sd3SampleConfig, to_rgb_images};
 use flow_opd::model::weights::NamedTensor;
-use flow_opd::sample::{SampleRequest, Sd3SampleOptions, run_sample_with};
+use flow_opd::pipeline::sample::{SampleRequest, Sd3SampleOptions, run_sample_with};
 
 type B = Flex;
 

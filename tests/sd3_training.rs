@@ -15,10 +15,10 @@ use burn::tensor::Tensor;
 use common::fake_server::{FakeServer, Reply, mean_pixel_scores};
 use flow_opd::flow::SeededNoise;
 use flow_opd::model::lora::{LoraAdapter, LoraConfig, LoraFormat, LoraTarget, load_lora, save_lora};
-use flow_opd::model::sd3_pipeline::Sd3Pipeline;
+use flow_opd::pipeline::sd3::Sd3Pipeline;
 use flow_opd::model::weights::SaveDtype;
 use flow_opd::recipe::{Recipe, run_recipe};
-use flow_opd::train::metrics::read_metrics;
+use flow_opd::io::metrics::read_metrics;
 
 type B = Flex;
 
@@ -181,7 +181,7 @@ adapters = { "a" = 1.0 }
 #[test]
 fn rollouts_use_the_folders_scheduler() {
     use flow_opd::flow::FlowSchedule;
-    use flow_opd::model::t2i::{AnyPipeline, Sd3Options, TextToImage};
+    use flow_opd::pipeline::{AnyPipeline, Sd3Options, TextToImage};
     use flow_opd::train::prompts::TaskPrompt;
     use flow_opd::train::rollout::{RolloutConfig, rollout};
     use rand::SeedableRng;

@@ -14,7 +14,7 @@ use burn::backend::Flex;
 use burn::tensor::{Tensor, TensorData};
 use common::{read_all, rel_l2};
 use flow_opd::model::ModelError;
-use flow_opd::model::codec::LatentCodec;
+use flow_opd::pipeline::codec::LatentCodec;
 use flow_opd::model::vae::weights::vae_manifest;
 use flow_opd::model::vae::{AutoencoderKl, VaeConfig, VaeSource, load_vae};
 use flow_opd::model::weights::{NamedTensor, SaveDtype, write_safetensors};
@@ -121,7 +121,7 @@ fn sd3_preset_has_exactly_the_real_checkpoint_keys() {
     assert!(missing.is_empty() && extra.is_empty(), "missing {missing:?}\nextra {extra:?}");
     assert_eq!(ours, reference);
     let decoder: usize = ours.iter().filter(|(k, _)| k.starts_with("decoder.")).map(|(_, s)| s.iter().product::<usize>()).sum();
-    assert_eq!(decoder, 49_545_475, "REFERENCE section 8: the decoder has 49.5M values");
+    assert_eq!(decoder, 49_545_475, "docs/reference.md section 8: the decoder has 49.5M values");
 }
 
 /// Copies the fixture VAE into a temporary folder with `edit` applied to its tensors.

@@ -8,9 +8,9 @@ use burn::backend::Flex;
 use burn::tensor::Tensor;
 use flow_opd::eval::ResultsTable;
 use flow_opd::flow::SeededNoise;
-use flow_opd::model::pipeline::Pipeline;
+use flow_opd::pipeline::world::Pipeline;
 use flow_opd::recipe::{Recipe, run_recipe};
-use flow_opd::train::metrics::read_metrics;
+use flow_opd::io::metrics::read_metrics;
 
 type B = Flex;
 
@@ -85,12 +85,12 @@ fn velocity(p: &Pipeline<B>) -> Vec<f32> {
 
 #[test]
 fn every_shipped_prompt_fits_the_tokenizer() {
-    let tokenizer = flow_opd::model::pipeline::world_tokenizer(24);
+    let tokenizer = flow_opd::pipeline::world::world_tokenizer(24);
     for split in [flow_opd::world::prompts::Split::Train, flow_opd::world::prompts::Split::Test] {
         for prompt in flow_opd::world::prompts::shipped_prompts(split) {
             let ids = tokenizer.encode(&prompt.text);
             assert!(ids.len() < 24, "`{}` needs {} tokens", prompt.text, ids.len());
-            assert!(!ids.contains(&flow_opd::model::text_encoder::UNK), "`{}` has unknown words", prompt.text);
+            assert!(!ids.contains(&flow_opd::pipeline::text_encoder::UNK), "`{}` has unknown words", prompt.text);
         }
     }
 }

@@ -20,7 +20,7 @@ Output, all under ``tests/fixtures/flow/``:
     ``{"cases": [{"shift", "steps", "sigmas" (N+1, final 0), "timesteps" (N)}]}``, the float32
     values written as (exact) float64 numbers.
 ``sde_step.safetensors`` + ``sde_step.json``
-    one SDE transition per case (Flow-GRPO 'sde' and 'cps' types, REFERENCE.md section 3),
+    one SDE transition per case (Flow-GRPO 'sde' and 'cps' types, docs/reference.md section 3),
     computed in float64 numpy from the formulas (an implementation written here, not imported).
     Inputs ``case{k}.x``, ``case{k}.v``, ``case{k}.eps``, ``case{k}.x_next_given`` are float32
     ``[2,4,8,8]``; outputs ``case{k}.mean``, ``.sample``, ``.log_prob`` ``[2]``,
@@ -106,7 +106,7 @@ def write_schedule() -> dict[tuple[float, int], list[float]]:
     cases, out = [], {}
     for shift, n in SCHEDULE_CASES:
         sigmas, timesteps = schedule(shift, n)
-        # Cross-check against REFERENCE.md section 2, evaluated in float64.
+        # Cross-check against docs/reference.md section 2, evaluated in float64.
         s_min = shift_map(np.float64(0.001), shift)
         t = np.linspace(1000.0, 1000.0 * s_min, n)
         ref = shift_map(t / 1000.0, shift)
@@ -124,7 +124,7 @@ def write_schedule() -> dict[tuple[float, int], list[float]]:
 
 
 # --------------------------------------------------------------------------------------
-# 2. SDE step (REFERENCE.md section 3), float64 numpy
+# 2. SDE step (docs/reference.md section 3), float64 numpy
 # --------------------------------------------------------------------------------------
 
 LOG_SQRT_2PI = math.log(math.sqrt(2.0 * math.pi))
@@ -144,7 +144,7 @@ def sde_mean(x: np.ndarray, v: np.ndarray, p: dict) -> np.ndarray:
 
 
 def sde_log_prob(x_next: np.ndarray, mean: np.ndarray, std: float) -> np.ndarray:
-    """Per-sample mean over all non-batch elements (REFERENCE: a mean, not a sum)."""
+    """Per-sample mean over all non-batch elements (docs/reference.md: a mean, not a sum)."""
     lp = -((x_next - mean) ** 2) / (2.0 * std**2) - math.log(std) - LOG_SQRT_2PI
     return lp.reshape(lp.shape[0], -1).mean(axis=1)
 
@@ -277,7 +277,7 @@ def write_sde_step(sigmas: list[float]) -> None:
               f"std_dev_t={std_dev_t:.6g} std={std:.6g} log_prob={lp} log_prob_given={lp_given}")
     np_save_file(tensors, str(OUT / "sde_step.safetensors"), metadata={"format": "np"})
     doc = {
-        "note": ("float64 reference from REFERENCE.md section 3; inputs x, v, eps, x_next_given are "
+        "note": ("float64 reference from docs/reference.md section 3; inputs x, v, eps, x_next_given are "
                  "float32; sigmas are the float32 diffusers values (shift 3, N=10) upcast; "
                  "log_prob is the per-sample mean over C,H,W; 'sde': sample = mean + sigma_t*sqrt(-d)*eps, "
                  "std_dev_t = sigma_t; 'cps': sample = mean + st*eps, std_dev_t = st, "

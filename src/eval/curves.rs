@@ -28,7 +28,7 @@ pub struct Panel {
     pub series: Vec<Series>,
 }
 
-/// The factor that puts a task's metric on the Avg scale (REFERENCE section 6).
+/// The factor that puts a task's metric on the Avg scale (docs/reference.md section 6).
 pub fn avg_scale(task: Task) -> f64 {
     match task {
         Task::Preference => 1.0 / 26.0,
@@ -212,7 +212,7 @@ fn draw_panel<DB: DrawingBackend>(panel: &Panel, area: &DrawingArea<DB, plotters
 pub fn write_curves(run_dir: &Path) -> Result<std::path::PathBuf, CurvesError> {
     let metrics = run_dir.join("metrics.jsonl");
     let path_string = metrics.display().to_string();
-    let records = crate::train::metrics::read_metrics(&metrics)
+    let records = crate::io::metrics::read_metrics(&metrics)
         .map_err(|e| CurvesError::Draw { path: path_string.clone(), message: e.to_string() })?;
     let panels = training_panels(&records);
     if panels.is_empty() {
@@ -222,7 +222,7 @@ pub fn write_curves(run_dir: &Path) -> Result<std::path::PathBuf, CurvesError> {
     let out_string = out.display().to_string();
     let (width, height, pixels) = draw_panels(&panels).map_err(|message| CurvesError::Draw { path: out_string.clone(), message })?;
     let image = image::RgbImage::from_raw(width, height, pixels).expect("buffer matches its size");
-    crate::model::weights::write_png_atomic(&out, &image)
+    crate::io::write_png_atomic(&out, &image)
         .map_err(|e| CurvesError::Draw { path: out_string, message: e.to_string() })?;
     Ok(out)
 }
@@ -285,7 +285,7 @@ mod tests {
     #[test]
     fn curves_png_is_drawn_with_text_and_lines() {
         let dir = tempfile::tempdir().unwrap();
-        let mut log = crate::train::metrics::MetricsLog::open(&dir.path().join("metrics.jsonl")).unwrap();
+        let mut log = crate::io::metrics::MetricsLog::open(&dir.path().join("metrics.jsonl")).unwrap();
         for step in 1..=20 {
             let x = step as f64;
             log.log("grpo:t", step, &[("reward", x / 20.0), ("train_composition", x / 25.0), ("kl", 1e-4 * x)]).unwrap();
@@ -304,7 +304,7 @@ mod tests {
     #[test]
     fn a_run_without_training_stages_has_nothing_to_plot() {
         let dir = tempfile::tempdir().unwrap();
-        let mut log = crate::train::metrics::MetricsLog::open(&dir.path().join("metrics.jsonl")).unwrap();
+        let mut log = crate::io::metrics::MetricsLog::open(&dir.path().join("metrics.jsonl")).unwrap();
         log.log("eval:Base", 0, &[("geneval", 0.1)]).unwrap();
         let err = write_curves(dir.path()).unwrap_err().to_string();
         assert!(err.contains("metrics.jsonl") && err.contains("nothing to plot"), "{err}");

@@ -1,11 +1,13 @@
-//! The evaluation harness shared by every stage (REFERENCE section 6): test prompts per task,
+//! The evaluation harness shared by every stage (docs/reference.md section 6): test prompts per task,
 //! 40-step ODE sampling with fixed seeds, the four metrics and the paper's Avg, a `results.md`
 //! table with one row per evaluated model (rows are added to or replaced in an existing table),
 //! `results.json`, and per-task PNG grids of samples.
 
 pub mod curves;
-pub mod generate;
+pub mod grid;
 pub mod paired_curves;
+pub mod report;
+pub mod shard;
 pub mod table;
 
 use std::path::Path;
@@ -17,13 +19,13 @@ use serde::{Deserialize, Serialize};
 use image::RgbImage;
 
 use crate::model::lora::ActiveAdapters;
-use crate::model::t2i::TextToImage;
+use crate::pipeline::generate::{GenerateConfig, generate};
+use crate::pipeline::TextToImage;
 use crate::reward::{RemoteRewardConfig, RewardInput, RewardSet};
 use crate::world::Task;
 use crate::world::image::rgb_grid;
 use crate::world::prompts::{Prompt, Split, shipped_prompts};
 use crate::world::spec::Family;
-pub use generate::{GenerateConfig, generate};
 pub use table::{Difference, EvalRow, PerImage, ResultsTable, StdErrors, paired_difference};
 
 /// What to evaluate.
@@ -156,7 +158,7 @@ pub fn eval_prompts(config: &EvalConfig) -> Result<Vec<(Task, Vec<String>)>, Eva
         .iter()
         .map(|&task| {
             let all: Vec<String> = match config.prompt_files.get(&task) {
-                Some(path) => crate::sample::read_prompt_file(path).map_err(|message| EvalError::Output { path: path.clone(), message })?,
+                Some(path) => crate::io::prompts::read_prompt_file(path).map_err(|e| EvalError::Output { path: path.clone(), message: e.to_string() })?,
                 None => shipped.iter().filter(|p| p.task() == task).map(|p| p.text.clone()).collect(),
             };
             Ok((task, all.into_iter().take(config.prompts_per_task.unwrap_or(usize::MAX)).collect()))
@@ -243,16 +245,15 @@ pub fn row(name: &str, results: &[TaskResult], setup: &str, seconds: f64) -> Eva
 pub fn write_grids(dir: &Path, model: &str, results: &[TaskResult]) -> Result<(), EvalError> {
     std::fs::create_dir_all(dir).map_err(|e| EvalError::Output { path: dir.to_path_buf(), message: e.to_string() })?;
     for r in results {
-        let n = r.images.len().min(32);
+        let n = r.images.len().min(grid::GRID_TILES);
         let side = r.images.first().map_or(32, |i| i.width().max(i.height()));
-        let cell = if side <= 64 { side * 4 } else { side.min(256) };
-        let grid = rgb_grid(&r.images[..n], 8, cell);
+        let grid = rgb_grid(&r.images[..n], grid::GRID_COLUMNS, grid::grid_cell(side));
         let stem = format!("grid_{}_{}", sanitize(model), r.task.name());
         let png = dir.join(format!("{stem}.png"));
-        crate::model::weights::write_png_atomic(&png, &grid)
+        crate::io::write_png_atomic(&png, &grid)
             .map_err(|e| EvalError::Output { path: png.clone(), message: e.to_string() })?;
         let txt = dir.join(format!("{stem}.txt"));
-        crate::model::weights::write_text_atomic(&txt, &(r.prompts[..n].join("\n") + "\n"))
+        crate::io::write_text_atomic(&txt, &(r.prompts[..n].join("\n") + "\n"))
             .map_err(|e| EvalError::Output { path: txt.clone(), message: e.to_string() })?;
     }
     Ok(())

@@ -75,7 +75,7 @@ pub fn check_pairing(recipe: &toml::Table, a: &str, b: &str) -> Result<(), Strin
 /// draw alike ([`check_pairing`]).
 pub fn paired_curves(run: &Path, a: &str, b: &str, key: &str) -> Result<PairedCurves, String> {
     let (metrics, recipe): (PathBuf, Option<PathBuf>) = if run.is_dir() { (run.join("metrics.jsonl"), Some(run.join("recipe.toml"))) } else { (run.to_path_buf(), None) };
-    let records = crate::train::metrics::read_metrics(&metrics).map_err(|e| format!("{}: {e}", metrics.display()))?;
+    let records = crate::io::metrics::read_metrics(&metrics).map_err(|e| format!("{}: {e}", metrics.display()))?;
     if let Some(path) = recipe.filter(|p| p.exists()) {
         let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
         let value: toml::Table = toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -133,7 +133,7 @@ mod tests {
 
     fn run_dir(seed_b: u64) -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
-        let mut log = crate::train::metrics::MetricsLog::open(&dir.path().join("metrics.jsonl")).unwrap();
+        let mut log = crate::io::metrics::MetricsLog::open(&dir.path().join("metrics.jsonl")).unwrap();
         log.log("eval:Base", 0, &[("geneval", 0.5)]).unwrap();
         // a: 0.5 0.6 0.7 0.8 0.6 0.9; b: 0.5 0.5 0.5 0.6 0.6 0.6 (the same policy at iteration 1)
         let (a, b) = ([0.5, 0.6, 0.7, 0.8, 0.6, 0.9], [0.5, 0.5, 0.5, 0.6, 0.6, 0.6, 0.1]);

@@ -1,13 +1,13 @@
 //! The results table of the paper's Table 2 for the synthetic world: one row per model with
 //! GenEval-like, OCR-like, PickScore-like and DeQA-like metrics and
-//! `Avg = mean(GenEval, OCR, DeQA / 5, PickScore / 26)` (REFERENCE section 6).
+//! `Avg = mean(GenEval, OCR, DeQA / 5, PickScore / 26)` (docs/reference.md section 6).
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::weights::write_text_atomic;
+use crate::io::write_text_atomic;
 
 /// One evaluated model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -187,6 +187,16 @@ pub struct ResultsTable {
     pub rows: Vec<EvalRow>,
 }
 
+/// GenEval's categories in its column order: (key in `geneval_categories`, column title).
+pub const GENEVAL_CATEGORIES: [(&str, &str); 6] = [
+    ("single_object", "Single obj."),
+    ("two_object", "Two obj."),
+    ("counting", "Counting"),
+    ("colors", "Colors"),
+    ("position", "Position"),
+    ("color_attr", "Color attr."),
+];
+
 impl ResultsTable {
     /// Reads `dir/results.json` (empty if absent).
     pub fn read(dir: &Path) -> Result<Self, String> {
@@ -264,26 +274,18 @@ impl ResultsTable {
     /// The GenEval-by-category table of the rows that have categories (GenEval's column
     /// order), or nothing when none has; `sources` as [`ResultsTable::sources`].
     fn categories_markdown(&self, sources: &[&str]) -> String {
-        const COLUMNS: [(&str, &str); 6] = [
-            ("single_object", "Single obj."),
-            ("two_object", "Two obj."),
-            ("counting", "Counting"),
-            ("colors", "Colors"),
-            ("position", "Position"),
-            ("color_attr", "Color attr."),
-        ];
         let rows: Vec<&EvalRow> = self.rows.iter().filter(|r| !r.geneval_categories.is_empty()).collect();
         if rows.is_empty() {
             return String::new();
         }
         let mut out = String::from("\nGenEval by category:\n\n| model |");
-        for (_, title) in COLUMNS {
+        for (_, title) in GENEVAL_CATEGORIES {
             out.push_str(&format!(" {title} |"));
         }
-        out.push_str(&format!("\n|---|{}\n", "---|".repeat(COLUMNS.len())));
+        out.push_str(&format!("\n|---|{}\n", "---|".repeat(GENEVAL_CATEGORIES.len())));
         for r in rows {
             out.push_str(&format!("| {}{} |", r.model, source_mark(sources, r)));
-            for (key, _) in COLUMNS {
+            for (key, _) in GENEVAL_CATEGORIES {
                 out.push_str(&r.geneval_categories.get(key).map_or(" - |".to_string(), |v| format!(" {v:.3} |")));
             }
             out.push('\n');
@@ -398,7 +400,7 @@ mod tests {
 
     #[test]
     fn avg_reproduces_the_papers_rows() {
-        // REFERENCE section 6: base .63/.59/4.07/21.64 -> .7165; Flow-OPD .93/.93/4.31/23.05 -> .9021.
+        // docs/reference.md section 6: base .63/.59/4.07/21.64 -> .7165; Flow-OPD .93/.93/4.31/23.05 -> .9021.
         assert!((paper_avg(0.63, 0.59, 21.64, 4.07) - 0.7165).abs() < 5e-4);
         assert!((paper_avg(0.93, 0.93, 23.05, 4.31) - 0.9021).abs() < 5e-4);
     }

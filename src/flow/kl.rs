@@ -1,4 +1,4 @@
-//! The Flow-OPD objective (paper Eq. 10-16, REFERENCE section 4): the closed-form KL between
+//! The Flow-OPD objective (paper Eq. 10-16, docs/reference.md section 4): the closed-form KL between
 //! the student's and a teacher's SDE transitions, its dense weight `w(s)`, and the
 //! distillation loss with Manifold Anchor Regularization (MAR).
 
@@ -122,7 +122,7 @@ pub struct OpdLoss<B: Backend> {
 }
 
 /// `L_total = w(s) ||v_s - SG(v_teacher)||^2 + lambda w(s) ||v_s - SG(v_anchor)||^2` per sample
-/// (paper Eq. 16 with MAR, REFERENCE section 4). `v_teacher` holds, for each sample, the
+/// (paper Eq. 16 with MAR, docs/reference.md section 4). `v_teacher` holds, for each sample, the
 /// velocity of the teacher its prompt is routed to; `v_anchor` the task-agnostic quality
 /// teacher's. With `lambda = 0` or no anchor the MAR term is absent.
 pub fn opd_loss<B: Backend>(

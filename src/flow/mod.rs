@@ -2,7 +2,7 @@
 //! with log-probabilities ([`sde`]), trajectory sampling with CFG ([`sampler`]) and the
 //! Flow-OPD objective ([`kl`]).
 //!
-//! Conventions (REFERENCE section 1): `x_s = (1 - s) x0 + s eps`, velocity `v = eps - x0`,
+//! Conventions (docs/reference.md section 1): `x_s = (1 - s) x0 + s eps`, velocity `v = eps - x0`,
 //! sampling walks `s` from 1 to 0, a step has `d = s' - s < 0`, the transformer gets `1000 s`.
 
 pub mod kl;
@@ -12,7 +12,7 @@ pub mod sde;
 
 pub use kl::{KlReduction, OpdLoss, ReferenceKl, distillation_loss, gaussian_kl, kl_weight, opd_loss, reference_kl, squared_distance};
 pub use sampler::{
-    GuidedModel, SamplerConfig, SeededNoise, TextConditioning, Trajectory, Transition, VelocityField, sample_ode,
+    GuidedModel, SamplerConfig, SeededNoise, TextConditioning, Trajectory, Transition, VelocityField, initial_noise, sample_ode,
     sample_trajectory,
 };
 pub use schedule::FlowSchedule;

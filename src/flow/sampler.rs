@@ -67,7 +67,7 @@ impl<B: Backend> TextConditioning<B> {
 }
 
 /// An MMDiT with its adapters and text conditioning, optionally with classifier-free guidance
-/// `v = v_u + g (v_c - v_u)` (REFERENCE section 8): the unconditional and conditional halves go
+/// `v = v_u + g (v_c - v_u)` (docs/reference.md section 8): the unconditional and conditional halves go
 /// through one forward pass as the batch `[uncond, cond]`.
 pub struct GuidedModel<'a, B: Backend> {
     pub model: &'a Mmdit<B>,
@@ -128,7 +128,16 @@ impl SeededNoise {
     }
 }
 
-/// How a trajectory is sampled (REFERENCE sections 2-3).
+/// Initial noise `[B, C, h, w]` for `seeds` (one ChaCha stream per seed).
+pub fn initial_noise<B: Backend>(shape: [usize; 3], seeds: &[u64], device: &B::Device) -> Tensor<B, 4> {
+    let parts = seeds
+        .iter()
+        .map(|s| SeededNoise::new(*s).sample::<B, 4>([1, shape[0], shape[1], shape[2]], device))
+        .collect();
+    Tensor::cat(parts, 0)
+}
+
+/// How a trajectory is sampled (docs/reference.md sections 2-3).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SamplerConfig {

@@ -1,5 +1,5 @@
 //! The SD3 shifted flow-matching schedule (diffusers `FlowMatchEulerDiscreteScheduler`,
-//! REFERENCE section 2).
+//! docs/reference.md section 2).
 
 /// diffusers' `FlowMatchEulerDiscreteScheduler` without dynamic shifting: `shift` and the
 /// number of training timesteps (1000 for SD3).
@@ -78,7 +78,7 @@ mod tests {
 
     #[test]
     fn shift_three_ten_steps_matches_reference_values() {
-        // REFERENCE section 2 (five decimals, from diffusers).
+        // docs/reference.md section 2 (five decimals, from diffusers).
         let expected = [1.0, 0.96013, 0.91335, 0.85769, 0.79037, 0.70728, 0.60215, 0.46488, 0.27805, 0.00893, 0.0];
         let sigmas = FlowSchedule::sd3().sigmas(10);
         for (s, e) in sigmas.iter().zip(expected) {

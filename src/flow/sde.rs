@@ -1,5 +1,5 @@
 //! One denoising step `s -> s'` of the flow-matching sampler: the Euler ODE step and the
-//! Flow-GRPO SDE steps with their Gaussian log-probabilities (REFERENCE section 3).
+//! Flow-GRPO SDE steps with their Gaussian log-probabilities (docs/reference.md section 3).
 //!
 //! All step arithmetic takes the latents and velocities as given; call it with f32 tensors
 //! (the MMDiT may run in half precision, its velocity is upcast before the step).

@@ -23,6 +23,8 @@ pub mod autodiff;
 pub mod composed;
 #[cfg(feature = "flex")]
 pub mod flex;
+#[cfg(feature = "flex")]
+mod flex_rows;
 
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Tensor, TensorPrimitive};

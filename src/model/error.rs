@@ -46,3 +46,12 @@ pub enum ModelError {
     #[error("{path}: not a model: expected a diffusers folder with config.json, or a .safetensors file")]
     NotAModel { path: PathBuf },
 }
+
+impl From<crate::io::IoError> for ModelError {
+    fn from(e: crate::io::IoError) -> Self {
+        match e {
+            crate::io::IoError::Io { path, source } => ModelError::Io { path, source },
+            crate::io::IoError::Image { path, source } => ModelError::Io { path, source: std::io::Error::other(source) },
+        }
+    }
+}

@@ -5,7 +5,7 @@ use crate::world::grammar::quoted_text;
 use crate::world::read::{read_text, text_likeness};
 
 /// OCR stand-in: reads the image with the world's template-matching reader ([`read_text`])
-/// and applies the public OCR reward's rule (REFERENCE section 6): the target is the text
+/// and applies the public OCR reward's rule (docs/reference.md section 6): the target is the text
 /// between the first pair of double quotes, lower-cased with spaces removed; the distance `d`
 /// is 0 if the target occurs in the (equally normalised) recognised text, else their
 /// Levenshtein distance capped at the target's length; the reward is `1 - d / len`.

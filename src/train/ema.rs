@@ -1,4 +1,4 @@
-//! Exponential moving average of trainable weights (REFERENCE section 5): decay
+//! Exponential moving average of trainable weights (docs/reference.md section 5): decay
 //! `min((1 + n) / (10 + n), max_decay)` at update `n`, used for evaluation and checkpoints.
 
 use std::collections::HashMap;

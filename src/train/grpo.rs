@@ -1,4 +1,4 @@
-//! The Flow-GRPO trainer (REFERENCE section 5), generic over the autodiff backend: per
+//! The Flow-GRPO trainer (docs/reference.md section 5), generic over the autodiff backend: per
 //! iteration, `G` SDE trajectories per prompt from the current LoRA policy, rewards of the
 //! final images, group-relative advantages, then the clipped-ratio loss plus `beta` times the
 //! KL to the base (adapter off) on the first `int(T * timestep_fraction)` steps, accumulated
@@ -6,51 +6,21 @@
 
 use std::collections::BTreeMap;
 
-use burn::module::{AutodiffModule, Module};
 use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
 use crate::AutodiffBackend;
 use burn::tensor::{ElementConversion, Tensor};
-use rand::SeedableRng;
-use rand::seq::IndexedRandom;
-use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::ema::Ema;
+use super::adapter::{AdapterState, AdapterTrainer, AdapterTraining, LoraSpec, adapter_state, lift_conditioning};
 use super::grpo_math::{AdvantageStd, GroupSpread, clipped_policy_loss, group_advantages, group_spread};
-use super::pretrain::OptimConfig;
-use super::parallel::Peer;
-use super::rollout::{RolloutConfig, rollout_shard, vector};
-use crate::flow::{GuidedModel, LogProbReduction, ReferenceKl, TextConditioning, VelocityField, log_prob, reference_kl, step_mean};
-use crate::model::lora::{ActiveAdapters, LoraAdapter, LoraConfig, LoraTarget};
-use crate::model::mmdit::Mmdit;
-use crate::model::t2i::{AnyPipeline, TextToImage};
-use crate::reward::{CompositionCredit, CompositionReward, RemoteRewardConfig, RewardInput, RewardSet};
+use super::rollout::{RolloutConfig, vector};
+use super::scoring::{gather_scores, score};
+use crate::flow::{GuidedModel, LogProbReduction, ReferenceKl, VelocityField, log_prob, reference_kl, step_mean};
+use crate::model::lora::{ActiveAdapters, LoraAdapter};
+use crate::pipeline::{AnyPipeline, TextToImage};
+use crate::reward::{CompositionCredit, CompositionReward, RemoteRewardConfig, RewardSet};
 use crate::world::Task;
 use super::prompts::{TaskPrompt, training_prompts};
-use image::RgbImage;
-use std::path::PathBuf;
-
-/// A LoRA adapter's shape in a recipe.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LoraSpec {
-    pub rank: usize,
-    pub alpha: f64,
-    /// diffusers layer names relative to a block; Flow-GRPO's list by default.
-    #[serde(default = "flow_grpo_targets")]
-    pub targets: Vec<String>,
-}
-
-fn flow_grpo_targets() -> Vec<String> {
-    LoraTarget::FLOW_GRPO.iter().map(|t| t.key().to_string()).collect()
-}
-
-impl LoraSpec {
-    pub fn config(&self) -> Result<LoraConfig, String> {
-        let targets = self.targets.iter().map(|t| t.parse()).collect::<Result<Vec<LoraTarget>, String>>()?;
-        Ok(LoraConfig::new(self.rank, self.alpha, targets))
-    }
-}
 
 /// A prompt partition: prompts of `tasks`, rewarded by the weighted sum of `rewards` (reward
 /// name -> weight), visited `ratio` times per cycle of the mix schedule, with the stage's KL
@@ -72,15 +42,14 @@ fn one() -> usize {
     1
 }
 
-/// Flow-GRPO settings (defaults: REFERENCE section 5).
+/// Flow-GRPO settings (defaults: docs/reference.md section 5).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+// Unknown fields are refused by the recipe reader (flatten and `deny_unknown_fields` do not mix).
 pub struct GrpoConfig {
     pub iterations: usize,
     pub rollout: RolloutConfig,
     pub partitions: Vec<Partition>,
     pub lora: LoraSpec,
-    pub optim: OptimConfig,
     /// KL-to-base weight (GenEval/OCR 0.04, PickScore 0.01).
     #[serde(default = "default_beta")]
     pub beta: f64,
@@ -100,15 +69,6 @@ pub struct GrpoConfig {
     /// Trained steps: the first `int(T * timestep_fraction)` (0.99 -> 9 of 10).
     #[serde(default = "default_fraction")]
     pub timestep_fraction: f64,
-    /// EMA decay cap (0.9).
-    #[serde(default = "default_ema")]
-    pub ema_max_decay: f64,
-    #[serde(default)]
-    pub seed: u64,
-    /// Prompt file per task (one prompt per line); the world's shipped training prompts when
-    /// empty.
-    #[serde(default)]
-    pub prompt_files: BTreeMap<Task, PathBuf>,
     /// Tasks rewarded by a remote server (docs/reward_protocol.md); the world's built-in
     /// rewards otherwise.
     #[serde(default)]
@@ -117,6 +77,10 @@ pub struct GrpoConfig {
     /// fraction passed; `graded`: near misses earn part of a check).
     #[serde(default)]
     pub composition_credit: CompositionCredit,
+    /// Optimiser, EMA, seed and prompt files (the fields every adapter trainer has, in the
+    /// same table).
+    #[serde(flatten)]
+    pub training: AdapterTraining,
 }
 
 fn default_beta() -> f64 {
@@ -130,9 +94,6 @@ fn default_adv_clip() -> f64 {
 }
 fn default_fraction() -> f64 {
     0.99
-}
-fn default_ema() -> f64 {
-    0.9
 }
 
 /// One iteration's figures.
@@ -149,60 +110,14 @@ pub struct GrpoStats {
     pub groups: GroupSpread,
 }
 
-/// Scores `images` with the partition's weighted rewards; returns training values and, per
-/// task of the prompts, the mean eval metric of that task's own reward. Each reward is asked
-/// once per batch (a remote reward is one request).
-pub fn score(
-    prompts: &[TaskPrompt],
-    images: &[RgbImage],
-    weights: &BTreeMap<Task, f64>,
-    rewards: &RewardSet,
-) -> Result<(Vec<f64>, BTreeMap<Task, f64>), String> {
-    let run = |task: Task, rows: &[usize]| -> Result<Vec<crate::reward::RewardScore>, String> {
-        let inputs: Vec<RewardInput> =
-            rows.iter().map(|&i| RewardInput::new(images[i].clone(), prompts[i].text.clone()).with_task(prompts[i].task)).collect();
-        rewards.get(task).score(&inputs).map_err(|e| e.to_string())
-    };
-    let mean_metric = |scores: &[(usize, crate::reward::RewardScore)], task: Task| {
-        let own: Vec<f64> = scores.iter().filter(|(i, _)| prompts[*i].task == task).map(|(_, s)| s.metric as f64).collect();
-        own.iter().sum::<f64>() / own.len().max(1) as f64
-    };
-    let present: std::collections::BTreeSet<Task> = prompts.iter().map(|p| p.task).collect();
-    let all: Vec<usize> = (0..images.len()).collect();
-    let mut total = vec![0.0; images.len()];
-    let mut metrics = BTreeMap::new();
-    for (&task, &weight) in weights {
-        let scores: Vec<(usize, _)> = all.iter().copied().zip(run(task, &all)?).collect();
-        for (i, s) in &scores {
-            total[*i] += weight * s.value as f64;
-        }
-        if present.contains(&task) {
-            metrics.insert(task, mean_metric(&scores, task));
-        }
-    }
-    for &task in present.iter().filter(|t| !weights.contains_key(t)) {
-        let rows: Vec<usize> = all.iter().copied().filter(|&i| prompts[i].task == task).collect();
-        let scores: Vec<(usize, _)> = rows.iter().copied().zip(run(task, &rows)?).collect();
-        metrics.insert(task, mean_metric(&scores, task));
-    }
-    Ok((total, metrics))
-}
-
-/// The Flow-GRPO state: frozen pipeline (inner backend) and base (autodiff, no gradients),
-/// the trained adapter, its optimiser and EMA.
+/// The Flow-GRPO state: the shared adapter state ([`AdapterState`]), the partitions' prompts,
+/// their mix schedule and the rewards.
 pub struct GrpoTrainer<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> {
-    pub pipeline: AnyPipeline<B::InnerBackend>,
-    pub base: Mmdit<B>,
-    pub adapter: LoraAdapter<B>,
-    pub optimizer: O,
-    pub ema: Ema<B, LoraAdapter<B>>,
+    pub state: AdapterState<B, O>,
     pub config: GrpoConfig,
-    pub iteration: usize,
     schedule: Vec<usize>,
     prompts: Vec<Vec<TaskPrompt>>,
     rewards: RewardSet,
-    rng: ChaCha8Rng,
-    peer: Option<Peer<B::InnerBackend>>,
 }
 
 /// Builds a trainer; `init` starts from an existing adapter (else a fresh one, B = 0).
@@ -221,19 +136,13 @@ pub fn grpo_trainer<B: AutodiffBackend>(
             return Err(format!("`{field}`: the KL weight must be a finite number >= 0, not {beta}"));
         }
     }
-    let pipeline = pipeline.into();
-    let base = <Mmdit<B> as AutodiffModule<B>>::from_inner(pipeline.transformer().clone()).no_grad();
-    let adapter = match init {
-        Some(a) => super::trainable(<LoraAdapter<B> as AutodiffModule<B>>::from_inner(a)),
-        None => {
-            config.lora.config()?.init(&base, config.seed, device)
-        }
-    };
+    let setup = config.training.setup(Some(&config.lora), config.training.seed);
+    let state = adapter_state::<B>(pipeline, init, setup, device)?;
     let prompts = config
         .partitions
         .iter()
         .enumerate()
-        .map(|(i, p)| training_prompts(&p.tasks, &config.prompt_files).map_err(|e| format!("`partitions[{i}]`: {e}")))
+        .map(|(i, p)| training_prompts(&p.tasks, &config.training.prompt_files).map_err(|e| format!("`partitions[{i}]`: {e}")))
         .collect::<Result<Vec<_>, _>>()?;
     let mut rewards = RewardSet::new(&config.remote_rewards).map_err(|e| format!("`remote_rewards`: {e}"))?;
     if config.composition_credit != CompositionCredit::default() {
@@ -243,49 +152,24 @@ pub fn grpo_trainer<B: AutodiffBackend>(
         rewards.set(Task::Composition, Box::new(CompositionReward { credit: config.composition_credit }));
     }
     let schedule = config.partitions.iter().enumerate().flat_map(|(i, p)| std::iter::repeat_n(i, p.ratio.max(1))).collect();
-    let optimizer = config.optim.adamw().init::<B, LoraAdapter<B>>();
-    let ema = Ema::new(&adapter, config.ema_max_decay);
-    Ok(GrpoTrainer {
-        rng: ChaCha8Rng::seed_from_u64(config.seed),
-        pipeline,
-        base,
-        adapter,
-        optimizer,
-        ema,
-        config,
-        iteration: 0,
-        schedule,
-        prompts,
-        rewards,
-        peer: None,
-    })
+    Ok(GrpoTrainer { state, config, schedule, prompts, rewards })
 }
 
-/// Lifts inner-backend conditioning onto the autodiff backend (as constants).
-pub fn lift_conditioning<B: AutodiffBackend>(c: &TextConditioning<B::InnerBackend>) -> TextConditioning<B> {
-    TextConditioning { tokens: Tensor::from_inner(c.tokens.clone()), pooled: Tensor::from_inner(c.pooled.clone()) }
+impl<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> AdapterTrainer<B, O> for GrpoTrainer<B, O> {
+    fn state_mut(&mut self) -> &mut AdapterState<B, O> {
+        &mut self.state
+    }
+
+    fn prompts_per_iteration(&self) -> usize {
+        self.config.rollout.prompts
+    }
 }
 
 impl<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> GrpoTrainer<B, O> {
-    /// Makes this trainer one data-parallel peer of a group (see [`super::parallel`]): it
-    /// rolls out and trains on its share of each iteration's prompts, the rewards are gathered
-    /// before the advantages, the figures and gradients averaged over the peers. Every peer
-    /// must be built with the same config (hence the same adapter, optimiser and prompts).
-    pub fn with_peer(mut self, peer: Peer<B::InnerBackend>) -> Result<Self, String> {
-        peer.check_divides(self.config.rollout.prompts, "rollout.prompts")?;
-        self.peer = Some(peer);
-        Ok(self)
-    }
-
     /// One iteration: rollouts, rewards, advantages, one accumulated update.
     pub fn iteration(&mut self, device: &B::Device) -> Result<GrpoStats, String> {
         let (grads, stats) = self.gradient(device)?;
-        if let Some(grads) = grads {
-            let adapter = self.adapter.clone();
-            self.adapter = self.optimizer.step(self.config.optim.lr, adapter, grads);
-            self.ema.update(&self.adapter);
-        }
-        self.iteration += 1;
+        self.state.update(grads);
         Ok(stats)
     }
 
@@ -293,7 +177,7 @@ impl<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> GrpoTrainer<B, O> {
     /// and the gradient of the Flow-GRPO loss accumulated over the trained steps (`None` if no
     /// step is stochastic). Each call draws new prompts and noise.
     pub fn gradient(&mut self, device: &B::Device) -> Result<(Option<GradientsParams>, GrpoStats), String> {
-        self.gradient_on(self.schedule[self.iteration % self.schedule.len()], device)
+        self.gradient_on(self.schedule[self.state.iteration % self.schedule.len()], device)
     }
 
     /// [`Self::gradient`] on partition `part` (an index into `config.partitions`) instead of the
@@ -303,24 +187,21 @@ impl<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> GrpoTrainer<B, O> {
             return Err(format!("partition {part}: the stage has {} partitions (0-based)", self.config.partitions.len()));
         }
         let beta = self.config.partitions[part].beta.unwrap_or(self.config.beta);
-        let prompts: Vec<TaskPrompt> =
-            (0..self.config.rollout.prompts).map(|_| self.prompts[part].choose(&mut self.rng).expect("non-empty").clone()).collect();
-        let policy = self.adapter.valid();
-        let shard = self.peer.as_ref().map_or(0..prompts.len(), |p| p.rows(prompts.len()));
-        let rolled = rollout_shard(&self.pipeline, Some(&policy), &prompts, shard, &self.config.rollout, &mut self.rng, device)
+        let prompts = self.state.draw_prompts(&self.prompts[part], self.config.rollout.prompts);
+        let rolled = self
+            .state
+            .rollout(&prompts, &self.config.rollout, device)
             .and_then(|ro| Ok((score(&ro.prompts, &ro.images, &self.config.partitions[part].rewards, &self.rewards)?, ro)));
-        let ((rewards, task_metrics), ro, own) = match &self.peer {
+        let ((rewards, task_metrics), ro, own) = match &self.state.peer {
             None => {
                 let (scored, ro) = rolled?;
                 let own = 0..ro.prompts.len();
                 (scored, ro, own)
             }
             Some(peer) => {
-                let n = self.config.rollout.prompts * self.config.rollout.group_size;
-                let own = peer.rows(n);
-                let local = rolled.as_ref().map(|((r, m), ro)| encode_scores(r, m, &ro.tasks())).map_err(|e| e.clone());
-                let all = peer.gather(local, own.len() + 2 * Task::ALL.len())?;
-                (decode_scores(&all, own.len()), rolled?.1, own)
+                let own = peer.rows(self.config.rollout.prompts * self.config.rollout.group_size);
+                let local = rolled.as_ref().map(|((r, m), ro)| (r.as_slice(), m, ro.tasks())).map_err(|e| e.clone());
+                (gather_scores(peer, local, own.len())?, rolled?.1, own)
             }
         };
         let advantages = group_advantages(&rewards, self.config.rollout.group_size, self.config.advantage_std, self.config.advantage_clip);
@@ -338,9 +219,9 @@ impl<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> GrpoTrainer<B, O> {
             let share = rows.len() as f64 / n as f64;
             let (c_ref, n_ref) = (ro.cond.rows(rows.clone()), ro.negative.rows(rows.clone()));
             let (c, neg) = (lift_conditioning::<B>(&c_ref), lift_conditioning::<B>(&n_ref));
-            let single = ActiveAdapters::single(&self.adapter);
-            let policy_field = GuidedModel { model: &self.base, adapters: &single, cond: &c, guidance: neg.cfg(g) };
-            let reference = GuidedModel { model: self.pipeline.transformer(), adapters: &none_inner, cond: &c_ref, guidance: n_ref.cfg(g) };
+            let single = ActiveAdapters::single(&self.state.adapter);
+            let policy_field = GuidedModel { model: &self.state.base, adapters: &single, cond: &c, guidance: neg.cfg(g) };
+            let reference = GuidedModel { model: self.state.pipeline.transformer(), adapters: &none_inner, cond: &c_ref, guidance: n_ref.cfg(g) };
             let advantages = advantages.clone().slice([rows.clone()]);
             for &j in &steps {
                 let tr = &ro.trajectory.transitions[j];
@@ -360,18 +241,13 @@ impl<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> GrpoTrainer<B, O> {
                 pg_sum += share * pg.clone().into_scalar().elem::<f64>();
                 kl_sum += share * kl.clone().into_scalar().elem::<f64>();
                 let loss = (pg + kl * beta) * (share / steps.len() as f64);
-                let grads = GradientsParams::from_grads(loss.backward(), &self.adapter);
-                accumulator.accumulate(&self.adapter, grads);
+                let grads = GradientsParams::from_grads(loss.backward(), &self.state.adapter);
+                accumulator.accumulate(&self.state.adapter, grads);
             }
         }
-        let mut grads = (!steps.is_empty()).then(|| accumulator.grads());
         let n = steps.len().max(1) as f64;
-        let (mut pg, mut kl, mut clipped) = (pg_sum / n, kl_sum / n, clipped / n);
-        if let Some(peer) = &self.peer {
-            // Equal shares of the batch: the batch's figures and gradient are the peers' means.
-            [pg, kl, clipped] = peer.mean(&[pg, kl, clipped])?.try_into().expect("three figures");
-            grads = grads.map(|g| peer.mean_gradients(&self.adapter, g)).transpose()?;
-        }
+        let grads = (!steps.is_empty()).then(|| accumulator.grads());
+        let ([pg, kl, clipped], grads) = self.state.peer_means([pg_sum / n, kl_sum / n, clipped / n], grads)?;
         let stats = GrpoStats {
             partition: part,
             reward: rewards.iter().sum::<f64>() / rewards.len().max(1) as f64,
@@ -383,33 +259,4 @@ impl<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> GrpoTrainer<B, O> {
         };
         Ok((grads, stats))
     }
-}
-
-/// A peer's scores for [`Peer::gather`]: its samples' rewards, then per task (in
-/// [`Task::ALL`] order) the sum of its samples' metric and their count (0 for a task without a
-/// metric in `metrics`).
-pub(crate) fn encode_scores(rewards: &[f64], metrics: &BTreeMap<Task, f64>, tasks: &[Task]) -> Vec<f64> {
-    let mut out = rewards.to_vec();
-    for task in Task::ALL {
-        let count = tasks.iter().filter(|t| **t == task).count() as f64;
-        out.extend(metrics.get(&task).map_or([0.0, 0.0], |m| [m * count, count]));
-    }
-    out
-}
-
-/// The whole batch's rewards (peer order) and per-task mean metrics from every peer's
-/// [`encode_scores`] of `samples` samples each.
-pub(crate) fn decode_scores(all: &[f64], samples: usize) -> (Vec<f64>, BTreeMap<Task, f64>) {
-    let width = samples + 2 * Task::ALL.len();
-    let peers: Vec<&[f64]> = all.chunks(width).collect();
-    let rewards = peers.iter().flat_map(|p| p[..samples].iter().copied()).collect();
-    let metrics = Task::ALL
-        .iter()
-        .enumerate()
-        .filter_map(|(k, &task)| {
-            let (sum, count) = peers.iter().fold((0.0, 0.0), |(s, c), p| (s + p[samples + 2 * k], c + p[samples + 2 * k + 1]));
-            (count > 0.0).then(|| (task, sum / count))
-        })
-        .collect();
-    (rewards, metrics)
 }

@@ -1,4 +1,4 @@
-//! The Flow-GRPO objective's pieces (REFERENCE section 5): group-relative advantages and the
+//! The Flow-GRPO objective's pieces (docs/reference.md section 5): group-relative advantages and the
 //! clipped-ratio policy loss.
 
 use burn::tensor::Tensor;

@@ -169,7 +169,7 @@ pub fn measure<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>>(
         let (grads, stats) = trainer.gradient_on(partition, device)?;
         spread |= stats.groups.zero_std_fraction < 1.0;
         let grads = grads.ok_or("no stochastic step is trained (`rollout.sde_window` / `timestep_fraction`): there is no gradient")?;
-        let g = flatten_gradient(&trainer.adapter, &grads);
+        let g = flatten_gradient(&trainer.state.adapter, &grads);
         each(k, &stats, g.iter().map(|v| v * v).sum::<f64>().sqrt());
         flat.push(g);
     }

@@ -1,16 +1,21 @@
-//! Trainers and their shared parts: flow-matching pre-training ([`pretrain`]), the EMA of
-//! weights ([`ema`]) and run logging ([`metrics`]).
+//! Trainers and their shared parts: flow-matching pre-training of a world pipeline
+//! ([`pretrain`]); the adapter trainers Flow-GRPO ([`grpo`]), Flow-OPD ([`opd`]) and the SFT cold
+//! start ([`sft`]), which keep only their objective and share their state ([`adapter`]); SDE
+//! rollouts ([`rollout`]), rewards to training values ([`scoring`]), training prompts
+//! ([`prompts`]), the EMA of weights ([`ema`]), data-parallel peers ([`parallel`]), the GRPO
+//! group statistics ([`grpo_math`]) and the gradient signal-to-noise diagnostic ([`grpo_snr`]).
 
+pub mod adapter;
 pub mod ema;
 pub mod grpo;
 pub mod grpo_math;
 pub mod grpo_snr;
-pub mod metrics;
 pub mod opd;
 pub mod parallel;
 pub mod pretrain;
 pub mod prompts;
 pub mod rollout;
+pub mod scoring;
 pub mod sft;
 
 use burn::module::{Module, ModuleMapper, Param};

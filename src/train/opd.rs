@@ -1,4 +1,4 @@
-//! On-policy multi-teacher distillation (Flow-OPD, paper sections 5-6, REFERENCE section 4):
+//! On-policy multi-teacher distillation (Flow-OPD, paper sections 5-6, docs/reference.md section 4):
 //! the student samples SDE trajectories on a mixed batch of prompts; at every trained state
 //! the task teacher `R(c)` of each sample (one batched forward over the shared base with
 //! per-sample adapters) and the MAR anchor give velocities without gradient; the student
@@ -7,32 +7,26 @@
 use std::collections::BTreeMap;
 use std::ops::Range;
 
-use burn::module::{AutodiffModule, Module};
+use burn::module::AutodiffModule;
 use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
 use crate::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Tensor};
-use rand::SeedableRng;
-use rand::seq::IndexedRandom;
-use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::ema::Ema;
-use super::grpo::{LoraSpec, decode_scores, encode_scores, lift_conditioning, score};
-use super::parallel::Peer;
-use super::pretrain::OptimConfig;
-use super::rollout::{RolloutConfig, Rollouts, rollout_shard, trained_steps};
+use super::adapter::{AdapterState, AdapterTrainer, AdapterTraining, LoraSpec, adapter_state, lift_conditioning};
+use super::scoring::{gather_scores, score};
+use super::rollout::{RolloutConfig, Rollouts, trained_steps};
 use crate::flow::{GuidedModel, KlReduction, TextConditioning, Trajectory, VelocityField, kl_weight, opd_loss};
 use crate::model::lora::{ActiveAdapters, AdapterChoice, LoraAdapter};
 use crate::model::mmdit::Mmdit;
-use crate::model::t2i::{AnyPipeline, TextToImage};
+use crate::pipeline::{AnyPipeline, TextToImage};
 use crate::reward::{RemoteRewardConfig, RewardSet};
 use crate::world::Task;
 use super::prompts::{TaskPrompt, training_prompts};
-use std::path::PathBuf;
 
 /// Flow-OPD settings (paper defaults: T = 10, a = 0.7, lambda = 0.02).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+// Unknown fields are refused by the recipe reader (flatten and `deny_unknown_fields` do not mix).
 pub struct OpdConfig {
     pub iterations: usize,
     pub rollout: RolloutConfig,
@@ -48,18 +42,9 @@ pub struct OpdConfig {
     /// Trained steps: the first `int(T * timestep_fraction)`.
     #[serde(default = "default_fraction")]
     pub timestep_fraction: f64,
-    pub optim: OptimConfig,
     /// Shape of a fresh student adapter (when no cold start is given).
     #[serde(default)]
     pub lora: Option<LoraSpec>,
-    #[serde(default = "default_ema")]
-    pub ema_max_decay: f64,
-    #[serde(default)]
-    pub seed: u64,
-    /// Prompt file per task (one prompt per line); the world's shipped training prompts when
-    /// empty.
-    #[serde(default)]
-    pub prompt_files: BTreeMap<Task, PathBuf>,
     /// Score each iteration's rollouts with the task rewards (logged as `train_<task>`; the
     /// loss does not use them).
     #[serde(default = "yes")]
@@ -67,6 +52,10 @@ pub struct OpdConfig {
     /// Tasks whose train metric comes from a remote server (docs/reward_protocol.md).
     #[serde(default)]
     pub remote_rewards: BTreeMap<Task, RemoteRewardConfig>,
+    /// Optimiser, EMA, seed and prompt files (the fields every adapter trainer has, in the
+    /// same table).
+    #[serde(flatten)]
+    pub training: AdapterTraining,
 }
 
 fn yes() -> bool {
@@ -78,9 +67,6 @@ fn default_lambda() -> f64 {
 }
 fn default_fraction() -> f64 {
     0.99
-}
-fn default_ema() -> f64 {
-    0.9
 }
 
 /// The frozen teachers: adapters over the shared base, the routing table and the anchor.
@@ -111,20 +97,14 @@ pub struct OpdStats {
     pub task_metrics: BTreeMap<Task, f64>,
 }
 
-/// The Flow-OPD state.
+/// The Flow-OPD state: the shared adapter state ([`AdapterState`], whose adapter is the
+/// student), the frozen teachers, the mixed prompt pool and the optional train-metric rewards.
 pub struct OpdTrainer<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> {
-    pub pipeline: AnyPipeline<B::InnerBackend>,
-    pub base: Mmdit<B>,
-    pub student: LoraAdapter<B>,
+    pub state: AdapterState<B, O>,
     pub teachers: Teachers<B::InnerBackend>,
-    pub optimizer: O,
-    pub ema: Ema<B, LoraAdapter<B>>,
     pub config: OpdConfig,
-    pub iteration: usize,
     prompts: Vec<TaskPrompt>,
     rewards: Option<RewardSet>,
-    rng: ChaCha8Rng,
-    peer: Option<Peer<B::InnerBackend>>,
 }
 
 /// Builds a trainer; `init` is the cold-start student adapter (merge or SFT), else a fresh one.
@@ -135,56 +115,34 @@ pub fn opd_trainer<B: AutodiffBackend>(
     config: OpdConfig,
     device: &B::Device,
 ) -> Result<OpdTrainer<B, impl Optimizer<LoraAdapter<B>, B>>, String> {
-    let pipeline = pipeline.into();
-    let base = <Mmdit<B> as AutodiffModule<B>>::from_inner(pipeline.transformer().clone()).no_grad();
-    let student = match (init, &config.lora) {
-        (Some(a), _) => super::trainable(<LoraAdapter<B> as AutodiffModule<B>>::from_inner(a)),
-        (None, Some(spec)) => {
-            spec.config()?.init(&base, config.seed, device)
-        }
-        (None, None) => return Err("`lora`: without a cold-start adapter the student needs a `lora` shape".into()),
-    };
+    let setup = config.training.setup(config.lora.as_ref(), config.training.seed);
+    let state = adapter_state::<B>(pipeline, init, setup, device)?;
     let tasks: Vec<Task> = config.tasks.clone().unwrap_or_else(|| teachers.routing.keys().copied().collect());
     teachers.route(&tasks)?;
-    let prompts = training_prompts(&tasks, &config.prompt_files).map_err(|e| format!("`tasks`: {e}"))?;
+    let prompts = training_prompts(&tasks, &config.training.prompt_files).map_err(|e| format!("`tasks`: {e}"))?;
     let rewards = match config.train_metrics {
         true => Some(RewardSet::new(&config.remote_rewards).map_err(|e| format!("`remote_rewards`: {e}"))?),
         false => None,
     };
-    let optimizer = config.optim.adamw().init::<B, LoraAdapter<B>>();
-    let ema = Ema::new(&student, config.ema_max_decay);
-    Ok(OpdTrainer {
-        rng: ChaCha8Rng::seed_from_u64(config.seed),
-        pipeline,
-        base,
-        student,
-        teachers,
-        optimizer,
-        ema,
-        config,
-        iteration: 0,
-        prompts,
-        rewards,
-        peer: None,
-    })
+    Ok(OpdTrainer { state, teachers, config, prompts, rewards })
+}
+
+impl<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> AdapterTrainer<B, O> for OpdTrainer<B, O> {
+    fn state_mut(&mut self) -> &mut AdapterState<B, O> {
+        &mut self.state
+    }
+
+    fn prompts_per_iteration(&self) -> usize {
+        self.config.rollout.prompts
+    }
 }
 
 impl<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> OpdTrainer<B, O> {
-    /// Makes this trainer one data-parallel peer of a group (see [`super::parallel`]): it
-    /// rolls out and trains on its share of each iteration's prompts; the figures and
-    /// gradients are averaged over the peers. Every peer must be built with the same config and
-    /// teachers.
-    pub fn with_peer(mut self, peer: Peer<B::InnerBackend>) -> Result<Self, String> {
-        peer.check_divides(self.config.rollout.prompts, "rollout.prompts")?;
-        self.peer = Some(peer);
-        Ok(self)
-    }
-
     /// One iteration: on-policy rollouts of a mixed batch, then [`OpdTrainer::step_on`].
     pub fn iteration(&mut self, device: &B::Device) -> Result<OpdStats, String> {
         match self.sample(device) {
             Ok(ro) => self.step_on(&ro, device),
-            Err(e) => match &self.peer {
+            Err(e) => match &self.state.peer {
                 // A failed peer still takes part in the exchange (which then fails everywhere,
                 // here with its own message), so the others do not wait for it.
                 Some(peer) => peer.gather(Err(e), 2 * Task::ALL.len()).map(|_| unreachable!("a failed peer's exchange fails")),
@@ -196,15 +154,12 @@ impl<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> OpdTrainer<B, O> {
     /// Samples a mixed batch of training prompts and the student's on-policy rollouts (of this
     /// peer's share of the prompts, with a data-parallel peer).
     pub fn sample(&mut self, device: &B::Device) -> Result<Rollouts<B::InnerBackend>, String> {
-        let prompts: Vec<TaskPrompt> =
-            (0..self.config.rollout.prompts).map(|_| self.prompts.choose(&mut self.rng).expect("non-empty").clone()).collect();
-        let policy = self.student.valid();
-        let shard = self.peer.as_ref().map_or(0..prompts.len(), |p| p.rows(prompts.len()));
-        rollout_shard(&self.pipeline, Some(&policy), &prompts, shard, &self.config.rollout, &mut self.rng, device)
+        let prompts = self.state.draw_prompts(&self.prompts, self.config.rollout.prompts);
+        self.state.rollout(&prompts, &self.config.rollout, device)
     }
 
     fn objective(&self) -> OpdObjective<'_, B> {
-        OpdObjective { base: &self.base, inner: self.pipeline.transformer(), teachers: &self.teachers, config: &self.config }
+        OpdObjective { base: &self.state.base, inner: self.state.pipeline.transformer(), teachers: &self.teachers, config: &self.config }
     }
 
     fn batch<'r>(&self, ro: &'r Rollouts<B::InnerBackend>) -> Result<OpdBatch<'r, B::InnerBackend>, String> {
@@ -214,7 +169,7 @@ impl<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> OpdTrainer<B, O> {
     /// The batch loss `mean_b mean_j [L_OPD + lambda L_MAR]` of `ro` under the current student
     /// (no update).
     pub fn loss_on(&self, ro: &Rollouts<B::InnerBackend>, device: &B::Device) -> Result<f64, String> {
-        Ok(self.objective().loss(&self.student.valid(), &self.batch(ro)?, device))
+        Ok(self.objective().loss(&self.state.adapter.valid(), &self.batch(ro)?, device))
     }
 
     /// Routed teacher and anchor labels at every trained state of `ro`, the loss, and one
@@ -227,28 +182,18 @@ impl<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> OpdTrainer<B, O> {
             };
             Ok((batch, metrics))
         });
-        let (batch, task_metrics) = match &self.peer {
+        let (batch, task_metrics) = match &self.state.peer {
             None => checked?,
             Some(peer) => {
-                let local = checked.as_ref().map(|(_, m)| encode_scores(&[], m, &ro.tasks())).map_err(|e| e.clone());
-                let all = peer.gather(local, 2 * Task::ALL.len())?;
-                (checked?.0, decode_scores(&all, 0).1)
+                let local = checked.as_ref().map(|(_, m)| (&[][..], m, ro.tasks())).map_err(|e| e.clone());
+                let metrics = gather_scores(peer, local, 0)?.1;
+                (checked?.0, metrics)
             }
         };
-        let (mut stats, mut grads) = self.objective().gradients(&self.student, &batch, device);
-        if let Some(peer) = &self.peer {
-            // Equal shares of the batch: the batch's figures and gradient are the peers' means.
-            [stats.loss, stats.distill, stats.anchor] = peer.mean(&[stats.loss, stats.distill, stats.anchor])?.try_into().expect("three figures");
-            grads = grads.map(|g| peer.mean_gradients(&self.student, g)).transpose()?;
-        }
-        let stats = OpdStats { task_metrics, ..stats };
-        if let Some(grads) = grads {
-            let student = self.student.clone();
-            self.student = self.optimizer.step(self.config.optim.lr, student, grads);
-            self.ema.update(&self.student);
-        }
-        self.iteration += 1;
-        Ok(stats)
+        let (stats, grads) = self.objective().gradients(&self.state.adapter, &batch, device);
+        let ([loss, distill, anchor], grads) = self.state.peer_means([stats.loss, stats.distill, stats.anchor], grads)?;
+        self.state.update(grads);
+        Ok(OpdStats { loss, distill, anchor, task_metrics })
     }
 }
 
@@ -263,7 +208,7 @@ pub struct OpdBatch<'a, B: Backend> {
 }
 
 /// The OPD objective over a shared base: the student's guided velocity against the routed
-/// teachers' and the anchor's (REFERENCE section 4).
+/// teachers' and the anchor's (docs/reference.md section 4).
 pub struct OpdObjective<'a, B: AutodiffBackend> {
     /// The base on the autodiff backend (no gradient; same tensors as `inner`).
     pub base: &'a Mmdit<B>,

@@ -1,11 +1,10 @@
 //! Flow-matching pre-training of a world pipeline (transformer and text encoder together):
 //! `x_s = (1 - s) x0 + s eps`, loss `||v_theta(x_s, s, c) - (eps - x0)||^2` averaged over
-//! elements (REFERENCE section 1), with logit-normal or uniform `s`, caption dropout for
+//! elements (docs/reference.md section 1), with logit-normal or uniform `s`, caption dropout for
 //! classifier-free guidance, AdamW with grad-norm clipping, and an EMA of the weights.
 
 use burn::module::AutodiffModule;
-use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
-use burn::optim::grad_clipping::GradientClippingConfig;
+use burn::optim::{GradientsParams, Optimizer};
 use crate::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
@@ -13,8 +12,9 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 use serde::{Deserialize, Serialize};
 
+use super::adapter::OptimConfig;
 use crate::flow::SeededNoise;
-use crate::model::pipeline::{Pipeline, WorldModel};
+use crate::pipeline::world::{Pipeline, WorldModel};
 use crate::world::render::Layout;
 
 /// How training sigmas are drawn.
@@ -42,41 +42,6 @@ impl TimestepSampling {
             }
             Self::Uniform => rng.random_range(0.0..1.0),
         }
-    }
-}
-
-/// Optimiser settings shared by the trainers (REFERENCE section 5 defaults for RL).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct OptimConfig {
-    pub lr: f64,
-    #[serde(default = "default_betas")]
-    pub betas: (f32, f32),
-    #[serde(default = "default_weight_decay")]
-    pub weight_decay: f32,
-    /// Gradient-norm clip (1.0); 0 disables.
-    #[serde(default = "default_grad_clip")]
-    pub grad_clip: f32,
-}
-
-fn default_betas() -> (f32, f32) {
-    (0.9, 0.999)
-}
-fn default_weight_decay() -> f32 {
-    1e-4
-}
-fn default_grad_clip() -> f32 {
-    1.0
-}
-
-impl OptimConfig {
-    pub fn adamw(&self) -> AdamWConfig {
-        let config = AdamWConfig::new()
-            .with_beta_1(self.betas.0)
-            .with_beta_2(self.betas.1)
-            .with_weight_decay(self.weight_decay)
-            .with_epsilon(1e-8);
-        if self.grad_clip > 0.0 { config.with_grad_clipping(Some(GradientClippingConfig::Norm(self.grad_clip))) } else { config }
     }
 }
 
@@ -306,7 +271,7 @@ impl ImageCaptions for WorldPairs {
     }
 }
 
-/// One flow-matching regression batch (REFERENCE section 1): the noised latents
+/// One flow-matching regression batch (docs/reference.md section 1): the noised latents
 /// `x_s = (1 - s) x0 + s eps`, the times `s` (`[B]`, the transformer takes `1000 s`) and the
 /// velocity target `eps - x0`.
 pub struct FlowMatchingPair<B: Backend> {
@@ -387,7 +352,7 @@ mod tests {
         let config = |warmup_steps| PretrainConfig {
             steps: 1,
             batch_size: 2,
-            optim: OptimConfig { lr: 1e-3, betas: default_betas(), weight_decay: 1e-4, grad_clip: 0.0 },
+            optim: OptimConfig { lr: 1e-3, betas: (0.9, 0.999), weight_decay: 1e-4, grad_clip: 0.0 },
             timesteps: TimestepSampling::default(),
             caption_dropout: 0.0,
             ema_max_decay: 0.999,
@@ -398,7 +363,7 @@ mod tests {
         assert_eq!(lrs, [2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3]);
         assert_eq!(config(0).lr_at(1), 1e-3);
 
-        let base = Pipeline::<Flex>::new_world(&crate::model::pipeline::WorldModelConfig::default(), &device).unwrap();
+        let base = Pipeline::<Flex>::new_world(&crate::pipeline::world::WorldModelConfig::default(), &device).unwrap();
         let before = weights(&base.model);
         let moved = |warmup| {
             let mut trainer = pretrainer::<AD>(to_autodiff::<AD>(base.clone()), config(warmup));

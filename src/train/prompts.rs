@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use crate::sample::read_prompt_file;
+use crate::io::prompts::read_prompt_file;
 
 use crate::world::Task;
 use crate::world::prompts::{Prompt, Split, shipped_prompts};
@@ -32,7 +32,7 @@ pub fn training_prompts(tasks: &[Task], files: &BTreeMap<Task, PathBuf>) -> Resu
     } else {
         for &task in tasks {
             let path = files.get(&task).ok_or_else(|| format!("`prompt_files`: no file for task `{}`", task.name()))?;
-            prompts.extend(read_prompt_file(path)?.into_iter().map(|text| TaskPrompt { text, task }));
+            prompts.extend(read_prompt_file(path).map_err(|e| e.to_string())?.into_iter().map(|text| TaskPrompt { text, task }));
         }
     }
     for task in tasks {
@@ -59,7 +59,7 @@ mod tests {
         let missing = training_prompts(&[Task::Composition], &files).unwrap_err();
         assert!(missing.contains("composition"), "{missing}");
         std::fs::write(dir.path().join("empty.txt"), "# nothing\n").unwrap();
-        let empty = read_prompt_file(&dir.path().join("empty.txt")).unwrap_err();
+        let empty = read_prompt_file(&dir.path().join("empty.txt")).unwrap_err().to_string();
         assert!(empty.contains("empty.txt") && empty.contains("no prompts"), "{empty}");
     }
 

@@ -10,14 +10,14 @@ use serde::{Deserialize, Serialize};
 use image::RgbImage;
 
 use super::prompts::TaskPrompt;
-use crate::eval::generate::initial_noise;
+use crate::flow::initial_noise;
 use crate::flow::{GuidedModel, SamplerConfig, SdeKind, SeededNoise, TextConditioning, Trajectory, sample_trajectory};
 use crate::model::lora::{ActiveAdapters, LoraAdapter};
 use crate::model::mmdit::Mmdit;
-use crate::model::t2i::TextToImage;
+use crate::pipeline::TextToImage;
 use crate::world::Task;
 
-/// How rollouts are sampled (REFERENCE sections 3-5: T = 10, a = 0.7, CFG 4.5).
+/// How rollouts are sampled (docs/reference.md sections 3-5: T = 10, a = 0.7, CFG 4.5).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RolloutConfig {
@@ -85,7 +85,7 @@ impl<B: Backend> Rollouts<B> {
     }
 
     /// The transitions a trainer learns from: the stochastic ones among the first
-    /// `int(T * timestep_fraction)` (Flow-GRPO's `timestep_fraction`; REFERENCE section 5).
+    /// `int(T * timestep_fraction)` (Flow-GRPO's `timestep_fraction`; docs/reference.md section 5).
     pub fn trained_steps(&self, steps: usize, timestep_fraction: f64) -> Vec<usize> {
         trained_steps(&self.trajectory, steps, timestep_fraction)
     }

@@ -69,11 +69,11 @@ pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
 
 /// A freshly initialised (seeded) tiny-world pipeline: the untrained default world model,
 /// small enough for trainer smoke tests.
-pub fn toy_world_pipeline(seed: u64) -> flow_opd::model::pipeline::Pipeline<burn::backend::Flex> {
+pub fn toy_world_pipeline(seed: u64) -> flow_opd::pipeline::world::Pipeline<burn::backend::Flex> {
     use burn::tensor::backend::Backend;
     type B = burn::backend::Flex;
     B::seed(&Default::default(), seed);
-    flow_opd::model::pipeline::Pipeline::<B>::new_world(&Default::default(), &Default::default()).expect("default world model")
+    flow_opd::pipeline::world::Pipeline::<B>::new_world(&Default::default(), &Default::default()).expect("default world model")
 }
 
 /// Fills the existing folder `dest` with the entries of `src` except `skip`: folders linked,

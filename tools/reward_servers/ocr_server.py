@@ -1,4 +1,4 @@
-"""OCR reward server (REFERENCE section 6, Flow-GRPO's OCR reward).
+"""OCR reward server (docs/reference.md section 6, Flow-GRPO's OCR reward).
 
 target = the prompt's text between its first pair of double quotes, lower-cased, spaces
 removed; the recognised text gets the same normalisation; d = 0 if the target is a substring

@@ -2,7 +2,7 @@
 //! `adapter_config.json`, keys `base_model.model.transformer_blocks.{i}.attn.to_q.lora_A.weight`)
 //! and diffusers' `save_lora_weights` layout (`pytorch_lora_weights.safetensors`, keys
 //! `transformer.transformer_blocks.{i}.attn.to_q.lora_A.weight`). `lora_A` is `[r, in]`,
-//! `lora_B` is `[out, r]` (REFERENCE section 8).
+//! `lora_B` is `[out, r]` (docs/reference.md section 8).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -15,7 +15,8 @@ use super::adapter::{LoraAdapter, LoraBlock, LoraLayer};
 use super::target::{LoraTarget, parse_module_path};
 use crate::model::ModelError;
 use crate::model::mmdit::Mmdit;
-use crate::model::weights::{MappedFile, NamedTensor, SaveDtype, StoredTensor, write_safetensors, write_text_atomic};
+use crate::io::write_text_atomic;
+use crate::model::weights::{MappedFile, NamedTensor, SaveDtype, StoredTensor, write_safetensors};
 
 pub const PEFT_WEIGHTS: &str = "adapter_model.safetensors";
 pub const PEFT_CONFIG: &str = "adapter_config.json";
@@ -40,6 +41,8 @@ pub enum LoraFormat {
 pub enum LoraIoError {
     #[error(transparent)]
     Model(#[from] ModelError),
+    #[error(transparent)]
+    Write(#[from] crate::io::IoError),
     #[error("{path}: not a LoRA adapter: expected a folder with {PEFT_WEIGHTS} or {DIFFUSERS_WEIGHTS}, or a .safetensors file")]
     NotAnAdapter { path: PathBuf },
     #[error("{path}: invalid adapter config: {message}")]
@@ -210,6 +213,12 @@ fn transposed<B: Backend>(tensor: &StoredTensor, device: &B::Device) -> Tensor<B
 /// through temporary files and renamed). PEFT folders record `r` / `lora_alpha` (with
 /// `rank_pattern` / `alpha_pattern` for layers that differ); the diffusers file has the scale
 /// folded into `lora_B` (alpha = r), so any loader reproduces the same update.
+/// Saves an adapter (PEFT layout, f32) to `dir` atomically: written into a temporary sibling
+/// folder, then swapped in ([`crate::io::replace_dir_atomic`]).
+pub fn save_adapter_atomic<B: Backend>(adapter: &LoraAdapter<B>, dir: &Path) -> Result<(), LoraIoError> {
+    crate::io::replace_dir_atomic(dir, |tmp| save_lora(adapter, tmp, LoraFormat::Peft, SaveDtype::F32))
+}
+
 pub fn save_lora<B: Backend>(
     adapter: &LoraAdapter<B>,
     dir: &Path,

@@ -1,5 +1,5 @@
 //! Merging LoRA adapters: folding one into the base weights, and combining several task
-//! adapters into one (Flow-OPD's "merge" cold start, REFERENCE section 4).
+//! adapters into one (Flow-OPD's "merge" cold start, docs/reference.md section 4).
 
 use burn::tensor::Tensor;
 use crate::Backend;

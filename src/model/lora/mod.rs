@@ -14,6 +14,6 @@ pub mod merge;
 pub mod target;
 
 pub use adapter::{ActiveAdapters, AdapterChoice, BlockAdapters, LoraAdapter, LoraBlock, LoraConfig, LoraLayer};
-pub use io::{LoraFormat, LoraIoError, load_lora, save_lora};
+pub use io::{LoraFormat, LoraIoError, load_lora, save_adapter_atomic, save_lora};
 pub use merge::{MergeError, MergeMethod, combine, fold_into};
 pub use target::LoraTarget;

@@ -47,7 +47,7 @@ impl LoraTarget {
     ];
 
     /// Flow-GRPO's (and the paper's) target list: the joint-attention projections of both
-    /// streams (REFERENCE section 5). `attn2` and the feed-forwards are not adapted.
+    /// streams (docs/reference.md section 5). `attn2` and the feed-forwards are not adapted.
     pub const FLOW_GRPO: [LoraTarget; 8] = [
         Self::ToQ,
         Self::ToK,

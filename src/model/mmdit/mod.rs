@@ -26,7 +26,7 @@ use crate::model::lora::{ActiveAdapters, BlockAdapters};
 ///
 /// `forward(x, c, y, t)` maps latents `x [B, C, H, W]`, text tokens `c [B, L, joint_dim]`,
 /// pooled text `y [B, pooled_dim]` and timesteps `t [B]` (`1000 * sigma`) to the predicted
-/// velocity `[B, C_out, H, W]` (REFERENCE section 7).
+/// velocity `[B, C_out, H, W]` (docs/reference.md section 7).
 #[derive(Module, Debug)]
 pub struct Mmdit<B: Backend> {
     pub pos_embed: PatchEmbed<B>,

@@ -8,7 +8,7 @@
 //! - [`blocks`]: the resnet, down/upsampler, attention and mid block they share.
 //! - [`weights`]: reading `diffusion_pytorch_model.safetensors` with diffusers key names.
 //!
-//! Latent scaling (REFERENCE section 8): to-latent `(mean - shift) * scale`, from-latent
+//! Latent scaling (docs/reference.md section 8): to-latent `(mean - shift) * scale`, from-latent
 //! `z / scale + shift`; SD3: scale 1.5305, shift 0.0609. [`AutoencoderKl`] implements
 //! [`LatentCodec`], so the pipeline takes it in place of the world's pixel-unshuffle codec.
 
@@ -28,7 +28,7 @@ pub use decoder::{Decoder, DecoderConfig};
 pub use encoder::{Encoder, EncoderConfig};
 pub use weights::{VaeSource, load_vae};
 
-use crate::model::codec::LatentCodec;
+use crate::pipeline::codec::LatentCodec;
 
 use blocks::conv;
 

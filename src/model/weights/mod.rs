@@ -359,29 +359,10 @@ pub fn write_safetensors(
     metadata: Option<HashMap<String, String>>,
 ) -> Result<(), ModelError> {
     let encoded: Vec<(String, EncodedTensor)> = tensors.iter().map(|t| (t.name.clone(), encode(t, dtype))).collect();
-    let tmp = temporary_path(path);
+    let tmp = crate::io::temporary_path(path);
     safetensors::tensor::serialize_to_file(encoded.iter().map(|(n, t)| (n.as_str(), t)), metadata, &tmp)
         .map_err(|e| ModelError::Safetensors { path: tmp.clone(), message: e.to_string() })?;
     std::fs::rename(&tmp, path).map_err(|source| ModelError::Io { path: path.to_path_buf(), source })
-}
-
-/// Writes `text` to `path` through a temporary file and a rename.
-pub fn write_text_atomic(path: &Path, text: &str) -> Result<(), ModelError> {
-    let tmp = temporary_path(path);
-    std::fs::write(&tmp, text).map_err(|source| ModelError::Io { path: tmp.clone(), source })?;
-    std::fs::rename(&tmp, path).map_err(|source| ModelError::Io { path: path.to_path_buf(), source })
-}
-
-/// Writes a PNG through a temporary sibling and renames it into place.
-pub fn write_png_atomic(path: &Path, image: &image::RgbImage) -> Result<(), image::ImageError> {
-    let tmp = temporary_path(path);
-    image.save_with_format(&tmp, image::ImageFormat::Png)?;
-    std::fs::rename(&tmp, path).map_err(image::ImageError::IoError)
-}
-
-fn temporary_path(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
 }
 
 /// Every parameter of `module` under its diffusers key, in PyTorch layout, as f32.
@@ -425,7 +406,7 @@ pub fn save_diffusers<B: Backend>(
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
     write_safetensors(&dir.join(WEIGHTS_FILE), &tensors, dtype, Some(metadata))?;
     let json = serde_json::to_string_pretty(&config.to_diffusers_json()).expect("config serialises");
-    write_text_atomic(&dir.join(CONFIG_FILE), &json)
+    crate::io::write_text_atomic(&dir.join(CONFIG_FILE), &json).map_err(ModelError::from)
 }
 
 /// Opens and loads a model in one call (see [`ModelSource::open`]).

@@ -1,7 +1,7 @@
 //! Stability AI's single-file SD3 layout (`model.diffusion_model.` prefix, the original MMDiT
 //! names) mapped onto diffusers keys, and the config inferred from such a file.
 //!
-//! Differences from diffusers (REFERENCE section 7): `attn.qkv` fuses q, k, v along dim 0;
+//! Differences from diffusers (docs/reference.md section 7): `attn.qkv` fuses q, k, v along dim 0;
 //! `final_layer.adaLN_modulation.1` and the last block's `context_block.adaLN_modulation.1` store
 //! `(shift, scale)` where diffusers stores `(scale, shift)`.
 

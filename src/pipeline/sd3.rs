@@ -22,7 +22,7 @@ use burn::tensor::Tensor;
 use crate::Backend;
 use serde_json::Value;
 
-use crate::eval::generate::initial_noise;
+use crate::flow::initial_noise;
 use crate::flow::{FlowSchedule, GuidedModel, TextConditioning, sample_ode};
 use crate::model::error::ModelError;
 use crate::model::lora::ActiveAdapters;

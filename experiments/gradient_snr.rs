@@ -12,7 +12,7 @@ use std::path::Path;
 
 use burn::backend::{Autodiff, Flex};
 use fake_server::{FakeServer, Reply, mean_pixel_scores};
-use flow_opd::model::pipeline::Pipeline;
+use flow_opd::pipeline::world::Pipeline;
 use flow_opd::train::grpo::{GrpoConfig, grpo_trainer};
 use flow_opd::train::grpo_snr::measure;
 

@@ -1,19 +1,19 @@
 //! `flow-opd sample`: text-to-image with a pipeline folder (optionally a LoRA adapter), 40-step
-//! ODE with CFG by default (REFERENCE section 8), one PNG per prompt. The folder is either the
+//! ODE with CFG by default (docs/reference.md section 8), one PNG per prompt. The folder is either the
 //! synthetic world's pipeline or a diffusers SD3 / SD3.5 folder (`model_index.json` naming
 //! `StableDiffusion3Pipeline`, run by [`Sd3Pipeline`]).
 //!
 //! Prompt `i` is seeded with `seed + i`, so an image depends only on its prompt, its seed and
 //! the model, never on the batch it was drawn in.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use crate::Backend;
 
-use crate::eval::generate::{GenerateConfig, generate};
+use crate::pipeline::generate::{GenerateConfig, generate};
 use crate::model::lora::{ActiveAdapters, LoraIoError, load_lora};
-use crate::model::pipeline::Pipeline;
-use crate::model::sd3_pipeline::{InitialLatents, Sd3Pipeline, Sd3PipelineError, Sd3SampleConfig, is_sd3_pipeline, to_rgb_images};
+use crate::pipeline::world::Pipeline;
+use crate::pipeline::sd3::{InitialLatents, Sd3Pipeline, Sd3PipelineError, Sd3SampleConfig, is_sd3_pipeline, to_rgb_images};
 use crate::model::text::DEFAULT_T5_MAX_LENGTH;
 
 /// What to sample.
@@ -32,17 +32,6 @@ pub struct SampleRequest {
     pub out: PathBuf,
     /// Nearest-neighbour upscaling factor of the saved images (1 keeps the model's size).
     pub scale: u32,
-}
-
-/// Reads prompts from a file, one per line (blank lines and lines starting with `#` skipped).
-pub fn read_prompt_file(path: &Path) -> Result<Vec<String>, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let prompts: Vec<String> =
-        text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(String::from).collect();
-    if prompts.is_empty() {
-        return Err(format!("{}: no prompts (one per line)", path.display()));
-    }
-    Ok(prompts)
 }
 
 /// The files `request` writes, in prompt order.
@@ -104,7 +93,7 @@ pub fn run_sample_with<B: Backend>(
     if prompts.len() > 1 {
         std::fs::create_dir_all(&request.out).map_err(|e| format!("{}: {e}", request.out.display()))?;
         let listing: String = request.prompts.iter().enumerate().map(|(i, p)| format!("{i:04}.png\t{}\t{p}\n", request.seed + i as u64)).collect();
-        crate::model::weights::write_text_atomic(&request.out.join("prompts.txt"), &listing).map_err(|e| e.to_string())?;
+        crate::io::write_text_atomic(&request.out.join("prompts.txt"), &listing).map_err(|e| e.to_string())?;
     } else if let Some(parent) = request.out.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
     }
@@ -114,7 +103,7 @@ pub fn run_sample_with<B: Backend>(
         } else {
             rgb
         };
-        crate::model::weights::write_png_atomic(path, &rgb).map_err(|e| format!("{}: {e}", path.display()))?;
+        crate::io::write_png_atomic(path, &rgb).map_err(|e| format!("{}: {e}", path.display()))?;
     }
     Ok(paths)
 }

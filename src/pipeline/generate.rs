@@ -7,12 +7,12 @@ use crate::Backend;
 
 use image::RgbImage;
 
-use crate::flow::{FlowSchedule, GuidedModel, SeededNoise, sample_ode};
+use crate::flow::{FlowSchedule, GuidedModel, initial_noise, sample_ode};
 use crate::model::lora::ActiveAdapters;
-use crate::model::t2i::TextToImage;
+use crate::pipeline::TextToImage;
 use crate::world::Image32;
 
-/// How images are sampled for evaluation (REFERENCE: 40 ODE steps, CFG 4.5).
+/// How images are sampled for evaluation (docs/reference.md section 6: 40 ODE steps, CFG 4.5).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GenerateConfig {
@@ -42,15 +42,6 @@ impl Default for GenerateConfig {
     fn default() -> Self {
         Self { steps: 40, guidance: 4.5, schedule: FlowSchedule::sd3(), batch: 64 }
     }
-}
-
-/// Initial noise `[B, C, h, w]` for `seeds` (one ChaCha stream per seed).
-pub fn initial_noise<B: Backend>(shape: [usize; 3], seeds: &[u64], device: &B::Device) -> Tensor<B, 4> {
-    let parts = seeds
-        .iter()
-        .map(|s| SeededNoise::new(*s).sample::<B, 4>([1, shape[0], shape[1], shape[2]], device))
-        .collect();
-    Tensor::cat(parts, 0)
 }
 
 /// Generates one image per prompt with ODE sampling; `seeds[i]` seeds prompt `i`'s noise.

@@ -6,9 +6,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use burn::backend::Flex;
-use flow_opd::model::pipeline::Pipeline;
+use flow_opd::pipeline::world::Pipeline;
 use flow_opd::reward::RewardSet;
-use flow_opd::train::grpo::score;
+use flow_opd::train::scoring::score;
 use flow_opd::train::grpo_math::group_spread;
 use flow_opd::train::prompts::training_prompts;
 use flow_opd::train::rollout::{RolloutConfig, rollout};

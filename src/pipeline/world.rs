@@ -20,10 +20,11 @@ use burn_store::{ModuleSnapshot, SafetensorsStore};
 use serde::{Deserialize, Serialize};
 
 use super::codec::{LatentCodec, PixelUnshuffle};
-use super::mmdit::{Mmdit, MmditConfig};
 use super::text_encoder::{TextEncoder, TextEncoderConfig, WordTokenizer, read_tokenizer};
-use super::weights::{SaveDtype, save_diffusers, write_text_atomic};
-use super::{ModelError, weights::ModelSource};
+use crate::io::write_text_atomic;
+use crate::model::mmdit::{Mmdit, MmditConfig};
+use crate::model::weights::{ModelSource, SaveDtype, save_diffusers};
+use crate::model::ModelError;
 use crate::flow::TextConditioning;
 
 pub const INDEX_FILE: &str = "model_index.json";
@@ -131,6 +132,12 @@ impl<B: Backend> Pipeline<B> {
     }
 }
 
+/// Saves a pipeline to `dir` atomically: written into a temporary sibling folder, then swapped
+/// in ([`crate::io::replace_dir_atomic`]).
+pub fn save_pipeline_atomic<B: Backend>(pipeline: &Pipeline<B>, dir: &Path) -> Result<(), ModelError> {
+    crate::io::replace_dir_atomic(dir, |tmp| pipeline.save(tmp))
+}
+
 /// Saves the parts of a world pipeline to `dir`.
 pub fn save_world_model<B: Backend>(
     model: &WorldModel<B>,
@@ -157,7 +164,7 @@ pub fn save_world_model<B: Backend>(
     std::fs::rename(&tmp, &weights).map_err(io(&weights))?;
     write_text_atomic(&text_dir.join("config.json"), &serde_json::to_string_pretty(text_config).expect("json"))?;
     write_text_atomic(&dir.join("tokenizer.json"), &serde_json::to_string(tokenizer).expect("json"))?;
-    write_text_atomic(&dir.join(INDEX_FILE), &serde_json::to_string_pretty(index).expect("json"))
+    write_text_atomic(&dir.join(INDEX_FILE), &serde_json::to_string_pretty(index).expect("json")).map_err(ModelError::from)
 }
 
 /// Shape of a fresh world pipeline.

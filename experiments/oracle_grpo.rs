@@ -14,7 +14,7 @@ use std::path::Path;
 use base64::Engine as _;
 use burn::backend::{Autodiff, Flex};
 use fake_server::{FakeServer, Reply, Seen};
-use flow_opd::model::pipeline::Pipeline;
+use flow_opd::pipeline::world::Pipeline;
 use flow_opd::reward::{CompositionReward, Reward, RewardInput};
 use flow_opd::train::grpo::{GrpoConfig, grpo_trainer};
 use flow_opd::world::detect::colour_map;

@@ -10,10 +10,17 @@ use crate::Backend;
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
 
-use super::mmdit::Mmdit;
-use super::pipeline::Pipeline;
-use super::sd3_pipeline::{Sd3Pipeline, is_sd3_pipeline, to_rgb_images};
-use crate::eval::generate::to_images;
+pub mod codec;
+pub mod generate;
+pub mod sample;
+pub mod sd3;
+pub mod text_encoder;
+pub mod world;
+
+use crate::model::mmdit::Mmdit;
+use world::Pipeline;
+use sd3::{Sd3Pipeline, is_sd3_pipeline, to_rgb_images};
+use crate::pipeline::generate::to_images;
 use crate::flow::{FlowSchedule, TextConditioning};
 
 /// A text-to-image pipeline around an MMDiT, as the trainers see it.

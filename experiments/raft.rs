@@ -8,9 +8,9 @@ use std::path::Path;
 
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::{Tensor, TensorData};
-use flow_opd::eval::generate::{GenerateConfig, generate};
+use flow_opd::pipeline::generate::{GenerateConfig, generate};
 use flow_opd::model::lora::{ActiveAdapters, LoraFormat, save_lora};
-use flow_opd::model::pipeline::Pipeline;
+use flow_opd::pipeline::world::Pipeline;
 use flow_opd::reward::{RewardInput, RewardSet};
 use flow_opd::train::prompts::{TaskPrompt, training_prompts};
 use flow_opd::train::sft::{SftConfig, SftData, sft_trainer};
@@ -71,6 +71,6 @@ fn main() {
             eprintln!("sft step {step}: loss {loss:.4}");
         }
     }
-    save_lora(&trainer.ema.average, out, LoraFormat::Peft, flow_opd::model::weights::SaveDtype::F32).unwrap();
+    save_lora(&trainer.state.ema.average, out, LoraFormat::Peft, flow_opd::model::weights::SaveDtype::F32).unwrap();
     eprintln!("saved {} ({:.0} s)", out.display(), t0.elapsed().as_secs_f64());
 }
