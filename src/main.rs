@@ -69,6 +69,11 @@ enum Command {
         /// may repeat, e.g. `cpu,cpu`); the other stages run on the first.
         #[arg(long, default_value = "cpu", value_delimiter = ',')]
         device: Vec<DeviceSpec>,
+        /// Continue the run in runs/<name>/ after a crash, a kill or a spent time budget:
+        /// finished stages are skipped once their outputs verify, an interrupted one continues
+        /// from its last checkpoint (as `resume = true` in the recipe).
+        #[arg(long)]
+        resume: bool,
         #[command(flatten)]
         inputs: RecipeInputs,
     },
@@ -574,8 +579,9 @@ fn main() -> Result<()> {
             println!("wrote {}", path.display());
             Ok(())
         }
-        Command::Recipe { path, runs, device, inputs } => {
-            let recipe = inputs.load(&path)?;
+        Command::Recipe { path, runs, device, resume, inputs } => {
+            let mut recipe = inputs.load(&path)?;
+            recipe.resume |= resume;
             dispatch_many(&device, RecipeTask { recipe, runs })?
         }
         Command::Eval { model, adapter, tasks, prompts, split, steps, cfg, name, out, device } => {
@@ -600,7 +606,7 @@ fn main() -> Result<()> {
             };
             let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "eval".into());
             let runs = out.parent().map(Path::to_path_buf).unwrap_or_default();
-            let recipe = flow_opd::recipe::Recipe { name, sd3: Default::default(), stages: vec![flow_opd::recipe::Stage::Eval(stage)] };
+            let recipe = flow_opd::recipe::Recipe { name, sd3: Default::default(), stages: vec![flow_opd::recipe::Stage::Eval(stage)], resume: false };
             dispatch_many(&device, RecipeTask { recipe, runs })?
         }
         Command::Model(ModelCommand::Forward { model, inputs, output, adapter, device }) => {

@@ -120,6 +120,16 @@ impl SeededNoise {
         Self { rng }
     }
 
+    /// The generator, at its position (for resumable checkpoints).
+    pub fn rng(&self) -> &ChaCha8Rng {
+        &self.rng
+    }
+
+    /// A stream that continues from `rng`'s position.
+    pub fn from_rng(rng: ChaCha8Rng) -> Self {
+        Self { rng }
+    }
+
     /// `eps ~ N(0, I)` of `shape`.
     pub fn sample<B: Backend, const D: usize>(&mut self, shape: [usize; D], device: &B::Device) -> Tensor<B, D> {
         let n = shape.iter().product();

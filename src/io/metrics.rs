@@ -27,6 +27,30 @@ impl MetricsLog {
         &self.path
     }
 
+    /// The log's length in bytes (every record is flushed as it is written).
+    pub fn len(&self) -> std::io::Result<u64> {
+        Ok(self.file.metadata()?.len())
+    }
+
+    pub fn is_empty(&self) -> std::io::Result<bool> {
+        Ok(self.len()? == 0)
+    }
+
+    /// Cuts the log back to its first `bytes` bytes (the records logged up to a checkpoint);
+    /// later records are appended after them. A log shorter than `bytes` is an error: the
+    /// records the checkpoint counted are gone.
+    pub fn truncate(&mut self, bytes: u64) -> std::io::Result<()> {
+        let len = self.len()?;
+        if len < bytes {
+            return Err(std::io::Error::other(format!(
+                "{}: {len} bytes, shorter than the {bytes} the checkpoint was written after",
+                self.path.display()
+            )));
+        }
+        self.file.set_len(bytes)?;
+        self.file.sync_all()
+    }
+
     /// Writes `{"stage": stage, "step": step, ...fields}` as one line.
     pub fn log(&mut self, stage: &str, step: usize, fields: &[(&str, f64)]) -> std::io::Result<()> {
         let mut map = Map::new();

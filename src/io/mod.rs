@@ -3,6 +3,7 @@
 //! [`replace_dir_atomic`]), the run log `metrics.jsonl` ([`metrics`]) and prompt files
 //! ([`prompts`]).
 
+pub mod checkpoint;
 pub mod metrics;
 pub mod prompts;
 

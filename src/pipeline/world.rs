@@ -156,7 +156,9 @@ pub fn save_world_model<B: Backend>(
     save_diffusers(&model.transformer, transformer_config, &dir.join("transformer"), SaveDtype::F32)?;
     let weights = text_dir.join("model.safetensors");
     let tmp = text_dir.join(".model.safetensors.tmp");
-    let mut store = SafetensorsStore::from_file(&tmp);
+    // One metadata key (burn's default three come out of a hash map in any order): the same
+    // weights always make the same bytes.
+    let mut store = SafetensorsStore::from_file(&tmp).clear_metadata().metadata("format", "pt");
     model
         .text_encoder
         .save_into(&mut store)

@@ -22,6 +22,7 @@
 //! `flow-opd gradient-snr` in [`diagnostic`].
 
 pub mod diagnostic;
+pub mod progress;
 pub mod schema;
 pub mod stage_loop;
 pub mod stages;
@@ -35,6 +36,7 @@ pub use stage_loop::{Interrupter, progress_bar};
 
 use crate::Backend;
 use crate::io::metrics::MetricsLog;
+use progress::{Ended, Progress};
 use crate::pipeline::{AnyPipeline, Sd3Options};
 
 /// Where a run writes and what its stages produced.
@@ -45,9 +47,32 @@ pub struct RunContext {
     pub sd3: Sd3Options,
     /// Checked by the training loops after every step.
     pub interrupter: Interrupter,
+    /// The running stage's key ([`progress::stage_key`]): its checkpoints carry it.
+    pub stage_key: String,
+    /// Whether the running stage is where a resumed run continues (from its last checkpoint).
+    pub resuming: bool,
+    /// Length of `metrics.jsonl` after the last stage a resumed run kept.
+    pub metrics_floor: u64,
+    /// Set by the training loop: whether the stage ran to its last step.
+    pub complete: bool,
 }
 
 impl RunContext {
+    /// The context of a run in `dir` that logs to `metrics`.
+    pub fn new(dir: PathBuf, metrics: MetricsLog, sd3: Sd3Options, interrupter: Interrupter) -> Self {
+        Self {
+            dir,
+            outputs: BTreeMap::new(),
+            metrics,
+            sd3,
+            interrupter,
+            stage_key: String::new(),
+            resuming: false,
+            metrics_floor: 0,
+            complete: true,
+        }
+    }
+
     /// A stage output by name, or the path itself.
     pub fn resolve(&self, name: &str) -> PathBuf {
         self.outputs.get(name).cloned().unwrap_or_else(|| PathBuf::from(name))
@@ -134,15 +159,64 @@ pub fn run_recipe_with<B: Backend>(
         return Err(RecipeError::Stage { index: 0, kind: "recipe", message: "no device given".into() });
     };
     let dir = runs_dir.join(&recipe.name);
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |e: String| RecipeError::Io { path, source: std::io::Error::other(e) }
+    };
     std::fs::create_dir_all(&dir).map_err(|source| RecipeError::Io { path: dir.clone(), source })?;
-    let resolved = toml::to_string_pretty(recipe).expect("recipe serialises");
-    crate::io::write_text_atomic(&dir.join("recipe.toml"), &resolved)
-        .map_err(|e| RecipeError::Io { path: dir.join("recipe.toml"), source: std::io::Error::other(e.to_string()) })?;
+    let previous = if recipe.resume { Progress::read(&dir).map_err(io(&dir.join(progress::FILE)))? } else { None };
+    if recipe.resume && previous.is_none() {
+        tracing::info!("nothing to resume in {}: starting the run", dir.display());
+    }
+    let resolved = toml::to_string_pretty(&Recipe { resume: false, ..recipe.clone() }).expect("recipe serialises");
+    crate::io::write_text_atomic(&dir.join("recipe.toml"), &resolved).map_err(|e| io(&dir.join("recipe.toml"))(e.to_string()))?;
     let metrics_path = dir.join("metrics.jsonl");
-    keep_previous_metrics(&metrics_path).map_err(|source| RecipeError::Io { path: metrics_path.clone(), source })?;
+    if previous.is_none() {
+        keep_previous_metrics(&metrics_path).map_err(|source| RecipeError::Io { path: metrics_path.clone(), source })?;
+    }
     let metrics = MetricsLog::open(&metrics_path).map_err(|source| RecipeError::Io { path: metrics_path, source })?;
-    let mut ctx = RunContext { dir, outputs: BTreeMap::new(), metrics, sd3: recipe.sd3.clone(), interrupter };
+    let mut ctx = RunContext::new(dir, metrics, recipe.sd3.clone(), interrupter);
+    let mut progress = Progress::default();
+    progress.write(&ctx.dir).map_err(io(&ctx.dir.join(progress::FILE)))?;
+    // A resumed run keeps the stages that ended, up to the first that did not (or whose
+    // outputs changed); that one continues from its checkpoint, the later ones run afresh.
+    let mut keeping = previous.is_some();
     for (index, stage) in recipe.stages.iter().enumerate() {
+        let key = progress::stage_key(stage, &recipe.sd3);
+        let what = format!("stage {index} ({}{})", stage.kind(), stage.common().output.map(|o| format!(" `{o}`")).unwrap_or_default());
+        if keeping {
+            let ended = previous.as_ref().and_then(|p| p.ended(index));
+            let kept = match ended {
+                Some(e) if e.key != key => Err("its settings changed since it ran".to_string()),
+                Some(e) if !e.complete => Err("it stopped before its last step".to_string()),
+                Some(e) => progress::verify(e, &ctx.dir).map(|()| e),
+                None => Err("it had not ended".to_string()),
+            };
+            match kept {
+                Ok(ended) => {
+                    tracing::info!("{what}: ended in an earlier run, outputs verified: kept");
+                    if let Some(output) = stage.common().output {
+                        ctx.outputs.insert(output.to_string(), ctx.dir.join(output));
+                    }
+                    ctx.metrics_floor = ended.metrics_bytes;
+                    progress.stages.push(ended.clone());
+                    progress.write(&ctx.dir).map_err(io(&ctx.dir.join(progress::FILE)))?;
+                    continue;
+                }
+                Err(why) => {
+                    tracing::info!("{what}: {why}; the run continues here");
+                    keeping = false;
+                    ctx.resuming = true;
+                    if !stage.trains() {
+                        let floor = ctx.metrics_floor;
+                        ctx.metrics.truncate(floor).map_err(|source| RecipeError::Io { path: ctx.metrics.path().to_path_buf(), source })?;
+                    }
+                }
+            }
+        }
+        ctx.stage_key = key.clone();
+        ctx.complete = true;
+        let before = progress::snapshot(&ctx.dir);
         let done = match stage {
             Stage::Pretrain(_) => stages::pretrain::<B>(stage, &mut ctx, devices),
             Stage::Grpo(_) => stages::grpo::<B>(stage, &mut ctx, devices),
@@ -152,8 +226,23 @@ pub fn run_recipe_with<B: Backend>(
             Stage::Eval(s) => stages::eval::<B>(s, &mut ctx, devices),
             Stage::Rows(s) => stages::rows(s, &ctx),
         };
+        ctx.resuming = false;
         done.map_err(|message| RecipeError::Stage { index, kind: stage.kind(), message })?;
-        if matches!(stage, Stage::Pretrain(_) | Stage::Grpo(_) | Stage::Sft(_) | Stage::Opd(_)) {
+        let ended = Ended {
+            index,
+            kind: stage.kind().to_string(),
+            key,
+            complete: ctx.complete,
+            metrics_bytes: ctx.metrics.len().map_err(|source| RecipeError::Io { path: ctx.metrics.path().to_path_buf(), source })?,
+            files: progress::written_since(&ctx.dir, &before).map_err(io(&ctx.dir))?,
+            rows: match stage {
+                Stage::Eval(s) => vec![s.row_name()],
+                _ => Vec::new(),
+            },
+        };
+        progress.stages.push(ended);
+        progress.write(&ctx.dir).map_err(io(&ctx.dir.join(progress::FILE)))?;
+        if stage.trains() {
             match crate::eval::curves::write_curves(&ctx.dir) {
                 Ok(path) => tracing::info!("curves: {}", path.display()),
                 Err(e) => tracing::warn!("no curves drawn: {e}"),
@@ -165,6 +254,9 @@ pub fn run_recipe_with<B: Backend>(
                 Err(e) => tracing::warn!("no report written: {e}"),
             }
         }
+    }
+    if keeping && !recipe.stages.is_empty() {
+        tracing::info!("every stage had ended in an earlier run: nothing to do");
     }
     Ok(ctx)
 }

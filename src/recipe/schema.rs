@@ -34,6 +34,11 @@ pub struct Recipe {
     pub sd3: Sd3Options,
     #[serde(rename = "stage")]
     pub stages: Vec<Stage>,
+    /// Continue the run already in `<runs>/<name>/` (as `flow-opd recipe R --resume`): stages
+    /// that finished are skipped once their outputs verify, and the first one that did not
+    /// continues from its last checkpoint.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub resume: bool,
 }
 
 /// One stage of a recipe.
@@ -212,6 +217,13 @@ pub struct EvalStage {
     pub export: Option<PathBuf>,
 }
 
+impl EvalStage {
+    /// The row it writes: `row`, else the adapter's name, else the model's.
+    pub fn row_name(&self) -> String {
+        self.row.clone().unwrap_or_else(|| self.adapter.clone().unwrap_or_else(|| self.model.clone()))
+    }
+}
+
 /// Why a recipe could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum RecipeError {
@@ -250,6 +262,8 @@ impl Recipe {
             name: String,
             #[serde(default)]
             sd3: Sd3Options,
+            #[serde(default)]
+            resume: bool,
             #[serde(default)]
             stage: Vec<toml::Table>,
         }
@@ -295,7 +309,7 @@ impl Recipe {
             };
             stages.push(stage);
         }
-        let recipe = Recipe { name: raw.name, sd3: raw.sd3, stages };
+        let recipe = Recipe { name: raw.name, sd3: raw.sd3, stages, resume: raw.resume };
         recipe.validate().map_err(parse)?;
         Ok(recipe)
     }
@@ -368,6 +382,11 @@ pub struct StageCommon<'a> {
 }
 
 impl Stage {
+    /// Whether the stage trains through the shared loop (pre-training, GRPO, SFT, OPD).
+    pub fn trains(&self) -> bool {
+        matches!(self, Stage::Pretrain(_) | Stage::Grpo(_) | Stage::Sft(_) | Stage::Opd(_))
+    }
+
     /// The stage kind as recipes spell it.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -1,7 +1,9 @@
 //! The one training loop behind every training stage (pre-training, Flow-GRPO, Flow-OPD, SFT):
-//! progress bar, `metrics.jsonl`, EMA checkpoints, the wall-clock budget (`max_seconds`), a
-//! non-finite guard, Ctrl-C through an [`Interrupter`] passed in, and data-parallel peers that
-//! run the loop in step and agree after every step on whether to stop.
+//! progress bar, `metrics.jsonl`, EMA checkpoints, resumable checkpoints of the whole trainer
+//! state (`runs/<run>/checkpoints/<output>/`, see [`crate::io::checkpoint`]) and resuming from
+//! them, the wall-clock budget (`max_seconds`), non-finite guards, Ctrl-C through an
+//! [`Interrupter`] passed in, and data-parallel peers that run the loop in step and agree after
+//! every step on whether to stop.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,7 +14,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use super::RunContext;
 use crate::Backend;
+use crate::io::checkpoint::{Checkpoint, Checkpoints, Manifest};
 use crate::train::parallel::{Peer, first_error, run_peers};
+use crate::train::resume::{SavedState, TrainerState};
 
 /// A stop request that training loops check after every step: they save a checkpoint and end
 /// the run with an error saying where it is. Clones share one flag.
@@ -70,17 +74,22 @@ pub struct StepReport {
     pub message: String,
     /// Logged to `metrics.jsonl` (the loop adds `seconds`).
     pub fields: Vec<(String, f64)>,
-    /// A figure that must stay finite (`name`, value), else the stage stops with the last good
-    /// checkpoint kept.
-    pub guard: Option<(&'static str, f64)>,
+    /// Figures that must stay finite (`name`, value), else the stage stops with the last good
+    /// checkpoint kept and nothing written after it.
+    pub guards: Vec<(&'static str, f64)>,
 }
 
 /// A trainer as the stage loop drives it.
 pub trait LoopTrainer<B: Backend> {
     /// One step (or iteration).
     fn step(&mut self, device: &B::Device) -> Result<StepReport, String>;
-    /// Writes the checkpoint (the EMA weights) into `dir`, atomically.
+    /// Writes the stage output (the EMA weights) into `dir`, atomically.
     fn save(&self, dir: &Path) -> Result<(), String>;
+    /// Everything the next step depends on: weights, EMA, optimiser state, counters and the
+    /// positions of every random stream.
+    fn save_state(&self) -> Result<TrainerState, String>;
+    /// Continues from a state [`LoopTrainer::save_state`] wrote.
+    fn restore(&mut self, saved: &SavedState<'_>, device: &B::Device) -> Result<(), String>;
 }
 
 /// A training stage as the loop sees it.
@@ -102,6 +111,46 @@ pub struct LoopSpec<'a> {
     pub max_seconds: Option<f64>,
     pub export: Option<&'a Path>,
     pub interrupter: Interrupter,
+    /// The stage's key (its settings' hash): checkpoints of other settings are not resumed.
+    pub key: String,
+}
+
+impl LoopSpec<'_> {
+    /// Where the stage's resumable checkpoints go.
+    fn checkpoints(&self, ctx: &RunContext) -> Checkpoints {
+        Checkpoints::new(ctx.dir.join("checkpoints").join(self.output))
+    }
+}
+
+/// Where a loop starts: after `step` steps and `seconds` of training (0 for a fresh stage).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Start {
+    pub step: usize,
+    pub seconds: f64,
+}
+
+/// The checkpoint a stage continues from: the newest that verifies when the run resumes at
+/// this stage (the log is cut back to where it was written), none otherwise (the stage's old
+/// checkpoints are removed: they belong to another run of it).
+fn resume_point(spec: &LoopSpec<'_>, ctx: &mut RunContext) -> Result<Option<Checkpoint>, String> {
+    let checkpoints = spec.checkpoints(ctx);
+    if !ctx.resuming {
+        checkpoints.clear().map_err(|e| e.to_string())?;
+        return Ok(None);
+    }
+    let saved = checkpoints.latest(&spec.key, |w| tracing::warn!("{}: {w}", spec.label));
+    let keep = match &saved {
+        Some(c) => {
+            tracing::info!("{}: resuming after {} {} from {}", spec.label, spec.unit, c.manifest.step, c.path.display());
+            c.manifest.metrics_bytes
+        }
+        None => {
+            tracing::info!("{}: no checkpoint to resume from in {}; starting the stage from the beginning", spec.label, checkpoints.root.display());
+            ctx.metrics_floor
+        }
+    };
+    ctx.metrics.truncate(keep).map_err(|e| format!("resuming: {e}"))?;
+    Ok(saved)
 }
 
 /// A training loop's wall clock against its stage's `max_seconds` budget (none: never out).
@@ -133,55 +182,80 @@ pub fn train_on<'d, B: Backend, T: LoopTrainer<B> + Send>(
     devices: &'d [B::Device],
     build: impl Fn(&RunContext, &'d B::Device, Option<Peer<B>>) -> Result<T, String>,
 ) -> Result<(), String> {
+    let saved = resume_point(spec, ctx)?;
+    let start = saved.as_ref().map_or_else(Start::default, |c| Start { step: c.manifest.step, seconds: c.manifest.seconds });
+    // Every peer continues from the same state: peers hold equal states by construction (the
+    // same seeds, the same averaged gradients), so a checkpoint holds one.
+    let restored = |mut trainer: T, device: &B::Device| -> Result<T, String> {
+        if let Some(checkpoint) = &saved {
+            trainer.restore(&SavedState { checkpoint }, device)?;
+        }
+        Ok(trainer)
+    };
     if let [device] = devices {
-        let trainer = build(ctx, device, None)?;
-        return run_loop(spec, trainer, Some(ctx), device, None);
+        let trainer = restored(build(ctx, device, None)?, device)?;
+        return run_loop(spec, trainer, Some(ctx), device, None, start);
     }
     let count = devices.len();
     let trainers = devices
         .iter()
         .enumerate()
-        .map(|(index, device)| build(ctx, device, Some(Peer { index, count, device: device.clone() })).map(|t| Mutex::new(Some(t))))
+        .map(|(index, device)| {
+            let trainer = build(ctx, device, Some(Peer { index, count, device: device.clone() }))?;
+            restored(trainer, device).map(|t| Mutex::new(Some(t)))
+        })
         .collect::<Result<Vec<_>, _>>()?;
     tracing::info!("{}: data-parallel over {count} devices", spec.label);
     let lead = Mutex::new(Some(&mut *ctx));
     let results = run_peers::<B, _, _>(devices, |peer| {
         let trainer = trainers[peer.index].lock().expect("trainer").take().expect("one trainer per peer");
         let ctx = if peer.index == 0 { lead.lock().expect("context").take() } else { None };
-        run_loop(spec, trainer, ctx, &peer.device, Some(&peer))
+        run_loop(spec, trainer, ctx, &peer.device, Some(&peer), start)
     });
     first_error(results).map(|_| ())
 }
 
-/// The loop of one peer (or the only trainer): steps until `spec.total`, the budget, Ctrl-C or
-/// an error; the peer holding the run's context (`lead`) shows progress, logs, checkpoints and
-/// exports, and records the output.
-pub fn run_loop<B: Backend>(
+/// The loop of one peer (or the only trainer): steps from `start` until `spec.total`, the
+/// budget, Ctrl-C or an error; the peer holding the run's context (`lead`) shows progress, logs,
+/// writes the stage output and the resumable checkpoints, exports, and records the output.
+pub fn run_loop<B: Backend, T: LoopTrainer<B>>(
     spec: &LoopSpec<'_>,
-    mut trainer: impl LoopTrainer<B>,
+    mut trainer: T,
     mut lead: Option<&mut RunContext>,
     device: &B::Device,
     peer: Option<&Peer<B>>,
+    start: Start,
 ) -> Result<(), String> {
     let out = lead.as_ref().map(|ctx| ctx.dir.join(spec.output));
+    let checkpoints = lead.as_ref().map(|ctx| spec.checkpoints(ctx));
     let bar = lead.as_ref().map(|_| progress_bar(spec.total as u64, spec.bar_label));
+    if let Some(bar) = &bar {
+        bar.set_position(start.step.min(spec.total) as u64);
+    }
     let clock = StageClock::start(spec.max_seconds);
     let interrupted = || spec.interrupter.is_interrupted();
-    let mut done = 0;
-    for step in 1..=spec.total {
-        let report = trainer.step(device)?;
+    // Where the last good state is, for messages.
+    let mut last_saved = (start.step > 0).then_some(start.step);
+    let kept = |last: Option<usize>| match (last, &checkpoints) {
+        (Some(step), Some(c)) => format!("the last good checkpoint ({} {step}) is in {}", spec.unit, c.root.display()),
+        (Some(step), None) => format!("the last good checkpoint is that of {} {step}", spec.unit),
+        (None, _) => "no checkpoint was written before it".to_string(),
+    };
+    let mut done = start.step;
+    for step in start.step + 1..=spec.total {
+        let report = trainer.step(device).map_err(|e| {
+            format!("{} {step}: {e}; {}; rerun with `--resume` to continue from it", spec.unit, kept(last_saved))
+        })?;
         done = step;
-        if let Some((name, value)) = report.guard.filter(|(_, v)| !v.is_finite()) {
-            // The guarded figure is the same on every peer: they all stop here.
-            let at = out.as_ref().map_or_else(|| format!("the run's `{}` folder", spec.output), |p| p.display().to_string());
-            return Err(format!(
-                "{} {step}: the {name} is {value} (diverged); the last good {} is in {at} (saved every {} {}s)",
-                spec.unit, spec.what, spec.checkpoint_every, spec.unit
-            ));
+        if let Some((name, value)) = report.guards.iter().find(|(_, v)| !v.is_finite()) {
+            // The guarded figures are the same on every peer: they all stop here, and nothing
+            // is written after the last good checkpoint.
+            return Err(format!("{} {step}: the {name} is {value} (diverged); {}", spec.unit, kept(last_saved)));
         }
-        let (seconds, out_of_time) = clock.read();
+        let (elapsed, out_of_time) = clock.read();
+        let seconds = start.seconds + elapsed;
         let (mut written, mut saved) = (Ok(()), false);
-        if let (Some(ctx), Some(out), Some(bar)) = (lead.as_deref_mut(), &out, &bar) {
+        if let (Some(ctx), Some(out), Some(bar), Some(checkpoints)) = (lead.as_deref_mut(), &out, &bar, &checkpoints) {
             bar.set_message(report.message);
             bar.inc(1);
             if step % spec.log_every.max(1) == 0 || step == spec.total || out_of_time {
@@ -191,8 +265,9 @@ pub fn run_loop<B: Backend>(
                 written = ctx.metrics.log(&spec.label, step, &refs).map_err(|e| e.to_string());
             }
             if written.is_ok() && (step % spec.checkpoint_every.max(1) == 0 || step == spec.total || out_of_time || interrupted()) {
-                written = trainer.save(out);
+                written = save_all(spec, ctx, checkpoints, &trainer, out, step, seconds);
                 saved = true;
+                last_saved = Some(step);
             }
         }
         // Whether to stop after this step, the same answer on every peer: when the lead runs
@@ -205,16 +280,21 @@ pub fn run_loop<B: Backend>(
         };
         written?;
         if stop {
-            if let Some(out) = &out {
+            if let (Some(ctx), Some(out), Some(checkpoints)) = (lead.as_deref_mut(), &out, &checkpoints) {
                 if !saved {
-                    trainer.save(out)?;
+                    save_all(spec, ctx, checkpoints, &trainer, out, step, seconds)?;
                 }
                 if interrupted() {
-                    return Err(format!("interrupted at {} {step}; the {} is in {}", spec.unit, spec.what, out.display()));
+                    return Err(format!(
+                        "interrupted at {} {step}; the {} is in {}, and the run continues from there with `--resume`",
+                        spec.unit,
+                        spec.what,
+                        out.display()
+                    ));
                 }
                 if out_of_time {
                     tracing::info!(
-                        "{}: time budget of {:.0} s spent after {} {step} of {} ({seconds:.0} s)",
+                        "{}: time budget of {:.0} s spent after {} {step} of {} ({elapsed:.0} s); `--resume` continues the stage",
                         spec.label,
                         spec.max_seconds.unwrap_or_default(),
                         spec.unit,
@@ -232,7 +312,26 @@ pub fn run_loop<B: Backend>(
     if let Some(export) = spec.export {
         trainer.save(export)?;
     }
-    tracing::info!("{}: {done} {}s in {:.0} s", spec.label, spec.unit, clock.read().0);
+    tracing::info!("{}: {done} {}s, {:.0} s in this process", spec.label, spec.unit, clock.read().0);
+    ctx.complete = done == spec.total;
     ctx.outputs.insert(spec.output.to_string(), out);
+    Ok(())
+}
+
+/// Writes the stage output (the EMA weights) and a resumable checkpoint after `step`.
+fn save_all<B: Backend>(
+    spec: &LoopSpec<'_>,
+    ctx: &RunContext,
+    checkpoints: &Checkpoints,
+    trainer: &impl LoopTrainer<B>,
+    out: &Path,
+    step: usize,
+    seconds: f64,
+) -> Result<(), String> {
+    trainer.save(out)?;
+    let TrainerState { files, state } = trainer.save_state()?;
+    let metrics_bytes = ctx.metrics.len().map_err(|e| format!("{}: {e}", ctx.metrics.path().display()))?;
+    let manifest = Manifest { step, key: spec.key.clone(), metrics_bytes, seconds, state: state.into(), files: Default::default() };
+    checkpoints.write(manifest, &files).map_err(|e| e.to_string())?;
     Ok(())
 }

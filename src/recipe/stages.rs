@@ -9,7 +9,7 @@ use burn::optim::Optimizer;
 
 use super::RunContext;
 use super::schema::{EvalStage, MergeStage, PretrainStage, RowsStage, Stage};
-use super::stage_loop::{LoopSpec, LoopTrainer, StepReport, progress_bar, run_loop, train_on};
+use super::stage_loop::{LoopSpec, LoopTrainer, StepReport, progress_bar, train_on};
 use crate::Backend;
 use crate::eval::grid::write_captioned_grids;
 use crate::eval::{ResultsTable, row, write_grids};
@@ -20,6 +20,7 @@ use crate::train::adapter::AdapterTrainer;
 use crate::train::grpo::{GrpoTrainer, grpo_trainer};
 use crate::train::opd::{OpdTrainer, Teachers, opd_trainer};
 use crate::train::pretrain::{Pretrainer, WorldPairs, pretrainer, to_autodiff};
+use crate::train::resume::{RngState, SavedState, TrainerState};
 use crate::train::sft::{SftData, SftTrainer, sft_trainer, teacher_samples};
 
 /// The loop's view of a training stage from its shared fields.
@@ -38,6 +39,7 @@ fn loop_spec<'a>(stage: &'a Stage, ctx: &RunContext, label: String, bar_label: &
         max_seconds: common.max_seconds,
         export: common.export,
         interrupter: ctx.interrupter.clone(),
+        key: ctx.stage_key.clone(),
     }
 }
 
@@ -77,19 +79,39 @@ struct PretrainLoop<T> {
 impl<B: Backend, O: Optimizer<WorldModel<Autodiff<B>>, Autodiff<B>>> LoopTrainer<B> for PretrainLoop<Pretrainer<Autodiff<B>, O>> {
     fn step(&mut self, device: &B::Device) -> Result<StepReport, String> {
         let loss = self.trainer.step(&mut self.data, device)?.loss;
-        let guard = Some(("loss", loss));
+        let guards = vec![("loss", loss), ("weights' sum of magnitudes", finite_figure(self.trainer.weights_finite()))];
         if !loss.is_finite() {
-            return Ok(StepReport { message: String::new(), fields: Vec::new(), guard });
+            return Ok(StepReport { message: String::new(), fields: Vec::new(), guards });
         }
         let s = self.smoothed.map_or(loss, |m| 0.98 * m + 0.02 * loss);
         self.smoothed = Some(s);
-        Ok(StepReport { message: format!("loss {s:.4}"), fields: vec![("loss".into(), loss), ("loss_smoothed".into(), s)], guard })
+        Ok(StepReport { message: format!("loss {s:.4}"), fields: vec![("loss".into(), loss), ("loss_smoothed".into(), s)], guards })
     }
 
     fn save(&self, dir: &Path) -> Result<(), String> {
         save_pipeline_atomic(&self.trainer.ema_pipeline(), dir).map_err(|e| e.to_string())
     }
+
+    fn save_state(&self) -> Result<TrainerState, String> {
+        let mut state = self.trainer.save_state()?;
+        state.set("data_rng", RngState::of(self.data.rng()));
+        state.set("loss_smoothed", self.smoothed);
+        Ok(state)
+    }
+
+    fn restore(&mut self, saved: &SavedState<'_>, device: &B::Device) -> Result<(), String> {
+        self.trainer.restore(saved, device)?;
+        self.data.set_rng(saved.get::<RngState>("data_rng")?.rng()?);
+        self.smoothed = saved.get("loss_smoothed")?;
+        Ok(())
+    }
 }
+
+/// A guard's figure for a yes/no check: 0 when it holds, NaN when not.
+fn finite_figure(holds: bool) -> f64 {
+    if holds { 0.0 } else { f64::NAN }
+}
+
 
 /// Loads adapter `name` (a stage output or a path) for `pipeline`'s transformer.
 fn adapter<B: Backend>(ctx: &RunContext, name: &str, pipeline: &impl TextToImage<B>, device: &B::Device) -> Result<LoraAdapter<B>, String> {
@@ -128,11 +150,25 @@ impl<B: Backend, O: Optimizer<LoraAdapter<Autodiff<B>>, Autodiff<B>>> LoopTraine
             ("partition".into(), stats.partition as f64),
         ];
         fields.extend(stats.task_metrics.iter().map(|(t, m)| (format!("train_{}", t.name()), *m)));
-        Ok(StepReport { message: format!("reward {:.3} kl {:.2e}", stats.reward, stats.kl), fields, guard: None })
+        let guards = vec![
+            ("reward", stats.reward),
+            ("policy loss", stats.policy_loss),
+            ("KL", stats.kl),
+            ("adapter weights' sum of magnitudes", finite_figure(self.state.weights_finite())),
+        ];
+        Ok(StepReport { message: format!("reward {:.3} kl {:.2e}", stats.reward, stats.kl), fields, guards })
     }
 
     fn save(&self, dir: &Path) -> Result<(), String> {
         save_adapter(&self.state.ema.average, dir)
+    }
+
+    fn save_state(&self) -> Result<TrainerState, String> {
+        self.state.save_state()
+    }
+
+    fn restore(&mut self, saved: &SavedState<'_>, device: &B::Device) -> Result<(), String> {
+        self.state.restore(saved, device)
     }
 }
 
@@ -173,7 +209,9 @@ pub fn sft<B: Backend>(stage: &Stage, ctx: &mut RunContext, device: &B::Device) 
     tracing::info!("sft `{}`: {} teacher samples in {:.0} s", s.output, data.prompts.len(), start.elapsed().as_secs_f64());
     let trainer = sft_trainer::<Autodiff<B>>(pipeline, s.train.clone(), device)?;
     let spec = loop_spec(stage, ctx, format!("sft:{}", s.output), &s.output, s.train.steps);
-    run_loop(&spec, SftLoop { trainer, data }, Some(ctx), device, None)
+    // One device: the one trainer is handed to the loop.
+    let once = std::sync::Mutex::new(Some(SftLoop { trainer, data }));
+    train_on(&spec, ctx, std::slice::from_ref(device), |_, _, _| Ok(once.lock().expect("sft trainer").take().expect("built once")))
 }
 
 struct SftLoop<T, D> {
@@ -184,11 +222,24 @@ struct SftLoop<T, D> {
 impl<B: Backend, O: Optimizer<LoraAdapter<Autodiff<B>>, Autodiff<B>>> LoopTrainer<B> for SftLoop<SftTrainer<Autodiff<B>, O>, SftData<B>> {
     fn step(&mut self, device: &B::Device) -> Result<StepReport, String> {
         let loss = self.trainer.step(&self.data, device)?;
-        Ok(StepReport { message: format!("loss {loss:.4}"), fields: vec![("loss".into(), loss)], guard: None })
+        let guards = vec![("loss", loss), ("adapter weights' sum of magnitudes", finite_figure(self.trainer.state.weights_finite()))];
+        Ok(StepReport { message: format!("loss {loss:.4}"), fields: vec![("loss".into(), loss)], guards })
     }
 
     fn save(&self, dir: &Path) -> Result<(), String> {
         save_adapter(&self.trainer.state.ema.average, dir)
+    }
+
+    fn save_state(&self) -> Result<TrainerState, String> {
+        let mut state = self.trainer.state.save_state()?;
+        state.set("noise", RngState::of(self.trainer.noise().rng()));
+        Ok(state)
+    }
+
+    fn restore(&mut self, saved: &SavedState<'_>, device: &B::Device) -> Result<(), String> {
+        self.trainer.state.restore(saved, device)?;
+        self.trainer.set_noise(saved.get::<RngState>("noise")?.rng()?);
+        Ok(())
     }
 }
 
@@ -222,11 +273,25 @@ impl<B: Backend, O: Optimizer<LoraAdapter<Autodiff<B>>, Autodiff<B>>> LoopTraine
         let mut fields: Vec<(String, f64)> =
             vec![("loss".into(), stats.loss), ("loss_opd".into(), stats.distill), ("loss_mar".into(), stats.anchor)];
         fields.extend(stats.task_metrics.iter().map(|(t, m)| (format!("train_{}", t.name()), *m)));
-        Ok(StepReport { message: format!("loss {:.4}", stats.loss), fields, guard: None })
+        let guards = vec![
+            ("loss", stats.loss),
+            ("OPD loss", stats.distill),
+            ("MAR loss", stats.anchor),
+            ("adapter weights' sum of magnitudes", finite_figure(self.state.weights_finite())),
+        ];
+        Ok(StepReport { message: format!("loss {:.4}", stats.loss), fields, guards })
     }
 
     fn save(&self, dir: &Path) -> Result<(), String> {
         save_adapter(&self.state.ema.average, dir)
+    }
+
+    fn save_state(&self) -> Result<TrainerState, String> {
+        self.state.save_state()
+    }
+
+    fn restore(&mut self, saved: &SavedState<'_>, device: &B::Device) -> Result<(), String> {
+        self.state.restore(saved, device)
     }
 }
 
@@ -240,7 +305,7 @@ pub fn eval<B: Backend>(stage: &EvalStage, ctx: &mut RunContext, devices: &[B::D
     };
     // Loaded before the clock starts: the row's seconds are the evaluation's.
     let loaded = devices.iter().map(load).collect::<Result<Vec<_>, _>>()?;
-    let name = stage.row.clone().unwrap_or_else(|| stage.adapter.clone().unwrap_or_else(|| stage.model.clone()));
+    let name = stage.row_name();
     let prompts = crate::eval::eval_prompts(&stage.eval).map_err(|e| e.to_string())?;
     let bar = progress_bar(prompts.iter().map(|(_, p)| p.len() as u64).sum(), "eval");
     bar.set_message(name.clone());
@@ -290,7 +355,6 @@ pub fn rows(stage: &RowsStage, ctx: &RunContext) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
 
     use super::*;
     use crate::io::metrics::MetricsLog;
@@ -306,7 +370,7 @@ mod tests {
         from.write_json(&shipped).unwrap();
         let run = dir.path().join("run");
         let metrics = MetricsLog::open(&run.join("metrics.jsonl")).unwrap();
-        let ctx = RunContext { dir: run.clone(), outputs: BTreeMap::new(), metrics, sd3: Default::default(), interrupter: Default::default() };
+        let ctx = RunContext::new(run.clone(), metrics, Default::default(), Default::default());
         let stage = RowsStage { from: shipped.clone(), rows: Some(vec!["Teacher".into(), "Base".into()]) };
         rows(&stage, &ctx).unwrap();
         let table = ResultsTable::read(&run).unwrap();

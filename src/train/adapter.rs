@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use super::ema::Ema;
 use super::parallel::Peer;
 use super::prompts::TaskPrompt;
+use super::resume::{RngState, SavedState, TrainerState};
 use super::rollout::{RolloutConfig, Rollouts, rollout_shard};
 use crate::AutodiffBackend;
 use crate::flow::TextConditioning;
@@ -208,6 +209,35 @@ impl<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> AdapterState<B, O> {
         let figures = peer.mean(&figures)?.try_into().expect("as many figures as given");
         let grads = grads.map(|g| peer.mean_gradients(&self.adapter, g)).transpose()?;
         Ok((figures, grads))
+    }
+
+    /// The resumable state: the live adapter, the EMA, AdamW's moments, the update count and
+    /// the random stream (the peer needs nothing of its own: every peer holds the same).
+    pub fn save_state(&self) -> Result<TrainerState, String> {
+        let mut state = TrainerState::default();
+        state.module::<B, _>("adapter.bin", &self.adapter)?;
+        state.module::<B::InnerBackend, _>("ema.bin", &self.ema.average)?;
+        state.record::<B, _>("optimizer.bin", self.optimizer.to_record())?;
+        state.set("iteration", self.iteration);
+        state.set("ema_updates", self.ema.updates);
+        state.set("rng", RngState::of(&self.rng));
+        Ok(state)
+    }
+
+    /// Continues from a state [`Self::save_state`] wrote.
+    pub fn restore(&mut self, saved: &SavedState<'_>, device: &B::Device) -> Result<(), String> {
+        self.adapter = saved.module::<B, _>("adapter.bin", self.adapter.clone(), device)?;
+        self.ema.average = saved.module::<B::InnerBackend, _>("ema.bin", self.ema.average.clone(), device)?;
+        self.optimizer = self.optimizer.clone().load_record(saved.record::<B, O::Record>("optimizer.bin", device)?);
+        self.iteration = saved.get("iteration")?;
+        self.ema.updates = saved.get("ema_updates")?;
+        self.rng = saved.get::<RngState>("rng")?.rng()?;
+        Ok(())
+    }
+
+    /// Whether every weight of the live adapter is finite (a non-finite gradient shows here).
+    pub fn weights_finite(&self) -> bool {
+        super::weights_finite::<B::InnerBackend, _>(&self.adapter.valid())
     }
 
     /// One AdamW step of the adapter with `grads` and an EMA update (nothing without a

@@ -14,11 +14,12 @@ pub mod opd;
 pub mod parallel;
 pub mod pretrain;
 pub mod prompts;
+pub mod resume;
 pub mod rollout;
 pub mod scoring;
 pub mod sft;
 
-use burn::module::{Module, ModuleMapper, Param};
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::Tensor;
 use crate::AutodiffBackend;
 
@@ -34,4 +35,22 @@ pub fn trainable<B: AutodiffBackend, M: Module<B>>(module: M) -> M {
         }
     }
     module.map(&mut Mark)
+}
+
+/// Whether every float parameter of `module` is finite: the sum of magnitudes of each is (an
+/// inf or NaN anywhere makes it non-finite). Checked after updates, so that no non-finite
+/// weight is ever saved.
+pub fn weights_finite<B: crate::Backend, M: Module<B>>(module: &M) -> bool {
+    struct Finite(bool);
+    impl<B: crate::Backend> ModuleVisitor<B> for Finite {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            if self.0 {
+                let sum: f64 = burn::tensor::ElementConversion::elem(param.val().abs().sum().into_scalar());
+                self.0 = sum.is_finite();
+            }
+        }
+    }
+    let mut finite = Finite(true);
+    module.visit(&mut finite);
+    finite.0
 }

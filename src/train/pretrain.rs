@@ -177,6 +177,39 @@ impl<B: AutodiffBackend, O: Optimizer<WorldModel<B>, B>> Pretrainer<B, O> {
         Ok(PretrainStats { loss: value })
     }
 
+    /// The resumable state: the live model, the EMA, AdamW's moments, the step (which also
+    /// places the warm-up) and the random streams (times and caption dropout, noise).
+    pub fn save_state(&self) -> Result<super::resume::TrainerState, String> {
+        use super::resume::{RngState, TrainerState};
+        let mut state = TrainerState::default();
+        state.module::<B, _>("model.bin", &self.pipeline.model)?;
+        state.module::<B::InnerBackend, _>("ema.bin", &self.ema.average)?;
+        state.record::<B, _>("optimizer.bin", self.optimizer.to_record())?;
+        state.set("step", self.step);
+        state.set("ema_updates", self.ema.updates);
+        state.set("rng", RngState::of(&self.rng));
+        state.set("noise", RngState::of(self.noise.rng()));
+        Ok(state)
+    }
+
+    /// Continues from a state [`Self::save_state`] wrote.
+    pub fn restore(&mut self, saved: &super::resume::SavedState<'_>, device: &B::Device) -> Result<(), String> {
+        use super::resume::RngState;
+        self.pipeline.model = saved.module::<B, _>("model.bin", self.pipeline.model.clone(), device)?;
+        self.ema.average = saved.module::<B::InnerBackend, _>("ema.bin", self.ema.average.clone(), device)?;
+        self.optimizer = self.optimizer.clone().load_record(saved.record::<B, O::Record>("optimizer.bin", device)?);
+        self.step = saved.get("step")?;
+        self.ema.updates = saved.get("ema_updates")?;
+        self.rng = saved.get::<RngState>("rng")?.rng()?;
+        self.noise = SeededNoise::from_rng(saved.get::<RngState>("noise")?.rng()?);
+        Ok(())
+    }
+
+    /// Whether every weight of the live model is finite.
+    pub fn weights_finite(&self) -> bool {
+        super::weights_finite::<B::InnerBackend, _>(&self.pipeline.model.valid())
+    }
+
     /// The EMA weights as an inference pipeline.
     pub fn ema_pipeline(&self) -> Pipeline<B::InnerBackend> {
         Pipeline {
@@ -242,6 +275,15 @@ impl WorldPairs {
             CaptionSource::Grammar => Captions::Grammar(shipped_prompts(Split::Test).into_iter().map(|p| p.text).collect()),
         };
         Self { captions, wrong_fraction, layout, rng: ChaCha8Rng::seed_from_u64(seed) }
+    }
+
+    /// The stream that draws captions, layouts and wrong captions (for resumable checkpoints).
+    pub fn rng(&self) -> &ChaCha8Rng {
+        &self.rng
+    }
+
+    pub fn set_rng(&mut self, rng: ChaCha8Rng) {
+        self.rng = rng;
     }
 
     /// The next caption's prompt.

@@ -102,6 +102,15 @@ pub fn sft_trainer<B: AutodiffBackend>(
 }
 
 impl<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> SftTrainer<B, O> {
+    /// The flow-matching noise stream (for resumable checkpoints).
+    pub fn noise(&self) -> &SeededNoise {
+        &self.noise
+    }
+
+    pub fn set_noise(&mut self, rng: rand_chacha::ChaCha8Rng) {
+        self.noise = SeededNoise::from_rng(rng);
+    }
+
     /// One flow-matching step of the student on a random batch of teacher samples.
     pub fn step(&mut self, data: &SftData<B::InnerBackend>, device: &B::Device) -> Result<f64, String> {
         let n = data.prompts.len();
