@@ -33,6 +33,7 @@ impl Reply {
 pub struct FakeServer {
     pub url: String,
     seen: Arc<Mutex<Vec<Seen>>>,
+    down: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl FakeServer {
@@ -44,14 +45,26 @@ impl FakeServer {
         let handler = Arc::new(handler);
         let count = Arc::new(AtomicUsize::new(0));
         let server_seen = seen.clone();
+        let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let server_down = down.clone();
         std::thread::spawn(move || {
             for stream in listener.incoming() {
                 let Ok(stream) = stream else { continue };
+                if server_down.load(Ordering::SeqCst) {
+                    // A server that has stopped: the connection closes without a reply.
+                    let _ = stream.shutdown(std::net::Shutdown::Both);
+                    continue;
+                }
                 let (handler, seen, count) = (handler.clone(), server_seen.clone(), count.clone());
                 std::thread::spawn(move || serve(stream, &*handler, &seen, &count));
             }
         });
-        Self { url, seen }
+        Self { url, seen, down }
+    }
+
+    /// Stops answering (every connection is closed at once) or starts again.
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
     }
 
     pub fn seen(&self) -> Vec<Seen> {
