@@ -97,6 +97,7 @@ fn nan_rewards_stop_the_stage_and_it_resumes_once_the_server_is_fixed() {
         panic!("NaN rewards were accepted");
     };
     let err = err.to_string();
+    eprintln!("{err}");
     for part in ["iteration 3", "brightness", "NaN", "last good checkpoint (iteration 2)", "--resume"] {
         assert!(err.contains(part), "`{part}` missing from: {err}");
     }

@@ -236,7 +236,7 @@ impl RemoteReward {
         let body = self.request_body(chunk, offset)?;
         let reply = self.with_retries(&url, || self.attempt(&url, Some(&body)))?;
         let parsed: ScoreResponse =
-            serde_json::from_str(&reply).map_err(|e| self.malformed(&url, e.to_string(), &reply))?;
+            serde_json::from_str(&reply).map_err(|e| self.malformed(&url, not_json(&e, &reply), &reply))?;
         if parsed.scores.len() != chunk.len() {
             return Err(RewardError::RemoteCount {
                 reward: self.config.name.clone(),
@@ -355,6 +355,15 @@ impl RemoteReward {
             problem,
             body: truncate(body),
         }
+    }
+}
+
+/// What is wrong with a reply that is not JSON; a score written as `NaN` or `Infinity` (what
+/// Python's `json.dumps` writes for non-finite floats) is named as such.
+fn not_json(error: &serde_json::Error, body: &str) -> String {
+    match ["NaN", "Infinity"].into_iter().find(|word| body.contains(word)) {
+        Some(word) => format!("a score is {word}, which is neither finite nor JSON ({error})"),
+        None => error.to_string(),
     }
 }
 
