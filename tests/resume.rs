@@ -222,3 +222,37 @@ fn a_corrupt_newest_checkpoint_is_passed_over_for_the_previous_one() {
     assert_eq!(std::fs::read_dir(&checkpoints).unwrap().count(), 2, "the two newest checkpoints are kept");
     assert_eq!(metrics_without_seconds(&whole.join("grpo")), metrics_without_seconds(&killed.join("grpo")));
 }
+
+/// SFT through the same loop: stopped by Ctrl-C (an [`Interrupter`] set before the run) after
+/// its first step, then resumed, it ends with the adapter of an uninterrupted run.
+#[test]
+fn sft_interrupted_and_resumed_equals_an_uninterrupted_run() {
+    use flow_opd::recipe::{Interrupter, Recipe, run_recipe_with};
+    type B = burn::backend::Flex;
+    let tmp = tempfile::tempdir().unwrap();
+    let pipeline = common::toy_world_pipeline(2);
+    let (model, teacher) = (tmp.path().join("toy"), tmp.path().join("teacher"));
+    save_pipeline_atomic(&pipeline, &model).unwrap();
+    let device = Default::default();
+    flow_opd::model::lora::save_adapter_atomic(&common::toy_teacher(&pipeline.model.transformer, 7, &device), &teacher).unwrap();
+    let recipe = |name: &str, resume: bool| {
+        let text = format!(
+            "name = \"{name}\"\nresume = {resume}\n[[stage]]\nkind = \"sft\"\noutput = \"sft\"\nmodel = \"{}\"\nrouting = {{ composition = \"{}\" }}\n\
+             train = {{ samples_per_task = 4, sampling = {{ steps = 3, guidance = 2.0 }}, steps = 4, batch_size = 2, seed = 9, \
+             optim = {{ lr = 1e-2 }}, lora = {{ rank = 2, alpha = 4.0 }} }}\n",
+            model.display(),
+            teacher.display()
+        );
+        Recipe::from_toml(Path::new("sft.toml"), &text).unwrap()
+    };
+    let devices = [Default::default()];
+    let runs = tmp.path().join("runs");
+    run_recipe_with::<B>(&recipe("whole", false), &runs, &devices, Interrupter::new()).unwrap();
+    let stop = Interrupter::new();
+    stop.interrupt();
+    let Err(err) = run_recipe_with::<B>(&recipe("stopped", false), &runs, &devices, stop) else { panic!("the interrupted run ended") };
+    assert!(err.to_string().contains("interrupted at step 1") && err.to_string().contains("--resume"), "{err}");
+    run_recipe_with::<B>(&recipe("stopped", true), &runs, &devices, Interrupter::new()).unwrap();
+    assert_eq!(files(&runs.join("whole/sft")), files(&runs.join("stopped/sft")), "the resumed SFT adapter");
+    assert_eq!(metrics_without_seconds(&runs.join("whole")), metrics_without_seconds(&runs.join("stopped")));
+}
