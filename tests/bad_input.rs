@@ -41,13 +41,14 @@ const CLI: &[(&str, &str, &[&str])] = &[
     ("sample --model: truncated safetensors", "sample --model {tmp}/truncated --prompt x --steps 1 --out {tmp}/a.png", &["--model", "truncated/transformer/diffusion_pytorch_model.safetensors", "not a readable safetensors file"]),
     ("sample --adapter: missing folder", "{SAMPLE} --adapter {tmp}/no_adapter", &["--adapter", "no_adapter", "not a LoRA adapter"]),
     ("sample --adapter: truncated safetensors", "{SAMPLE} --adapter {tmp}/truncated_adapter", &["--adapter", "truncated_adapter/adapter_model.safetensors", "not a readable safetensors file"]),
+    ("sample --adapter: integer tensors", "{SAMPLE} --adapter {tmp}/int_adapter", &["--adapter", "int_adapter/adapter_model.safetensors", "I32 is not floating point"]),
     ("model forward --adapter: shapes of another model", "model forward --model tests/fixtures/mmdit/sd3_tiny --inputs tests/fixtures/mmdit/cases/sd3_b2_square.inputs.safetensors --output {tmp}/o.safetensors --adapter models/teachers/ocr", &["--adapter", "models/teachers/ocr", "has shape [8, 64], expected [8, 16]"]),
     ("sample --device bogus", "{SAMPLE} --device bogus", &["--device", "bogus"]),
     ("sample --device cuda:0 (not built)", "{SAMPLE} --device cuda:0", &["cuda:0", "--features cuda"]),
     ("eval --steps 0", "{EVAL} --steps 0", &["--steps", "got 0"]),
     ("eval --cfg nan", "{EVAL} --cfg nan", &["--cfg", "NaN"]),
     ("eval --prompts 0", "{EVAL} --prompts 0", &["--prompts", "got 0"]),
-    ("eval --tasks bogus", "{EVAL} --tasks text,bogus", &["--tasks", "bogus"]),
+    ("eval --tasks text,bogus", "{EVAL} --tasks text,bogus", &["--tasks", "bogus"]),
     ("eval --split dev", "{EVAL} --split dev", &["--split", "dev"]),
     ("eval --out below a file", "eval --model models/world_base --tasks text --prompts 1 --steps 1 --out {tmp}/file/eval", &["--out", "file/eval", "not a folder"]),
     ("eval --model: missing folder", "eval --model {tmp}/no_model --tasks text --prompts 1 --steps 1 --out {tmp}/eval", &["--model", "no_model"]),
@@ -132,7 +133,8 @@ fn expand(text: &str, tmp: &Path, servers: &[(&str, String)]) -> String {
 
 /// The files the cases name under `tmp`: an empty prompt file, a regular file to put paths
 /// below, world_base copies without the transformer config or with its weights cut short, an
-/// adapter cut short, and valid recipes for the cases that fail on a flag.
+/// adapter cut short and one of integer tensors, and valid recipes for the cases that fail on a
+/// flag.
 fn setup(tmp: &Path) {
     let write = |path: &str, text: &[u8]| {
         let path = tmp.join(path);
@@ -155,6 +157,15 @@ fn setup(tmp: &Path) {
     write("truncated_adapter/adapter_config.json", &std::fs::read(adapter.join("adapter_config.json")).unwrap());
     let tensors = std::fs::read(adapter.join("adapter_model.safetensors")).unwrap();
     write("truncated_adapter/adapter_model.safetensors", &tensors[..tensors.len() / 2]);
+    // The same adapter with its tensors relabelled as 32-bit integers.
+    let stored = safetensors::SafeTensors::deserialize(&tensors).unwrap();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = stored
+        .tensors()
+        .into_iter()
+        .map(|(name, t)| (name, safetensors::tensor::TensorView::new(safetensors::Dtype::I32, t.shape().to_vec(), t.data()).unwrap()))
+        .collect();
+    write("int_adapter/adapter_config.json", &std::fs::read(adapter.join("adapter_config.json")).unwrap());
+    write("int_adapter/adapter_model.safetensors", &safetensors::serialize(views, None).unwrap());
     write("eval_ok.toml", expand("name = \"ok\"\n{EVAL_STAGE}{ONE_TEXT}{ONE_STEP}", tmp, &[]).as_bytes());
     write("grpo_ok.toml", expand("name = \"ok\"\n{GRPO}{LORA}{OPTIM}{PARTITIONS}{ROLLOUT}", tmp, &[]).as_bytes());
 }
