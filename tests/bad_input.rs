@@ -85,6 +85,7 @@ const RECIPES: &[(&str, &str, &str, &[&str])] = &[
     ("misspelt field train.seeed", "{GRPO}{LORA}{OPTIM}{PARTITIONS}{ROLLOUT}seeed = 3", "", &["`train.seeed`", "unknown field"]),
     ("max_seconds = nan", "[[stage]]\nkind = \"grpo\"\noutput = \"t\"\nmodel = \"models/world_base\"\nmax_seconds = nan\n[stage.train]\niterations = 1\n{LORA}{OPTIM}{PARTITIONS}{ROLLOUT}", "", &["`max_seconds` = NaN"]),
     ("checkpoint_every = 0", "[[stage]]\nkind = \"grpo\"\noutput = \"t\"\nmodel = \"models/world_base\"\ncheckpoint_every = 0\n[stage.train]\niterations = 1\n{LORA}{OPTIM}{PARTITIONS}{ROLLOUT}", "", &["`checkpoint_every`", "got 0"]),
+    ("export below a file", "[[stage]]\nkind = \"grpo\"\noutput = \"t\"\nmodel = \"models/world_base\"\nexport = \"{tmp}/file/t\"\n[stage.train]\niterations = 1\n{LORA}{OPTIM}{PARTITIONS}{ROLLOUT}", "", &["`export`", "{tmp}/file/t", "not a folder"]),
     ("train.iterations = 0", "[[stage]]\nkind = \"grpo\"\noutput = \"t\"\nmodel = \"models/world_base\"\n[stage.train]\niterations = 0\n{LORA}{OPTIM}{PARTITIONS}{ROLLOUT}", "", &["`train.iterations`", "got 0"]),
     ("rollout.steps = 0", "{GRPO}{LORA}{OPTIM}{PARTITIONS}rollout = { prompts = 1, group_size = 2, steps = 0 }", "", &["`train.rollout.steps`", "got 0"]),
     ("rollout.noise_level = 0", "{GRPO}{LORA}{OPTIM}{PARTITIONS}rollout = { prompts = 1, group_size = 2, steps = 2, noise_level = 0.0 }", "", &["`train.rollout.noise_level`", "got 0"]),

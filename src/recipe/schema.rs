@@ -344,6 +344,11 @@ impl Recipe {
                 }
                 Stage::Pretrain(_) | Stage::Grpo(_) => {}
             }
+            if let Some(export) = common.export {
+                // Training stages export a folder, evaluations add a row to a results.json.
+                let folder = !matches!(stage, Stage::Eval(_));
+                crate::pipeline::sample::check_output_location("`export`", export, folder).map_err(|e| format!("stage {i}: {e}"))?;
+            }
             if common.checkpoint_every == Some(0) {
                 return Err(format!("stage {i}: `checkpoint_every`: must be at least 1, got 0"));
             }
