@@ -6,6 +6,7 @@ use anyhow::{Context, Result};
 use flow_opd::Backend;
 use clap::{Args, Parser, Subcommand};
 
+use flow_opd::flow::checks;
 use flow_opd::device::{BackendTask, DeviceSpec, MultiDeviceTask, dispatch, dispatch_many};
 use flow_opd::model::MmditConfig;
 use flow_opd::model::lora::{ActiveAdapters, load_lora};
@@ -94,7 +95,7 @@ enum Command {
         adapter: Option<PathBuf>,
         #[arg(long, default_value_t = 40)]
         steps: usize,
-        #[arg(long, default_value_t = 4.5)]
+        #[arg(long, default_value_t = 4.5, allow_negative_numbers = true)]
         cfg: f64,
         #[arg(long, default_value_t = 0)]
         seed: u64,
@@ -202,7 +203,7 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         steps: usize,
         /// OPD: CFG scale.
-        #[arg(long, default_value_t = 4.5)]
+        #[arg(long, default_value_t = 4.5, allow_negative_numbers = true)]
         cfg: f64,
         /// OPD: samples per transformer pass (gradients accumulated); the whole batch if absent.
         #[arg(long)]
@@ -238,7 +239,7 @@ enum Command {
         #[arg(long, default_value_t = 40)]
         steps: usize,
         /// Classifier-free guidance scale.
-        #[arg(long, default_value_t = 4.5)]
+        #[arg(long, default_value_t = 4.5, allow_negative_numbers = true)]
         cfg: f64,
         /// Row label (defaults to the model folder name).
         #[arg(long)]
@@ -331,7 +332,7 @@ impl BackendTask for ForwardTask {
     fn run<B: Backend>(self, device: B::Device) -> Self::Output {
         let model = self.source.load::<B>(&device)?;
         let adapter = match &self.adapter {
-            Some(path) => Some(load_lora(path, &model, &device)?),
+            Some(path) => Some(load_lora(path, &model, &device).map_err(|e| anyhow::anyhow!("--adapter: {e}"))?),
             None => None,
         };
         let adapters = match &adapter {
@@ -433,6 +434,8 @@ struct RecipeTask {
 impl MultiDeviceTask for RecipeTask {
     type Output = Result<()>;
     fn run<B: Backend>(self, devices: Vec<B::Device>) -> Self::Output {
+        self.recipe.check_devices(devices.len()).map_err(anyhow::Error::msg)?;
+        flow_opd::pipeline::sample::check_output_location("--runs", &self.runs.join(&self.recipe.name), true).map_err(anyhow::Error::msg)?;
         let interrupter = flow_opd::recipe::Interrupter::ctrl_c();
         let ctx = flow_opd::recipe::run_recipe_with::<B>(&self.recipe, &self.runs, &devices, interrupter)?;
         println!("run written to {}", ctx.dir.display());
@@ -468,7 +471,7 @@ fn parse_tasks(tasks: &str) -> Result<Vec<flow_opd::world::Task>> {
         .split(',')
         .map(|t| {
             serde_json::from_value(serde_json::Value::String(t.trim().to_string()))
-                .with_context(|| format!("unknown task `{t}` (expected composition, text, preference, quality or all)"))
+                .map_err(|_| anyhow::anyhow!("--tasks: unknown task `{t}` (expected composition, text, preference, quality or all)"))
         })
         .collect()
 }
@@ -500,6 +503,12 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Model(ModelCommand::Info { path, config }) => info(&path, &config),
         Command::Bench { config, batch, latent, tokens, iterations, opd: true, rank, alpha, teachers, steps, cfg, micro_batch, weights, device, .. } => {
+            for (flag, value) in [("--batch", batch), ("--latent", latent), ("--tokens", tokens), ("--iterations", iterations), ("--rank", rank), ("--teachers", teachers), ("--steps", steps)] {
+                checks::at_least_one(flag, value).map_err(anyhow::Error::msg)?;
+            }
+            checks::guidance("--cfg", cfg).map_err(anyhow::Error::msg)?;
+            checks::positive("--alpha", alpha).map_err(anyhow::Error::msg)?;
+            micro_batch.map_or(Ok(()), |m| checks::at_least_one("--micro-batch", m)).map_err(anyhow::Error::msg)?;
             let model = resolve_config(&Some(config))?.expect("given");
             let bench =
                 flow_opd::bench::OpdBenchConfig { model, batch, latent, tokens, rank, alpha, teachers, steps, guidance: cfg, iterations, micro_batch, weights };
@@ -517,6 +526,10 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Bench { config: name, batch, latent, tokens, iterations, rank, alpha, json, device, .. } => {
+            for (flag, value) in [("--batch", batch), ("--latent", latent), ("--tokens", tokens), ("--iterations", iterations), ("--rank", rank)] {
+                checks::at_least_one(flag, value).map_err(anyhow::Error::msg)?;
+            }
+            checks::positive("--alpha", alpha).map_err(anyhow::Error::msg)?;
             let model = resolve_config(&Some(name.clone()))?.expect("given");
             let bench = flow_opd::bench::BenchConfig { model, batch, latent, tokens, iterations, rank, alpha };
             let report = dispatch(device, BenchTask(bench))?;
@@ -547,10 +560,21 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Sample { model, prompt, prompts, adapter, steps, cfg, seed, out, scale, height, width, t5_length, device } => {
+            checks::at_least_one("--steps", steps).map_err(anyhow::Error::msg)?;
+            checks::guidance("--cfg", cfg).map_err(anyhow::Error::msg)?;
+            checks::at_least_one("--scale", scale as usize).map_err(anyhow::Error::msg)?;
+            checks::at_least_one("--t5-length", t5_length).map_err(anyhow::Error::msg)?;
+            for (flag, side) in [("--height", height), ("--width", width)] {
+                side.map_or(Ok(()), |side| checks::at_least_one(flag, side)).map_err(anyhow::Error::msg)?;
+            }
             let mut all = prompt;
             if let Some(file) = prompts {
-                all.extend(flow_opd::io::prompts::read_prompt_file(&file)?);
+                all.extend(flow_opd::io::prompts::read_prompt_file(&file).map_err(|e| anyhow::anyhow!("--prompts: {e}"))?);
             }
+            if all.iter().any(|p| p.trim().is_empty()) {
+                anyhow::bail!("--prompt: an empty prompt (\"\"); give the text to draw");
+            }
+            flow_opd::pipeline::sample::check_output_location("--out", &out, all.len() > 1).map_err(anyhow::Error::msg)?;
             let sampling = flow_opd::pipeline::generate::GenerateConfig { steps, guidance: cfg, ..Default::default() };
             let request = flow_opd::pipeline::sample::SampleRequest { model, adapter, prompts: all, sampling, seed, out, scale };
             let sd3 = flow_opd::pipeline::sample::Sd3SampleOptions { height, width, t5_length };
@@ -571,6 +595,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::GradientSnr { recipe, stage, estimates, partition, runs, device, inputs } => {
+            flow_opd::train::grpo_snr::check_estimates(estimates).map_err(|e| anyhow::anyhow!("--estimates: {e}"))?;
             let recipe = inputs.load(&recipe)?;
             dispatch(device, GradientSnrTask { recipe, runs, stage, partition, estimates })?
         }
@@ -585,7 +610,17 @@ fn main() -> Result<()> {
             dispatch_many(&device, RecipeTask { recipe, runs })?
         }
         Command::Eval { model, adapter, tasks, prompts, split, steps, cfg, name, out, device } => {
+            checks::at_least_one("--steps", steps).map_err(anyhow::Error::msg)?;
+            checks::guidance("--cfg", cfg).map_err(anyhow::Error::msg)?;
+            checks::at_least_one("--prompts", prompts).map_err(anyhow::Error::msg)?;
             let tasks = parse_tasks(&tasks)?;
+            flow_opd::pipeline::sample::check_output_location("--out", &out, true).map_err(anyhow::Error::msg)?;
+            if !model.is_dir() {
+                anyhow::bail!("--model {}: no such folder", model.display());
+            }
+            if let Some(adapter) = adapter.as_ref().filter(|a| !a.exists()) {
+                anyhow::bail!("--adapter {}: no such file or folder", adapter.display());
+            }
             let model_name = model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             let stage = flow_opd::recipe::EvalStage {
                 model: model.to_string_lossy().into_owned(),

@@ -82,6 +82,28 @@ impl EvalConfig {
     }
 }
 
+impl EvalConfig {
+    /// Checks the settings before any model is loaded: the sampler, at least one prompt per
+    /// task and one task, prompt files that hold prompts, remote reward settings. Errors name
+    /// the field after `prefix` (e.g. `eval.`).
+    pub fn validate(&self, prefix: &str) -> Result<(), String> {
+        self.sampling.validate(&format!("{prefix}sampling."))?;
+        if let Some(n) = self.prompts_per_task {
+            crate::flow::checks::at_least_one(&format!("`{prefix}prompts_per_task`"), n)?;
+        }
+        if self.tasks.is_empty() {
+            return Err(format!("`{prefix}tasks`: at least one task is needed"));
+        }
+        for (task, path) in &self.prompt_files {
+            crate::io::prompts::read_prompt_file(path).map_err(|e| format!("`{prefix}prompt_files.{}`: {e}", task.name()))?;
+        }
+        for (task, remote) in &self.remote_rewards {
+            remote.validate().map_err(|e| format!("`{prefix}remote_rewards.{}`: {e}", task.name()))?;
+        }
+        Ok(())
+    }
+}
+
 pub fn all_tasks() -> Vec<Task> {
     vec![Task::Composition, Task::Text, Task::Preference, Task::Quality]
 }

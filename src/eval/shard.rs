@@ -20,6 +20,7 @@ pub fn evaluate_on<B: Backend>(
     prompts: Vec<(Task, Vec<String>)>,
     progress: impl Fn(usize) + Sync,
 ) -> Result<Vec<TaskResult>, String> {
+    config.validate("eval.")?;
     if let ([device], [(pipeline, adapter)]) = (devices, loaded.as_slice()) {
         let adapters = adapter.as_ref().map_or_else(ActiveAdapters::none, ActiveAdapters::single);
         return evaluate(pipeline, &adapters, config, prompts, device, |_, n| progress(n)).map_err(|e| e.to_string());

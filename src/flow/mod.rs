@@ -5,6 +5,7 @@
 //! Conventions (docs/reference.md section 1): `x_s = (1 - s) x0 + s eps`, velocity `v = eps - x0`,
 //! sampling walks `s` from 1 to 0, a step has `d = s' - s < 0`, the transformer gets `1000 s`.
 
+pub mod checks;
 pub mod kl;
 pub mod sampler;
 pub mod schedule;

@@ -33,6 +33,13 @@ impl FlowSchedule {
         Self { shift, train_timesteps: 1000 }
     }
 
+    /// Checks a schedule read from a recipe: a finite shift > 0 and at least one training
+    /// timestep; `prefix` is the field path before `shift` (e.g. `eval.sampling.schedule.`).
+    pub fn validate(&self, prefix: &str) -> Result<(), String> {
+        super::checks::positive(&format!("`{prefix}shift`"), self.shift)?;
+        super::checks::at_least_one(&format!("`{prefix}train_timesteps`"), self.train_timesteps)
+    }
+
     /// The shift map `f(s) = shift s / (1 + (shift - 1) s)`.
     pub fn shift_sigma(&self, s: f64) -> f64 {
         self.shift * s / (1.0 + (self.shift - 1.0) * s)

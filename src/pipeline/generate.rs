@@ -44,6 +44,19 @@ impl Default for GenerateConfig {
     }
 }
 
+impl GenerateConfig {
+    /// Checks the settings before anything is sampled: at least one step and one prompt per
+    /// batch, a finite CFG scale >= 0, a valid schedule. `prefix` is the field path errors name
+    /// before `steps` (e.g. `eval.sampling.`).
+    pub fn validate(&self, prefix: &str) -> Result<(), String> {
+        use crate::flow::checks;
+        checks::at_least_one(&format!("`{prefix}steps`"), self.steps)?;
+        checks::guidance(&format!("`{prefix}guidance`"), self.guidance)?;
+        checks::at_least_one(&format!("`{prefix}batch`"), self.batch)?;
+        self.schedule.validate(&format!("{prefix}schedule."))
+    }
+}
+
 /// Generates one image per prompt with ODE sampling; `seeds[i]` seeds prompt `i`'s noise.
 /// Works with any [`TextToImage`] pipeline (the world's 32 x 32 images or SD3 folders).
 pub fn generate<B: Backend, P: TextToImage<B> + ?Sized>(
@@ -56,6 +69,7 @@ pub fn generate<B: Backend, P: TextToImage<B> + ?Sized>(
     mut progress: impl FnMut(usize),
 ) -> Result<Vec<RgbImage>, String> {
     assert_eq!(prompts.len(), seeds.len(), "one seed per prompt");
+    config.validate("")?;
     let mut images = Vec::with_capacity(prompts.len());
     for (chunk, seeds) in prompts.chunks(config.batch.max(1)).zip(seeds.chunks(config.batch.max(1))) {
         let cond = pipeline.encode_prompts(chunk, device)?;

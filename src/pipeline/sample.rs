@@ -6,7 +6,7 @@
 //! Prompt `i` is seeded with `seed + i`, so an image depends only on its prompt, its seed and
 //! the model, never on the batch it was drawn in.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::Backend;
 
@@ -82,6 +82,8 @@ pub fn run_sample_with<B: Backend>(
     if request.scale == 0 {
         return Err("--scale must be at least 1".into());
     }
+    request.sampling.validate("sampling.")?;
+    check_output_location("--out", &request.out, request.prompts.len() > 1)?;
     let prompts: Vec<&str> = request.prompts.iter().map(String::as_str).collect();
     let seeds: Vec<u64> = (0..prompts.len() as u64).map(|i| request.seed + i).collect();
     let images = if is_sd3_pipeline(&request.model) {
@@ -108,6 +110,31 @@ pub fn run_sample_with<B: Backend>(
     Ok(paths)
 }
 
+/// Checks before any work that `path` (a folder if `folder`, else a file) can be made: an
+/// existing path is of that kind, and the nearest existing folder above it is a folder (a path
+/// below a regular file can never be created) that is not read-only. `flag` names the option
+/// in the error.
+pub fn check_output_location(flag: &str, path: &Path, folder: bool) -> Result<(), String> {
+    let refuse = |why: String| Err(format!("{flag} {}: {why}", path.display()));
+    if path.exists() {
+        match (folder, path.is_dir()) {
+            (true, false) => return refuse("exists and is not a folder".into()),
+            (false, true) => return refuse("is a folder; name a .png file".into()),
+            _ => {}
+        }
+    }
+    let start = if folder { path } else { path.parent().unwrap_or(Path::new("")) };
+    let mut ancestors = start.ancestors().map(|a| if a.as_os_str().is_empty() { Path::new(".") } else { a });
+    let Some(existing) = ancestors.find(|a| a.exists()) else { return Ok(()) };
+    if !existing.is_dir() {
+        return refuse(format!("cannot be created: {} is not a folder", existing.display()));
+    }
+    if std::fs::metadata(existing).map(|m| m.permissions().readonly()).unwrap_or(false) {
+        return refuse(format!("cannot be written: {} is read-only", existing.display()));
+    }
+    Ok(())
+}
+
 /// The synthetic world's pipeline: 32 x 32 images.
 fn sample_world<B: Backend>(
     request: &SampleRequest,
@@ -116,9 +143,9 @@ fn sample_world<B: Backend>(
     device: &B::Device,
     progress: impl FnMut(usize),
 ) -> Result<Vec<image::RgbImage>, String> {
-    let pipeline = Pipeline::<B>::load(&request.model, device).map_err(|e| e.to_string())?;
+    let pipeline = Pipeline::<B>::load(&request.model, device).map_err(|e| format!("--model: {e}"))?;
     let adapter = match &request.adapter {
-        Some(path) => Some(load_lora(path, &pipeline.model.transformer, device).map_err(|e| e.to_string())?),
+        Some(path) => Some(load_lora(path, &pipeline.model.transformer, device).map_err(|e| format!("--adapter: {e}"))?),
         None => None,
     };
     let adapters = adapter.as_ref().map_or_else(ActiveAdapters::none, ActiveAdapters::single);

@@ -16,9 +16,11 @@ use crate::eval::EvalConfig;
 use crate::model::lora::MergeMethod;
 use crate::pipeline::Sd3Options;
 use crate::pipeline::world::WorldModelConfig;
+use crate::train::adapter::{AdapterTraining, LoraSpec};
 use crate::train::grpo::GrpoConfig;
 use crate::train::opd::OpdConfig;
 use crate::train::pretrain::{CaptionSource, PretrainConfig};
+use crate::train::rollout::RolloutConfig;
 use crate::train::sft::SftConfig;
 use crate::world::Task;
 use crate::world::render::Layout;
@@ -356,12 +358,160 @@ impl Recipe {
                 }
                 Stage::Pretrain(_) | Stage::Grpo(_) => {}
             }
+            if let Some(export) = common.export {
+                // Training stages export a folder, evaluations add a row to a results.json.
+                let folder = !matches!(stage, Stage::Eval(_));
+                crate::pipeline::sample::check_output_location("`export`", export, folder).map_err(|e| format!("stage {i}: {e}"))?;
+            }
+            if common.checkpoint_every == Some(0) {
+                return Err(format!("stage {i}: `checkpoint_every`: must be at least 1, got 0"));
+            }
+            check_settings(stage).map_err(|e| format!("stage {i}: {e}"))?;
             if let Some(output) = common.output {
                 outputs.push(output);
             }
         }
         Ok(())
     }
+
+    /// Checks that every data-parallel stage's batch splits evenly among `devices` devices
+    /// (`--device cpu,cpu`), before the first stage runs rather than when that stage starts.
+    pub fn check_devices(&self, devices: usize) -> Result<(), String> {
+        if devices <= 1 {
+            return Ok(());
+        }
+        for (i, stage) in self.stages.iter().enumerate() {
+            let (field, n) = match stage {
+                Stage::Pretrain(s) => ("train.batch_size", s.train.batch_size),
+                Stage::Grpo(s) => ("train.rollout.prompts", s.train.rollout.prompts),
+                Stage::Opd(s) => ("train.rollout.prompts", s.train.rollout.prompts),
+                _ => continue,
+            };
+            if !n.is_multiple_of(devices) {
+                return Err(format!(
+                    "--device: stage {i} ({}): `{field}` = {n} does not split evenly among {devices} data-parallel devices",
+                    stage.kind()
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The numeric settings of one stage: step counts and batch sizes of at least 1, CFG scales,
+/// noise levels, fractions and weights in range, prompt files that hold prompts, remote reward
+/// settings. Errors name the field path inside the stage and the value.
+fn check_settings(stage: &Stage) -> Result<(), String> {
+    use crate::flow::checks::{at_least_one, fraction, guidance, noise_level, non_negative, positive, probability};
+    fn rollout(r: &RolloutConfig, min_group: usize) -> Result<(), String> {
+        at_least_one("`train.rollout.prompts`", r.prompts)?;
+        if r.group_size < min_group {
+            return Err(format!("`train.rollout.group_size`: must be at least {min_group}, got {}", r.group_size));
+        }
+        at_least_one("`train.rollout.steps`", r.steps)?;
+        noise_level("`train.rollout.noise_level`", r.noise_level)?;
+        guidance("`train.rollout.guidance`", r.guidance)?;
+        if let Some(m) = r.micro_batch {
+            at_least_one("`train.rollout.micro_batch`", m)?;
+        }
+        if let Some(w) = r.sde_window.as_ref().filter(|w| w.is_empty() || w.end > r.steps) {
+            return Err(format!("`train.rollout.sde_window`: {w:?} must be a non-empty range of the {} steps", r.steps));
+        }
+        Ok(())
+    }
+    fn lora(l: &LoraSpec) -> Result<(), String> {
+        at_least_one("`train.lora.rank`", l.rank)?;
+        positive("`train.lora.alpha`", l.alpha)?;
+        l.config().map(|_| ()).map_err(|e| format!("`train.lora.targets`: {e}"))
+    }
+    fn training(t: &AdapterTraining) -> Result<(), String> {
+        non_negative("`train.optim.lr`", t.optim.lr)?;
+        probability("`train.ema_max_decay`", t.ema_max_decay)?;
+        prompt_files(&t.prompt_files, "train.prompt_files")
+    }
+    fn prompt_files(files: &BTreeMap<Task, PathBuf>, field: &str) -> Result<(), String> {
+        for (task, path) in files {
+            crate::io::prompts::read_prompt_file(path).map_err(|e| format!("`{field}.{}`: {e}", task.name()))?;
+        }
+        Ok(())
+    }
+    fn remote(rewards: &BTreeMap<Task, crate::reward::RemoteRewardConfig>) -> Result<(), String> {
+        for (task, config) in rewards {
+            config.validate().map_err(|e| format!("`train.remote_rewards.{}`: {e}", task.name()))?;
+        }
+        Ok(())
+    }
+    match stage {
+        Stage::Pretrain(s) => {
+            at_least_one("`train.steps`", s.train.steps)?;
+            at_least_one("`train.batch_size`", s.train.batch_size)?;
+            non_negative("`train.optim.lr`", s.train.optim.lr)?;
+            probability("`train.caption_dropout`", s.train.caption_dropout)?;
+            probability("`train.ema_max_decay`", s.train.ema_max_decay)?;
+            probability("`wrong_caption_fraction`", s.wrong_caption_fraction as f64)?;
+        }
+        Stage::Grpo(s) => {
+            at_least_one("`train.iterations`", s.train.iterations)?;
+            rollout(&s.train.rollout, 2)?;
+            lora(&s.train.lora)?;
+            training(&s.train.training)?;
+            remote(&s.train.remote_rewards)?;
+            fraction("`train.timestep_fraction`", s.train.timestep_fraction)?;
+            non_negative("`train.beta`", s.train.beta)?;
+            if s.train.partitions.is_empty() {
+                return Err("`train.partitions`: at least one partition is needed".into());
+            }
+            for (n, p) in s.train.partitions.iter().enumerate() {
+                if p.tasks.is_empty() {
+                    return Err(format!("`train.partitions[{n}].tasks`: at least one task is needed"));
+                }
+                at_least_one(&format!("`train.partitions[{n}].ratio`"), p.ratio)?;
+                for (task, w) in &p.rewards {
+                    if !w.is_finite() {
+                        return Err(format!("`train.partitions[{n}].rewards.{}`: the weight must be finite, got {w}", task.name()));
+                    }
+                }
+                if let Some(beta) = p.beta {
+                    non_negative(&format!("`train.partitions[{n}].beta`"), beta)?;
+                }
+            }
+        }
+        Stage::Opd(s) => {
+            at_least_one("`train.iterations`", s.train.iterations)?;
+            rollout(&s.train.rollout, 1)?;
+            if let Some(l) = &s.train.lora {
+                lora(l)?;
+            }
+            training(&s.train.training)?;
+            remote(&s.train.remote_rewards)?;
+            fraction("`train.timestep_fraction`", s.train.timestep_fraction)?;
+            non_negative("`train.mar_lambda`", s.train.mar_lambda)?;
+            if s.train.tasks.as_ref().is_some_and(Vec::is_empty) {
+                return Err("`train.tasks`: at least one task is needed".into());
+            }
+        }
+        Stage::Sft(s) => {
+            at_least_one("`train.samples_per_task`", s.train.samples_per_task)?;
+            at_least_one("`train.steps`", s.train.steps)?;
+            at_least_one("`train.batch_size`", s.train.batch_size)?;
+            s.train.sampling.validate("train.sampling.")?;
+            lora(&s.train.lora)?;
+            training(&s.train.training)?;
+        }
+        Stage::Merge(s) => {
+            if s.adapters.is_empty() {
+                return Err("`adapters`: at least one adapter is needed".into());
+            }
+            for (name, w) in &s.adapters {
+                if !w.is_finite() {
+                    return Err(format!("`adapters.\"{name}\"`: the weight must be finite, got {w}"));
+                }
+            }
+        }
+        Stage::Eval(s) => s.eval.validate("eval.")?,
+        Stage::Rows(_) => {}
+    }
+    Ok(())
 }
 
 /// The fields several stage kinds share, as one view (absent where a kind has no such field).
@@ -540,6 +690,10 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         for dir in ["model", "prompts", "teachers/teacher_geneval", "teachers/teacher_ocr", "teachers/teacher_pickscore", "teachers/teacher_quality"] {
             std::fs::create_dir_all(tmp.path().join(dir)).unwrap();
+        }
+        // The prompt files the recipes name (validation reads them: each must hold a prompt).
+        for file in ["geneval", "ocr", "pickscore", "geneval_test", "ocr_test", "pickscore_test", "quality_test"] {
+            std::fs::write(tmp.path().join("prompts").join(format!("{file}.txt")), "a photo of a cat\n").unwrap();
         }
         let inputs: BTreeMap<String, String> =
             ["model", "teachers", "prompts"].iter().map(|k| (k.to_string(), tmp.path().join(k).display().to_string())).collect();

@@ -87,7 +87,8 @@ impl RemoteRewardConfig {
         }
     }
 
-    fn validate(&self) -> Result<(), String> {
+    /// Checks the settings (scheme, name, timeout, batch size) without contacting the server.
+    pub fn validate(&self) -> Result<(), String> {
         if !(self.url.starts_with("http://") || self.url.starts_with("https://")) {
             return Err(format!("`url` must start with http:// or https://, got {:?}", self.url));
         }

@@ -152,6 +152,11 @@ pub fn load_lora<B: Backend>(
         let rank = a.shape.first().copied().unwrap_or(0);
         check_shape(&weights, &key("lora_A"), &a.shape, &[rank, d_in])?;
         check_shape(&weights, &key("lora_B"), &b.shape, &[d_out, rank])?;
+        for (tensor, f) in [(a, "lora_A"), (b, "lora_B")] {
+            if !crate::model::weights::file::is_float_dtype(tensor.dtype) {
+                return Err(LoraIoError::Key { path: weights.clone(), key: key(f), message: format!("dtype {:?} is not floating point", tensor.dtype) });
+            }
+        }
         // Without a stored config diffusers uses alpha = r (scale 1).
         let scale = config.as_ref().map_or(1.0, |c| c.scale(&module, rank));
         let down = transposed::<B>(a, device);
