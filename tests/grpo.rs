@@ -304,3 +304,111 @@ fn a_partition_beta_overrides_the_stage_beta() {
     let err = grpo_trainer::<Autodiff<B>>(pipeline, None, config, &device).err().unwrap();
     assert!(err.contains("partitions[1].beta") && err.contains("-0.1"), "{err}");
 }
+
+/// Flow-GRPO's conventions as options: `inner_epochs` updates on the same rollouts move the
+/// ratio off 1 from the second on (so the clip acts), where one on-policy update never clips.
+#[test]
+fn a_second_inner_epoch_is_off_policy_and_clips() {
+    use common::fake_server::{FakeServer, Reply, mean_pixel_scores};
+    // A reward the toy world's samples differ in (brightness), so the advantages are not zero.
+    let server = FakeServer::start(|_, request| Reply::json(200, mean_pixel_scores(request)));
+    let device = Default::default();
+    let pipeline = common::toy_world_pipeline(0);
+    let mut config: GrpoConfig = toml::from_str(&format!(
+        "{GRPO}\nremote_rewards = {{ composition = {{ url = \"{}\", name = \"brightness\" }} }}\n",
+        server.url
+    ))
+    .unwrap();
+    config.partitions.truncate(1);
+    let clip = |inner_epochs: usize| {
+        let mut config = config.clone();
+        config.inner_epochs = inner_epochs;
+        let mut trainer = grpo_trainer::<Autodiff<B>>(pipeline.clone(), None, config, &device).unwrap();
+        let stats = trainer.iteration(&device).unwrap();
+        (stats.clip_fraction, trainer.state.iteration)
+    };
+    assert_eq!(clip(1), (0.0, 1), "on-policy: the ratio is 1");
+    let (fraction, updates) = clip(2);
+    assert_eq!(updates, 2, "two updates");
+    // The mean over the two epochs: the first clips nothing, the second (lr 1e-2, clip 1e-4)
+    // clips part of the samples.
+    assert!(fraction > 0.0 && fraction <= 0.5, "{fraction}");
+}
+
+/// With `train_uncond = false` no gradient reaches the adapter through CFG's unconditional
+/// half: the gradient of `<v, r>` equals `g` times that of the conditional forward alone.
+#[test]
+fn a_fixed_unconditional_half_passes_no_gradient() {
+    use burn::module::{AutodiffModule, Module};
+    use burn::tensor::Tensor;
+    use flow_opd::flow::{GuidedModel, SeededNoise, TextConditioning};
+    use flow_opd::model::lora::ActiveAdapters;
+    use flow_opd::model::Mmdit;
+    type AD = Autodiff<B>;
+    let device = Default::default();
+    let pipeline = common::toy_world_pipeline(0);
+    let base = <Mmdit<AD> as AutodiffModule<AD>>::from_inner(pipeline.model.transformer.clone()).no_grad();
+    let adapter = flow_opd::train::trainable(<flow_opd::model::lora::LoraAdapter<AD> as AutodiffModule<AD>>::from_inner(
+        common::toy_teacher(&pipeline.model.transformer, 3, &device),
+    ));
+    let lift = |c: TextConditioning<B>| TextConditioning::<AD> { tokens: Tensor::from_inner(c.tokens), pooled: Tensor::from_inner(c.pooled) };
+    let cond = lift(pipeline.encode_prompts(&["a red circle", "two blue squares"], &device));
+    let negative = lift(pipeline.encode_prompts(&["", ""], &device));
+    let [c, h, w] = pipeline.latent_shape();
+    let mut noise = SeededNoise::new(5);
+    let x: Tensor<AD, 4> = noise.sample([2, c, h, w], &device);
+    let r: Tensor<AD, 4> = noise.sample([2, c, h, w], &device);
+    let g = 4.5;
+    let single = ActiveAdapters::single(&adapter);
+    let grad_of = |v: Tensor<AD, 4>| {
+        let grads = (v * r.clone()).sum().backward();
+        adapter.blocks.iter().flat_map(|b| b.layers.iter().flatten()).flat_map(|l| {
+            l.up.grad(&grads).unwrap().into_data().into_vec::<f32>().unwrap()
+        }).collect::<Vec<f32>>()
+    };
+    let guided = GuidedModel { model: &base, adapters: &single, cond: &cond, guidance: Some((&negative, g)) };
+    let fixed = grad_of(guided.guided_velocity(x.clone(), 0.6, true));
+    let trained = grad_of(guided.guided_velocity(x.clone(), 0.6, false));
+    let conditional = grad_of(GuidedModel { model: &base, adapters: &single, cond: &cond, guidance: None }.guided_velocity(x, 0.6, false));
+    let scale = conditional.iter().map(|v| v.abs()).fold(0f32, f32::max);
+    assert!(scale > 0.0);
+    for (f, c) in fixed.iter().zip(&conditional) {
+        assert!((f - g as f32 * c).abs() <= 1e-4 * g as f32 * scale, "{f} vs {}", g as f32 * c);
+    }
+    let moved = fixed.iter().zip(&trained).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(moved > 1e-3 * g as f32 * scale, "training the unconditional half changes the gradient");
+}
+
+/// The combinations whose KL is undefined or not the method's are refused, naming the fields.
+#[test]
+fn undefined_kl_combinations_are_refused() {
+    let device = Default::default();
+    let pipeline = common::toy_world_pipeline(0);
+    let mut config: GrpoConfig = toml::from_str(GRPO).unwrap();
+    config.rollout.kind = flow_opd::flow::SdeKind::Cps;
+    config.timestep_fraction = 1.0;
+    let Err(err) = grpo_trainer::<Autodiff<B>>(pipeline.clone(), None, config.clone(), &device) else { panic!("CPS + public KL + last step") };
+    assert!(err.contains("`timestep_fraction`") && err.contains("`reference_kl`") && err.contains("cps"), "{err}");
+    for fine in [
+        GrpoConfig { timestep_fraction: 0.99, ..config.clone() },
+        GrpoConfig { reference_kl: flow_opd::flow::ReferenceKl::LogProb, ..config.clone() },
+        GrpoConfig { beta: 0.0, ..config.clone() },
+    ] {
+        grpo_trainer::<Autodiff<B>>(pipeline.clone(), None, fine, &device).unwrap();
+    }
+    let mut opd: flow_opd::train::opd::OpdConfig = toml::from_str(
+        "iterations = 1\nrollout = { prompts = 2, group_size = 1, steps = 4, kind = \"cps\" }\nlora = { rank = 2, alpha = 4.0 }\noptim = { lr = 1e-3 }\n",
+    )
+    .unwrap();
+    let teachers = || flow_opd::train::opd::Teachers {
+        adapters: vec![common::toy_teacher(&pipeline.model.transformer, 7, &device)],
+        routing: std::collections::BTreeMap::from([(flow_opd::world::Task::Composition, 0)]),
+        anchor: None,
+    };
+    let Err(err) = flow_opd::train::opd::opd_trainer::<Autodiff<B>>(pipeline.clone(), None, teachers(), opd.clone(), &device) else {
+        panic!("OPD with CPS rollouts")
+    };
+    assert!(err.contains("`rollout.kind`") && err.contains("cps") && err.contains("w(s)"), "{err}");
+    opd.rollout.kind = flow_opd::flow::SdeKind::Sde;
+    assert!(flow_opd::train::opd::opd_trainer::<Autodiff<B>>(pipeline.clone(), None, teachers(), opd, &device).is_ok());
+}

@@ -78,8 +78,11 @@ pub struct GuidedModel<'a, B: Backend> {
     pub guidance: Option<(&'a TextConditioning<B>, f64)>,
 }
 
-impl<B: Backend> VelocityField<B> for GuidedModel<'_, B> {
-    fn velocity(&self, x: Tensor<B, 4>, sigma: f64) -> Tensor<B, 4> {
+impl<B: Backend> GuidedModel<'_, B> {
+    /// The guided velocity; with `fixed_uncond` the unconditional half is detached, so a
+    /// gradient reaches the model only through the conditional half (Flow-GRPO's training
+    /// forward: `noise_pred_uncond.detach()`).
+    pub fn guided_velocity(&self, x: Tensor<B, 4>, sigma: f64, fixed_uncond: bool) -> Tensor<B, 4> {
         let batch = x.dims()[0];
         let device = x.device();
         match self.guidance {
@@ -91,6 +94,7 @@ impl<B: Backend> VelocityField<B> for GuidedModel<'_, B> {
                 let v = self.model.forward_adapted(x2, both.tokens, both.pooled, t, &self.adapters.doubled(batch));
                 let mut halves = v.chunk(2, 0).into_iter();
                 let (v_u, v_c) = (halves.next().expect("2 halves"), halves.next().expect("2 halves"));
+                let v_u = if fixed_uncond { v_u.detach() } else { v_u };
                 v_u.clone() + (v_c - v_u) * scale
             }
             _ => {
@@ -98,6 +102,12 @@ impl<B: Backend> VelocityField<B> for GuidedModel<'_, B> {
                 self.model.forward_adapted(x, self.cond.tokens.clone(), self.cond.pooled.clone(), t, self.adapters)
             }
         }
+    }
+}
+
+impl<B: Backend> VelocityField<B> for GuidedModel<'_, B> {
+    fn velocity(&self, x: Tensor<B, 4>, sigma: f64) -> Tensor<B, 4> {
+        self.guided_velocity(x, sigma, false)
     }
 }
 

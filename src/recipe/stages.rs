@@ -95,14 +95,15 @@ impl<B: Backend, O: Optimizer<WorldModel<Autodiff<B>>, Autodiff<B>>> LoopTrainer
     fn save_state(&self) -> Result<TrainerState, String> {
         let mut state = self.trainer.save_state()?;
         state.set("data_rng", RngState::of(self.data.rng()));
-        state.set("loss_smoothed", self.smoothed);
+        // As bits: JSON's decimal text does not bring every f64 back exactly.
+        state.set("loss_smoothed", self.smoothed.map(f64::to_bits));
         Ok(state)
     }
 
     fn restore(&mut self, saved: &SavedState<'_>, device: &B::Device) -> Result<(), String> {
         self.trainer.restore(saved, device)?;
         self.data.set_rng(saved.get::<RngState>("data_rng")?.rng()?);
-        self.smoothed = saved.get("loss_smoothed")?;
+        self.smoothed = saved.get::<Option<u64>>("loss_smoothed")?.map(f64::from_bits);
         Ok(())
     }
 }

@@ -12,7 +12,7 @@ use burn::tensor::{ElementConversion, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::adapter::{AdapterState, AdapterTrainer, AdapterTraining, LoraSpec, adapter_state, lift_conditioning};
-use super::grpo_math::{AdvantageStd, GroupSpread, clipped_policy_loss, group_advantages, group_spread};
+use super::grpo_math::{AdvantageStd, GroupBy, GroupSpread, clipped_policy_loss, group_advantages, group_spread, keyed_advantages};
 use super::rollout::{RolloutConfig, vector};
 use super::scoring::{gather_scores, score};
 use crate::flow::{GuidedModel, LogProbReduction, ReferenceKl, VelocityField, log_prob, reference_kl, step_mean};
@@ -69,6 +69,18 @@ pub struct GrpoConfig {
     /// Trained steps: the first `int(T * timestep_fraction)` (0.99 -> 9 of 10).
     #[serde(default = "default_fraction")]
     pub timestep_fraction: f64,
+    /// How samples form advantage groups: by draw (`draw`, default: the `G` samples of each
+    /// drawn prompt) or by prompt text (`prompt`, Flow-GRPO's per-prompt stat tracking).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub group_by: GroupBy,
+    /// Updates per iteration on the same rollouts (Flow-GRPO's `num_inner_epochs` passes): the
+    /// first is on-policy (ratio 1); from the second on the ratio moves and the clip acts.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub inner_epochs: usize,
+    /// Whether the unconditional half of CFG is trained too (`true`, default) or detached, as
+    /// Flow-GRPO's training forward does (`false`).
+    #[serde(default = "yes", skip_serializing_if = "is_yes")]
+    pub train_uncond: bool,
     /// Tasks rewarded by a remote server (docs/reward_protocol.md); the world's built-in
     /// rewards otherwise.
     #[serde(default)]
@@ -83,6 +95,19 @@ pub struct GrpoConfig {
     pub training: AdapterTraining,
 }
 
+fn is_default<T: Default + PartialEq>(value: &T) -> bool {
+    *value == T::default()
+}
+fn is_one(n: &usize) -> bool {
+    *n == 1
+}
+fn yes() -> bool {
+    true
+}
+fn is_yes(b: &bool) -> bool {
+    *b
+}
+
 fn default_beta() -> f64 {
     0.04
 }
@@ -94,6 +119,36 @@ fn default_adv_clip() -> f64 {
 }
 fn default_fraction() -> f64 {
     0.99
+}
+
+impl GrpoConfig {
+    /// Refuses the one combination whose KL is undefined: CPS rollouts, Flow-GRPO's public KL
+    /// (which divides by the CPS `st^2`) with a KL weight, and `timestep_fraction` 1 (which
+    /// trains the last step, where `st = s' sin(a pi / 2) = 0`).
+    pub fn check_kl(&self) -> Result<(), String> {
+        let weighted = self.beta > 0.0 || self.partitions.iter().any(|p| p.beta.is_some_and(|b| b > 0.0));
+        let trains_last = (self.rollout.steps as f64 * self.timestep_fraction).floor() as usize >= self.rollout.steps;
+        if self.rollout.kind == crate::flow::SdeKind::Cps && self.reference_kl == ReferenceKl::Public && weighted && trains_last {
+            return Err(format!(
+                "`rollout.kind` = \"cps\" with `reference_kl` = \"public\", a KL weight (`beta` {}) and `timestep_fraction` = {} trains the last \
+                 step, whose CPS std is 0: the public KL divides by it. Use `timestep_fraction` < 1 (0.99 trains 9 of 10 steps), \
+                 `reference_kl = \"log_prob\"`, or the SDE",
+                self.beta, self.timestep_fraction
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The rollouts of one iteration, scored: what its `inner_epochs` updates learn from.
+struct Scored<B: AutodiffBackend> {
+    part: usize,
+    ro: super::rollout::Rollouts<B::InnerBackend>,
+    /// Every sample's reward (gathered over the peers).
+    rewards: Vec<f64>,
+    task_metrics: BTreeMap<Task, f64>,
+    /// This peer's advantages.
+    advantages: Tensor<B, 1>,
 }
 
 /// One iteration's figures.
@@ -136,6 +191,10 @@ pub fn grpo_trainer<B: AutodiffBackend>(
             return Err(format!("`{field}`: the KL weight must be a finite number >= 0, not {beta}"));
         }
     }
+    config.check_kl()?;
+    if config.inner_epochs == 0 {
+        return Err("`inner_epochs`: at least 1 update per iteration, not 0".into());
+    }
     let setup = config.training.setup(Some(&config.lora), config.training.seed);
     let state = adapter_state::<B>(pipeline, init, setup, device)?;
     let prompts = config
@@ -166,10 +225,23 @@ impl<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> AdapterTrainer<B, O> f
 }
 
 impl<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> GrpoTrainer<B, O> {
-    /// One iteration: rollouts, rewards, advantages, one accumulated update.
+    /// One iteration: rollouts, rewards, advantages, then `inner_epochs` accumulated updates
+    /// on them (the figures are their means).
     pub fn iteration(&mut self, device: &B::Device) -> Result<GrpoStats, String> {
-        let (grads, stats) = self.gradient(device)?;
-        self.state.update(grads);
+        let k = self.config.inner_epochs.max(1);
+        let part = self.schedule[(self.state.iteration / k) % self.schedule.len()];
+        let scored = self.score_on(part, device)?;
+        let mut sums = [0.0; 3];
+        let mut stats = GrpoStats::default();
+        for _ in 0..k {
+            let (grads, epoch) = self.gradient_of(&scored)?;
+            self.state.update(grads);
+            for (sum, value) in sums.iter_mut().zip([epoch.policy_loss, epoch.kl, epoch.clip_fraction]) {
+                *sum += value / k as f64;
+            }
+            stats = epoch;
+        }
+        [stats.policy_loss, stats.kl, stats.clip_fraction] = sums;
         Ok(stats)
     }
 
@@ -177,16 +249,23 @@ impl<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> GrpoTrainer<B, O> {
     /// and the gradient of the Flow-GRPO loss accumulated over the trained steps (`None` if no
     /// step is stochastic). Each call draws new prompts and noise.
     pub fn gradient(&mut self, device: &B::Device) -> Result<(Option<GradientsParams>, GrpoStats), String> {
-        self.gradient_on(self.schedule[self.state.iteration % self.schedule.len()], device)
+        let k = self.config.inner_epochs.max(1);
+        self.gradient_on(self.schedule[(self.state.iteration / k) % self.schedule.len()], device)
     }
 
     /// [`Self::gradient`] on partition `part` (an index into `config.partitions`) instead of the
     /// mix schedule's.
     pub fn gradient_on(&mut self, part: usize, device: &B::Device) -> Result<(Option<GradientsParams>, GrpoStats), String> {
+        let scored = self.score_on(part, device)?;
+        self.gradient_of(&scored)
+    }
+
+    /// Rollouts of partition `part`'s prompts under the current policy, their rewards (gathered
+    /// over the peers) and this peer's advantages.
+    fn score_on(&mut self, part: usize, device: &B::Device) -> Result<Scored<B>, String> {
         if part >= self.config.partitions.len() {
             return Err(format!("partition {part}: the stage has {} partitions (0-based)", self.config.partitions.len()));
         }
-        let beta = self.config.partitions[part].beta.unwrap_or(self.config.beta);
         let prompts = self.state.draw_prompts(&self.prompts[part], self.config.rollout.prompts);
         let rolled = self
             .state
@@ -204,9 +283,25 @@ impl<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> GrpoTrainer<B, O> {
                 (gather_scores(peer, local, own.len())?, rolled?.1, own)
             }
         };
-        let advantages = group_advantages(&rewards, self.config.rollout.group_size, self.config.advantage_std, self.config.advantage_clip);
+        let (g, std, clip) = (self.config.rollout.group_size, self.config.advantage_std, self.config.advantage_clip);
+        let advantages = match self.config.group_by {
+            GroupBy::Draw => group_advantages(&rewards, g, std, clip),
+            GroupBy::Prompt => {
+                // Every peer drew the whole batch's prompts: the texts of all samples.
+                let texts: Vec<&str> = prompts.iter().flat_map(|p| std::iter::repeat_n(p.text.as_str(), g)).collect();
+                keyed_advantages(&rewards, &texts, std, clip)
+            }
+        };
         let advantages = vector::<B>(&advantages[own], device);
+        Ok(Scored { part, ro, rewards, task_metrics, advantages })
+    }
 
+    /// The gradient of the Flow-GRPO loss on `scored` under the current policy, accumulated over
+    /// the trained steps and micro-batches.
+    fn gradient_of(&self, scored: &Scored<B>) -> Result<(Option<GradientsParams>, GrpoStats), String> {
+        let Scored { part, ro, rewards, task_metrics, advantages } = scored;
+        let (part, task_metrics) = (*part, task_metrics.clone());
+        let beta = self.config.partitions[part].beta.unwrap_or(self.config.beta);
         let steps = ro.trained_steps(self.config.rollout.steps, self.config.timestep_fraction);
         let g = self.config.rollout.guidance;
         let (a, kind) = (self.config.rollout.noise_level, self.config.rollout.kind);
@@ -228,7 +323,7 @@ impl<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> GrpoTrainer<B, O> {
                 let state = ro.trajectory.states[j].clone().slice([rows.clone()]);
                 let x = Tensor::<B, 4>::from_inner(state.clone());
                 let x_next = Tensor::<B, 4>::from_inner(ro.trajectory.states[j + 1].clone().slice([rows.clone()]));
-                let v = policy_field.velocity(x.clone(), tr.step.sigma);
+                let v = policy_field.guided_velocity(x.clone(), tr.step.sigma, !self.config.train_uncond);
                 let (mean, std_dev_t) = step_mean(x, v, tr.step, a, kind);
                 let logp = log_prob(x_next, mean.clone(), std_dev_t, tr.step, kind, LogProbReduction::Mean);
                 let old = Tensor::<B, 1>::from_inner(tr.log_prob.clone().expect("stochastic step").slice([rows.clone()]));
@@ -255,7 +350,7 @@ impl<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> GrpoTrainer<B, O> {
             policy_loss: pg,
             kl,
             clip_fraction: clipped,
-            groups: group_spread(&rewards, self.config.rollout.group_size),
+            groups: group_spread(rewards, self.config.rollout.group_size),
         };
         Ok((grads, stats))
     }

@@ -35,6 +35,42 @@ pub fn group_advantages(rewards: &[f64], group_size: usize, std: AdvantageStd, c
         .collect()
 }
 
+/// [`group_advantages`] with groups made by key instead of position: the samples that share a
+/// key (Flow-GRPO's per-prompt stat tracking keys them by prompt text, so a prompt drawn twice in
+/// one batch forms one group of `2 G`) are normalised together.
+pub fn keyed_advantages<K: Ord>(rewards: &[f64], keys: &[K], std: AdvantageStd, clip: f64) -> Vec<f64> {
+    assert_eq!(rewards.len(), keys.len(), "one key per reward");
+    let mut groups: std::collections::BTreeMap<&K, Vec<usize>> = std::collections::BTreeMap::new();
+    for (i, key) in keys.iter().enumerate() {
+        groups.entry(key).or_default().push(i);
+    }
+    let global_std = population_std(rewards);
+    let mut advantages = vec![0.0; rewards.len()];
+    for members in groups.values() {
+        let group: Vec<f64> = members.iter().map(|&i| rewards[i]).collect();
+        let mean = group.iter().sum::<f64>() / group.len() as f64;
+        let scale = match std {
+            AdvantageStd::Group => population_std(&group),
+            AdvantageStd::Global => global_std,
+        };
+        for (&i, r) in members.iter().zip(&group) {
+            advantages[i] = ((r - mean) / (scale + 1e-4)).clamp(-clip, clip);
+        }
+    }
+    advantages
+}
+
+/// How samples form the groups of group-relative advantages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GroupBy {
+    /// The `G` samples of each draw of a prompt (a prompt drawn twice makes two groups).
+    #[default]
+    Draw,
+    /// Every sample of the same prompt text in the batch (Flow-GRPO's per-prompt stat tracking).
+    Prompt,
+}
+
 /// How an iteration's rewards spread over its prompt groups: what group-relative advantages
 /// can see. Rewards are laid out as in [`group_advantages`].
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -159,5 +195,24 @@ mod tests {
         let grad = theta.grad(&loss.backward()).unwrap().into_data().into_vec::<f32>().unwrap()[0];
         // -sum_i A_i c_i = -(2 + 2 + 0.25) = -4.25
         assert!((grad + 4.25).abs() < 1e-5, "{grad}");
+    }
+
+    #[test]
+    fn samples_of_one_prompt_text_form_one_group() {
+        // Prompt "a" drawn twice (draws 0 and 2, G = 2), "b" once: by text, "a" is one group of 4.
+        let rewards = [1.0, 3.0, 10.0, 20.0, 5.0, 7.0];
+        let keys = ["a", "a", "b", "b", "a", "a"];
+        let by_text = keyed_advantages(&rewards, &keys, AdvantageStd::Group, 5.0);
+        // "a": mean 4, population std sqrt((9 + 1 + 1 + 9) / 4) = sqrt(5); "b": mean 15, std 5.
+        let s5 = 5f64.sqrt() + 1e-4;
+        let expect = [-3.0 / s5, -1.0 / s5, -5.0 / 5.0001, 5.0 / 5.0001, 1.0 / s5, 3.0 / s5];
+        for (a, e) in by_text.iter().zip(expect) {
+            assert!((a - e).abs() < 1e-12, "{by_text:?}");
+        }
+        // Keyed by draw, the positional groups of `group_advantages`.
+        let draws = [0, 0, 1, 1, 2, 2];
+        for std in [AdvantageStd::Group, AdvantageStd::Global] {
+            assert_eq!(keyed_advantages(&rewards, &draws, std, 5.0), group_advantages(&rewards, 2, std, 5.0));
+        }
     }
 }

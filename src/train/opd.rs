@@ -115,6 +115,13 @@ pub fn opd_trainer<B: AutodiffBackend>(
     config: OpdConfig,
     device: &B::Device,
 ) -> Result<OpdTrainer<B, impl Optimizer<LoraAdapter<B>, B>>, String> {
+    if config.rollout.kind != crate::flow::SdeKind::Sde {
+        // w(s) (Eq. 15) is the KL of the SDE's transitions; CPS transitions have another one.
+        return Err(format!(
+            "`rollout.kind` = \"{}\": Flow-OPD's weight w(s) is the KL between SDE transitions (paper Eq. 15), not CPS ones; use `kind = \"sde\"`",
+            serde_json::to_value(config.rollout.kind).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()
+        ));
+    }
     let setup = config.training.setup(config.lora.as_ref(), config.training.seed);
     let state = adapter_state::<B>(pipeline, init, setup, device)?;
     let tasks: Vec<Task> = config.tasks.clone().unwrap_or_else(|| teachers.routing.keys().copied().collect());
