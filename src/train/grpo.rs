@@ -229,8 +229,7 @@ impl<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> GrpoTrainer<B, O> {
     /// on them (the figures are their means).
     pub fn iteration(&mut self, device: &B::Device) -> Result<GrpoStats, String> {
         let k = self.config.inner_epochs.max(1);
-        let part = self.schedule[(self.state.iteration / k) % self.schedule.len()];
-        let scored = self.score_on(part, device)?;
+        let scored = self.score_on(self.scheduled_partition(), device)?;
         let mut sums = [0.0; 3];
         let mut stats = GrpoStats::default();
         for _ in 0..k {
@@ -249,8 +248,13 @@ impl<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> GrpoTrainer<B, O> {
     /// and the gradient of the Flow-GRPO loss accumulated over the trained steps (`None` if no
     /// step is stochastic). Each call draws new prompts and noise.
     pub fn gradient(&mut self, device: &B::Device) -> Result<(Option<GradientsParams>, GrpoStats), String> {
-        let k = self.config.inner_epochs.max(1);
-        self.gradient_on(self.schedule[(self.state.iteration / k) % self.schedule.len()], device)
+        self.gradient_on(self.scheduled_partition(), device)
+    }
+
+    /// The mix schedule's partition for the next iteration (its `inner_epochs` updates count
+    /// as one).
+    fn scheduled_partition(&self) -> usize {
+        self.schedule[(self.state.iteration / self.config.inner_epochs.max(1)) % self.schedule.len()]
     }
 
     /// [`Self::gradient`] on partition `part` (an index into `config.partitions`) instead of the
