@@ -58,6 +58,9 @@ enum Command {
     /// Inspect, run and convert MMDiT transformers.
     #[command(subcommand)]
     Model(ModelCommand),
+    /// LoRA adapter files.
+    #[command(subcommand)]
+    Lora(LoraCommand),
     /// Run a TOML recipe (pretrain, teachers, merge_opd, ...): outputs go to runs/<name>/.
     Recipe {
         /// The recipe file.
@@ -303,6 +306,27 @@ enum ModelCommand {
         /// Storage dtype: f32, f16 or bf16.
         #[arg(long, default_value = "f32")]
         dtype: SaveDtype,
+        /// A LoRA adapter (PEFT or diffusers folder, or .safetensors file) folded into the
+        /// weights (W + alpha/r B A) before saving.
+        #[arg(long, value_name = "PATH")]
+        adapter: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum LoraCommand {
+    /// Rewrite an adapter (PEFT or diffusers layout, from flow-opd or elsewhere) into the folder
+    /// OUT: `peft` writes adapter_model.safetensors + adapter_config.json, `diffusers`
+    /// pytorch_lora_weights.safetensors with its lora_adapter_metadata, `both` both (what
+    /// flow-opd itself writes). Tensors are copied unchanged; OUT may be IN's folder.
+    Convert {
+        /// Adapter folder or .safetensors file.
+        input: PathBuf,
+        /// Output folder.
+        output: PathBuf,
+        /// peft, diffusers or both.
+        #[arg(long, value_parser = ["peft", "diffusers", "both"])]
+        to: String,
     },
 }
 
@@ -345,6 +369,7 @@ impl BackendTask for ForwardTask {
 
 struct ExportTask {
     source: ModelSource,
+    adapter: Option<PathBuf>,
     out: PathBuf,
     dtype: SaveDtype,
 }
@@ -352,7 +377,11 @@ struct ExportTask {
 impl BackendTask for ExportTask {
     type Output = Result<()>;
     fn run<B: Backend>(self, device: B::Device) -> Self::Output {
-        let model = self.source.load::<B>(&device)?;
+        let mut model = self.source.load::<B>(&device)?;
+        if let Some(path) = &self.adapter {
+            let adapter = load_lora(path, &model, &device).map_err(|e| anyhow::anyhow!("--adapter: {e}"))?;
+            model = flow_opd::model::lora::fold_into(model, &adapter, 1.0);
+        }
         Ok(save_diffusers(&model, &self.source.config, &self.out, self.dtype)?)
     }
 }
@@ -650,10 +679,21 @@ fn main() -> Result<()> {
             println!("wrote sample {shape:?} to {}", output.display());
             Ok(())
         }
-        Command::Model(ModelCommand::Export { model, out, dtype }) => {
+        Command::Model(ModelCommand::Export { model, out, dtype, adapter }) => {
             let source = open(&model)?;
-            dispatch(first_compiled_device(), ExportTask { source, out: out.clone(), dtype })??;
+            dispatch(first_compiled_device(), ExportTask { source, adapter, out: out.clone(), dtype })??;
             println!("wrote {}", out.display());
+            Ok(())
+        }
+        Command::Lora(LoraCommand::Convert { input, output, to }) => {
+            use flow_opd::model::lora::LoraFormat;
+            let formats = match to.as_str() {
+                "peft" => vec![LoraFormat::Peft],
+                "diffusers" => vec![LoraFormat::Diffusers],
+                _ => vec![LoraFormat::Peft, LoraFormat::Diffusers],
+            };
+            flow_opd::model::lora::convert_lora(&input, &output, &formats)?;
+            println!("wrote {}", output.display());
             Ok(())
         }
     }
