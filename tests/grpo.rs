@@ -320,19 +320,27 @@ fn a_second_inner_epoch_is_off_policy_and_clips() {
     ))
     .unwrap();
     config.partitions.truncate(1);
-    let clip = |inner_epochs: usize| {
+    let clip = |inner_epochs: usize, minibatches: usize| {
         let mut config = config.clone();
         config.inner_epochs = inner_epochs;
+        config.minibatches = minibatches;
         let mut trainer = grpo_trainer::<Autodiff<B>>(pipeline.clone(), None, config, &device).unwrap();
         let stats = trainer.iteration(&device).unwrap();
         (stats.clip_fraction, trainer.state.iteration)
     };
-    assert_eq!(clip(1), (0.0, 1), "on-policy: the ratio is 1");
-    let (fraction, updates) = clip(2);
+    assert_eq!(clip(1, 1), (0.0, 1), "on-policy: the ratio is 1");
+    let (fraction, updates) = clip(2, 1);
     assert_eq!(updates, 2, "two updates");
     // The mean over the two epochs: the first clips nothing, the second (lr 1e-2, clip 1e-4)
     // clips part of the samples.
     assert!(fraction > 0.0 && fraction <= 0.5, "{fraction}");
+    // Flow-GRPO's two optimizer steps per pass, each on half the samples: the second half is
+    // trained after the first half's update, so its ratio moves too.
+    let (fraction, updates) = clip(1, 2);
+    assert_eq!(updates, 2, "two updates");
+    assert!(fraction > 0.0 && fraction <= 0.5, "{fraction}");
+    let (_, updates) = clip(2, 2);
+    assert_eq!(updates, 4, "two passes of two updates");
 }
 
 /// With `train_uncond = false` no gradient reaches the adapter through CFG's unconditional

@@ -86,6 +86,19 @@ prompt_files = {{ composition = "{geneval}" }}
 remote_rewards = {{ composition = {{ url = "{url}", name = "mean_pixel" }} }}
 
 [[stage]]
+kind = "nft"
+output = "nft"
+model = "$model"
+[stage.train]
+iterations = 2
+rollout = {{ prompts = 2, group_size = 2, steps = 3, micro_batch = 3 }}
+lora = {{ rank = 2, alpha = 4.0 }}
+optim = {{ lr = 1e-2 }}
+partitions = [{{ tasks = ["composition"], rewards = {{ composition = 1.0 }} }}]
+prompt_files = {{ composition = "{geneval}" }}
+remote_rewards = {{ composition = {{ url = "{url}", name = "mean_pixel" }} }}
+
+[[stage]]
 kind = "merge"
 output = "cold_start"
 model = "$model"
@@ -134,11 +147,18 @@ eval = {{ sampling = {{ steps = 2, guidance = 2.0, batch = 2 }}, prompts_per_tas
     assert_eq!(grpo.len(), 2);
     assert!(grpo.iter().all(|m| m["train_composition"] == 64.0), "{grpo:?}");
     let scored: Vec<_> = server.seen().into_iter().filter(|s| s.path == "/score").collect();
-    assert_eq!(scored.len(), 3, "one request per GRPO iteration, then one for the eval");
-    assert!(scored[..2].iter().all(|s| s.body["images"].as_array().unwrap().len() == 4 && s.body["prompts"][0].as_str().unwrap().starts_with("a photo of")));
-    assert_eq!(scored[2].body["images"].as_array().unwrap().len(), 2, "the eval's two test prompts");
+    assert_eq!(scored.len(), 5, "one request per GRPO and per NFT iteration, then one for the eval");
+    assert!(scored[..4].iter().all(|s| s.body["images"].as_array().unwrap().len() == 4 && s.body["prompts"][0].as_str().unwrap().starts_with("a photo of")));
+    assert_eq!(scored[4].body["images"].as_array().unwrap().len(), 2, "the eval's two test prompts");
     let trained = load_lora(&dir.join("grpo"), &base, &device).unwrap();
     assert!(max_up(&trained) > 0.0, "the GRPO adapter moved from B = 0");
+
+    // DiffusionNFT: rewards from the server on its deterministic rollouts, finite losses, a
+    // moved adapter.
+    let nft: Vec<_> = metrics.iter().filter(|m| m["stage"] == "nft:nft").collect();
+    assert_eq!(nft.len(), 2);
+    assert!(nft.iter().all(|m| m["train_composition"] == 64.0 && m["loss"].as_f64().unwrap().is_finite()), "{nft:?}");
+    assert!(max_up(&load_lora(&dir.join("nft"), &base, &device).unwrap()) > 0.0, "the NFT adapter moved from B = 0");
 
     // SFT and OPD trained their students; OPD logged one row per iteration with finite losses.
     assert!(max_up(&load_lora(&dir.join("sft"), &base, &device).unwrap()) > 0.0);

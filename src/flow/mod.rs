@@ -7,9 +7,11 @@
 
 pub mod checks;
 pub mod kl;
+pub mod nft;
 pub mod sampler;
 pub mod schedule;
 pub mod sde;
+pub mod solver;
 
 pub use kl::{KlReduction, OpdLoss, ReferenceKl, distillation_loss, gaussian_kl, kl_weight, opd_loss, reference_kl, squared_distance};
 pub use sampler::{
@@ -17,6 +19,7 @@ pub use sampler::{
     sample_trajectory,
 };
 pub use schedule::FlowSchedule;
+pub use solver::{Solver, sample_deterministic};
 
 use burn::tensor::Tensor;
 use crate::Backend;

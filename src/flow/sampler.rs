@@ -84,11 +84,22 @@ impl<B: Backend> GuidedModel<'_, B> {
     /// forward: `noise_pred_uncond.detach()`).
     pub fn guided_velocity(&self, x: Tensor<B, 4>, sigma: f64, fixed_uncond: bool) -> Tensor<B, 4> {
         let batch = x.dims()[0];
+        self.guided_velocity_at(x, &vec![sigma; batch], fixed_uncond)
+    }
+
+    /// [`Self::guided_velocity`] with each sample at its own noise level `sigmas[i]`.
+    pub fn guided_velocity_at(&self, x: Tensor<B, 4>, sigmas: &[f64], fixed_uncond: bool) -> Tensor<B, 4> {
+        let batch = x.dims()[0];
+        assert_eq!(sigmas.len(), batch, "one noise level per sample");
         let device = x.device();
+        let times = |copies: usize| {
+            let t: Vec<f32> = (0..copies).flat_map(|_| sigmas.iter().map(|s| (s * 1000.0) as f32)).collect();
+            Tensor::<B, 1>::from_data(burn::tensor::TensorData::new(t, [copies * batch]), &device)
+        };
         match self.guidance {
             Some((uncond, scale)) if scale != 1.0 => {
                 let both = TextConditioning::cat(vec![uncond.clone(), self.cond.clone()]);
-                let t = Tensor::<B, 1>::full([2 * batch], sigma * 1000.0, &device);
+                let t = times(2);
                 let x2 = Tensor::cat(vec![x.clone(), x], 0);
                 // Both halves route like the conditional batch.
                 let v = self.model.forward_adapted(x2, both.tokens, both.pooled, t, &self.adapters.doubled(batch));
@@ -98,7 +109,7 @@ impl<B: Backend> GuidedModel<'_, B> {
                 v_u.clone() + (v_c - v_u) * scale
             }
             _ => {
-                let t = Tensor::<B, 1>::full([batch], sigma * 1000.0, &device);
+                let t = times(1);
                 self.model.forward_adapted(x, self.cond.tokens.clone(), self.cond.pooled.clone(), t, self.adapters)
             }
         }

@@ -31,7 +31,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 pub use diagnostic::grpo_gradient_snr;
-pub use schema::{EvalStage, GrpoStage, MergeStage, OpdStage, PretrainStage, Recipe, RecipeError, RowsStage, SftStage, Stage, StageCommon};
+pub use schema::{EvalStage, GrpoStage, MergeStage, NftStage, OpdStage, PretrainStage, Recipe, RecipeError, RowsStage, SftStage, Stage, StageCommon};
 pub use stage_loop::{Interrupter, progress_bar};
 
 use crate::Backend;
@@ -220,6 +220,7 @@ pub fn run_recipe_with<B: Backend>(
         let done = match stage {
             Stage::Pretrain(_) => stages::pretrain::<B>(stage, &mut ctx, devices),
             Stage::Grpo(_) => stages::grpo::<B>(stage, &mut ctx, devices),
+            Stage::Nft(_) => stages::nft::<B>(stage, &mut ctx, devices),
             Stage::Merge(s) => stages::merge::<B>(s, &mut ctx, device),
             Stage::Sft(_) => stages::sft::<B>(stage, &mut ctx, device),
             Stage::Opd(_) => stages::opd::<B>(stage, &mut ctx, devices),

@@ -18,6 +18,7 @@ use crate::pipeline::Sd3Options;
 use crate::pipeline::world::WorldModelConfig;
 use crate::train::adapter::{AdapterTraining, LoraSpec};
 use crate::train::grpo::GrpoConfig;
+use crate::train::nft::NftConfig;
 use crate::train::opd::OpdConfig;
 use crate::train::pretrain::{CaptionSource, PretrainConfig};
 use crate::train::rollout::RolloutConfig;
@@ -49,6 +50,7 @@ pub struct Recipe {
 pub enum Stage {
     Pretrain(PretrainStage),
     Grpo(GrpoStage),
+    Nft(NftStage),
     Merge(MergeStage),
     Sft(SftStage),
     Opd(OpdStage),
@@ -152,6 +154,30 @@ pub struct GrpoStage {
 
 fn default_checkpoint_grpo() -> usize {
     10
+}
+
+/// DiffusionNFT training of one LoRA adapter on a pipeline (docs/diffusion_nft.md); the shared
+/// fields as in [`GrpoStage`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NftStage {
+    /// Name of the resulting adapter (`runs/<run>/<output>/`).
+    pub output: String,
+    /// The frozen pipeline (stage output or folder).
+    pub model: String,
+    /// Start from this adapter instead of a fresh one.
+    #[serde(default)]
+    pub init: Option<String>,
+    /// Save the EMA adapter every this many iterations (and at the end).
+    #[serde(default = "default_checkpoint_grpo")]
+    pub checkpoint_every: usize,
+    /// Also write the final adapter here.
+    #[serde(default)]
+    pub export: Option<PathBuf>,
+    /// Wall-clock budget of the training loop in seconds (see [`GrpoStage::max_seconds`]).
+    #[serde(default)]
+    pub max_seconds: Option<f64>,
+    pub train: NftConfig,
 }
 
 /// Flow-matching pre-training of a world pipeline.
@@ -298,6 +324,7 @@ impl Recipe {
             let stage = match kind.as_str() {
                 "pretrain" => Stage::Pretrain(typed(i, &kind, table).map_err(parse)?),
                 "grpo" => Stage::Grpo(typed(i, &kind, table).map_err(parse)?),
+                "nft" => Stage::Nft(typed(i, &kind, table).map_err(parse)?),
                 "merge" => Stage::Merge(typed(i, &kind, table).map_err(parse)?),
                 "sft" => Stage::Sft(typed(i, &kind, table).map_err(parse)?),
                 "opd" => Stage::Opd(typed(i, &kind, table).map_err(parse)?),
@@ -305,7 +332,7 @@ impl Recipe {
                 "rows" => Stage::Rows(typed(i, &kind, table).map_err(parse)?),
                 other => {
                     return Err(parse(format!(
-                        "stage {i}: unknown `kind` = \"{other}\" (expected pretrain, grpo, merge, sft, opd, eval or rows)"
+                        "stage {i}: unknown `kind` = \"{other}\" (expected pretrain, grpo, nft, merge, sft, opd, eval or rows)"
                     )));
                 }
             };
@@ -356,7 +383,7 @@ impl Recipe {
                         return Err(format!("stage {i}: `from` = \"{}\" does not exist", s.from.display()));
                     }
                 }
-                Stage::Pretrain(_) | Stage::Grpo(_) => {}
+                Stage::Pretrain(_) | Stage::Grpo(_) | Stage::Nft(_) => {}
             }
             if let Some(export) = common.export {
                 // Training stages export a folder, evaluations add a row to a results.json.
@@ -384,6 +411,7 @@ impl Recipe {
             let (field, n) = match stage {
                 Stage::Pretrain(s) => ("train.batch_size", s.train.batch_size),
                 Stage::Grpo(s) => ("train.rollout.prompts", s.train.rollout.prompts),
+                Stage::Nft(s) => ("train.rollout.prompts", s.train.rollout.prompts),
                 Stage::Opd(s) => ("train.rollout.prompts", s.train.rollout.prompts),
                 _ => continue,
             };
@@ -458,6 +486,15 @@ fn check_settings(stage: &Stage) -> Result<(), String> {
             remote(&s.train.remote_rewards)?;
             fraction("`train.timestep_fraction`", s.train.timestep_fraction)?;
             non_negative("`train.beta`", s.train.beta)?;
+            at_least_one("`train.inner_epochs`", s.train.inner_epochs)?;
+            at_least_one("`train.minibatches`", s.train.minibatches)?;
+            let samples = s.train.rollout.prompts * s.train.rollout.group_size;
+            if s.train.minibatches > samples {
+                return Err(format!(
+                    "`train.minibatches` = {}: more optimizer steps than the iteration's {samples} samples",
+                    s.train.minibatches
+                ));
+            }
             if s.train.partitions.is_empty() {
                 return Err("`train.partitions`: at least one partition is needed".into());
             }
@@ -475,6 +512,30 @@ fn check_settings(stage: &Stage) -> Result<(), String> {
                     non_negative(&format!("`train.partitions[{n}].beta`"), beta)?;
                 }
             }
+        }
+        Stage::Nft(s) => {
+            let r = &s.train.rollout;
+            at_least_one("`train.iterations`", s.train.iterations)?;
+            at_least_one("`train.rollout.prompts`", r.prompts)?;
+            if r.group_size < 2 {
+                return Err(format!("`train.rollout.group_size`: must be at least 2, got {}", r.group_size));
+            }
+            at_least_one("`train.rollout.steps`", r.steps)?;
+            guidance("`train.rollout.guidance`", r.guidance)?;
+            if let Some(m) = r.micro_batch {
+                at_least_one("`train.rollout.micro_batch`", m)?;
+            }
+            lora(&s.train.lora)?;
+            training(&s.train.training)?;
+            remote(&s.train.remote_rewards)?;
+            fraction("`train.timestep_fraction`", s.train.timestep_fraction)?;
+            for (n, p) in s.train.partitions.iter().enumerate() {
+                if p.tasks.is_empty() {
+                    return Err(format!("`train.partitions[{n}].tasks`: at least one task is needed"));
+                }
+                at_least_one(&format!("`train.partitions[{n}].ratio`"), p.ratio)?;
+            }
+            s.train.check().map_err(|e| e.replacen('`', "`train.", 1))?;
         }
         Stage::Opd(s) => {
             at_least_one("`train.iterations`", s.train.iterations)?;
@@ -534,7 +595,7 @@ pub struct StageCommon<'a> {
 impl Stage {
     /// Whether the stage trains through the shared loop (pre-training, GRPO, SFT, OPD).
     pub fn trains(&self) -> bool {
-        matches!(self, Stage::Pretrain(_) | Stage::Grpo(_) | Stage::Sft(_) | Stage::Opd(_))
+        matches!(self, Stage::Pretrain(_) | Stage::Grpo(_) | Stage::Nft(_) | Stage::Sft(_) | Stage::Opd(_))
     }
 
     /// The stage kind as recipes spell it.
@@ -542,6 +603,7 @@ impl Stage {
         match self {
             Stage::Pretrain(_) => "pretrain",
             Stage::Grpo(_) => "grpo",
+            Stage::Nft(_) => "nft",
             Stage::Merge(_) => "merge",
             Stage::Sft(_) => "sft",
             Stage::Opd(_) => "opd",
@@ -562,6 +624,14 @@ impl Stage {
                 ..Default::default()
             },
             Stage::Grpo(s) => StageCommon {
+                output: Some(&s.output),
+                model: Some(&s.model),
+                init: s.init.as_deref(),
+                checkpoint_every: Some(s.checkpoint_every),
+                export: s.export.as_deref(),
+                max_seconds: s.max_seconds,
+            },
+            Stage::Nft(s) => StageCommon {
                 output: Some(&s.output),
                 model: Some(&s.model),
                 init: s.init.as_deref(),
@@ -707,7 +777,7 @@ mod tests {
             assert!(!text.contains('$'), "{}: every input was substituted", path.display());
             parsed += 1;
         }
-        assert_eq!(parsed, 4);
+        assert_eq!(parsed, 5);
     }
 
     #[test]

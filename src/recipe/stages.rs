@@ -18,6 +18,7 @@ use crate::pipeline::TextToImage;
 use crate::pipeline::world::{Pipeline, WorldModel, save_pipeline_atomic};
 use crate::train::adapter::AdapterTrainer;
 use crate::train::grpo::{GrpoTrainer, grpo_trainer};
+use crate::train::nft::{NftTrainer, nft_trainer};
 use crate::train::opd::{OpdTrainer, Teachers, opd_trainer};
 use crate::train::pretrain::{Pretrainer, WorldPairs, pretrainer, to_autodiff};
 use crate::train::resume::{RngState, SavedState, TrainerState};
@@ -136,6 +137,57 @@ pub fn grpo<B: Backend>(stage: &Stage, ctx: &mut RunContext, devices: &[B::Devic
             None => Ok(trainer),
         }
     })
+}
+
+/// DiffusionNFT training of one adapter (data-parallel over several devices).
+pub fn nft<B: Backend>(stage: &Stage, ctx: &mut RunContext, devices: &[B::Device]) -> Result<(), String> {
+    let Stage::Nft(s) = stage else { unreachable!("an nft stage") };
+    let spec = loop_spec(stage, ctx, format!("nft:{}", s.output), &s.output, s.train.iterations);
+    train_on(&spec, ctx, devices, |ctx, device, peer| {
+        let pipeline = ctx.pipeline::<B>(&s.model, device)?;
+        let init = s.init.as_deref().map(|a| adapter(ctx, a, &pipeline, device)).transpose()?;
+        let trainer = nft_trainer::<Autodiff<B>>(pipeline, init, s.train.clone(), device)?;
+        match peer {
+            Some(peer) => trainer.with_peer(peer),
+            None => Ok(trainer),
+        }
+    })
+}
+
+impl<B: Backend, O: Optimizer<LoraAdapter<Autodiff<B>>, Autodiff<B>>> LoopTrainer<B> for NftTrainer<Autodiff<B>, O> {
+    fn step(&mut self, device: &B::Device) -> Result<StepReport, String> {
+        let stats = self.iteration(device)?;
+        let mut fields: Vec<(String, f64)> = vec![
+            ("reward".into(), stats.reward),
+            ("loss".into(), stats.loss),
+            ("positive_loss".into(), stats.positive),
+            ("negative_loss".into(), stats.negative),
+            ("kl".into(), stats.kl),
+            ("old_decay".into(), stats.decay),
+            ("zero_std_fraction".into(), stats.groups.zero_std_fraction),
+            ("within_group_share".into(), stats.groups.within_share),
+            ("partition".into(), stats.partition as f64),
+        ];
+        fields.extend(stats.task_metrics.iter().map(|(t, m)| (format!("train_{}", t.name()), *m)));
+        let guards = vec![
+            ("reward", stats.reward),
+            ("loss", stats.loss),
+            ("adapter weights' sum of magnitudes", finite_figure(self.state.weights_finite())),
+        ];
+        Ok(StepReport { message: format!("reward {:.3} loss {:.3e}", stats.reward, stats.loss), fields, guards })
+    }
+
+    fn save(&self, dir: &Path) -> Result<(), String> {
+        save_adapter(&self.state.ema.average, dir)
+    }
+
+    fn save_state(&self) -> Result<TrainerState, String> {
+        NftTrainer::save_state(self)
+    }
+
+    fn restore(&mut self, saved: &SavedState<'_>, device: &B::Device) -> Result<(), String> {
+        NftTrainer::restore(self, saved, device)
+    }
 }
 
 impl<B: Backend, O: Optimizer<LoraAdapter<Autodiff<B>>, Autodiff<B>>> LoopTrainer<B> for GrpoTrainer<Autodiff<B>, O> {

@@ -31,6 +31,12 @@ impl<B: AutodiffBackend, M: AutodiffModule<B>> Ema<B, M> {
     /// `average = d * average + (1 - d) * current` for every parameter.
     pub fn update(&mut self, module: &M) {
         let decay = self.decay();
+        self.update_with(module, decay);
+    }
+
+    /// `average = decay * average + (1 - decay) * current` with a given decay (DiffusionNFT's
+    /// old policy follows its own schedule), counted as an update.
+    pub fn update_with(&mut self, module: &M, decay: f64) {
         let mut current = Collect::<B::InnerBackend> { tensors: HashMap::new() };
         module.valid().visit(&mut current);
         let average = std::mem::replace(&mut self.average, module.valid());

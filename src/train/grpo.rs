@@ -5,6 +5,7 @@
 //! over those steps into one AdamW update of the adapter; EMA of the adapter weights.
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 
 use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
 use crate::AutodiffBackend;
@@ -77,6 +78,11 @@ pub struct GrpoConfig {
     /// first is on-policy (ratio 1); from the second on the ratio moves and the clip acts.
     #[serde(default = "one", skip_serializing_if = "is_one")]
     pub inner_epochs: usize,
+    /// Optimizer steps per pass over an iteration's samples, each on the next `1/minibatches`
+    /// of them (Flow-GRPO's SD3 configs: 2, `gradient_accumulation_steps` = half the sampled
+    /// batches). From the second on, the ratio is off-policy and the clip acts.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub minibatches: usize,
     /// Whether the unconditional half of CFG is trained too (`true`, default) or detached, as
     /// Flow-GRPO's training forward does (`false`).
     #[serde(default = "yes", skip_serializing_if = "is_yes")]
@@ -140,6 +146,12 @@ impl GrpoConfig {
     }
 }
 
+/// Sample rows `0..n` in `parts` consecutive chunks of near-equal size.
+fn minibatch_rows(n: usize, parts: usize) -> Vec<Range<usize>> {
+    let parts = parts.max(1);
+    (0..parts).map(|i| i * n / parts..(i + 1) * n / parts).collect()
+}
+
 /// The rollouts of one iteration, scored: what its `inner_epochs` updates learn from.
 struct Scored<B: AutodiffBackend> {
     part: usize,
@@ -195,6 +207,13 @@ pub fn grpo_trainer<B: AutodiffBackend>(
     if config.inner_epochs == 0 {
         return Err("`inner_epochs`: at least 1 update per iteration, not 0".into());
     }
+    let samples = config.rollout.prompts * config.rollout.group_size;
+    if config.minibatches == 0 || config.minibatches > samples {
+        return Err(format!(
+            "`minibatches` = {}: between 1 and the iteration's {samples} samples (`rollout.prompts` x `rollout.group_size`)",
+            config.minibatches
+        ));
+    }
     let setup = config.training.setup(Some(&config.lora), config.training.seed);
     let state = adapter_state::<B>(pipeline, init, setup, device)?;
     let prompts = config
@@ -225,20 +244,30 @@ impl<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> AdapterTrainer<B, O> f
 }
 
 impl<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> GrpoTrainer<B, O> {
-    /// One iteration: rollouts, rewards, advantages, then `inner_epochs` accumulated updates
-    /// on them (the figures are their means).
+    /// One iteration: rollouts, rewards, advantages, then `inner_epochs` passes over them, each
+    /// of `minibatches` updates (the figures are their means).
     pub fn iteration(&mut self, device: &B::Device) -> Result<GrpoStats, String> {
-        let k = self.config.inner_epochs.max(1);
         let scored = self.score_on(self.scheduled_partition(), device)?;
+        let chunks = minibatch_rows(scored.ro.prompts.len(), self.config.minibatches);
+        if chunks.iter().any(|rows| rows.is_empty()) {
+            return Err(format!(
+                "`minibatches` = {}: this peer holds only {} samples of the iteration",
+                self.config.minibatches,
+                scored.ro.prompts.len()
+            ));
+        }
+        let updates = (self.config.inner_epochs.max(1) * chunks.len()) as f64;
         let mut sums = [0.0; 3];
         let mut stats = GrpoStats::default();
-        for _ in 0..k {
-            let (grads, epoch) = self.gradient_of(&scored)?;
-            self.state.update(grads);
-            for (sum, value) in sums.iter_mut().zip([epoch.policy_loss, epoch.kl, epoch.clip_fraction]) {
-                *sum += value / k as f64;
+        for _ in 0..self.config.inner_epochs.max(1) {
+            for rows in &chunks {
+                let (grads, epoch) = self.gradient_of(&scored, rows.clone())?;
+                self.state.update(grads);
+                for (sum, value) in sums.iter_mut().zip([epoch.policy_loss, epoch.kl, epoch.clip_fraction]) {
+                    *sum += value / updates;
+                }
+                stats = epoch;
             }
-            stats = epoch;
         }
         [stats.policy_loss, stats.kl, stats.clip_fraction] = sums;
         Ok(stats)
@@ -251,17 +280,19 @@ impl<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> GrpoTrainer<B, O> {
         self.gradient_on(self.scheduled_partition(), device)
     }
 
-    /// The mix schedule's partition for the next iteration (its `inner_epochs` updates count
-    /// as one).
+    /// The mix schedule's partition for the next iteration (its `inner_epochs` x `minibatches`
+    /// updates count as one).
     fn scheduled_partition(&self) -> usize {
-        self.schedule[(self.state.iteration / self.config.inner_epochs.max(1)) % self.schedule.len()]
+        let updates = self.config.inner_epochs.max(1) * self.config.minibatches.max(1);
+        self.schedule[(self.state.iteration / updates) % self.schedule.len()]
     }
 
     /// [`Self::gradient`] on partition `part` (an index into `config.partitions`) instead of the
     /// mix schedule's.
     pub fn gradient_on(&mut self, part: usize, device: &B::Device) -> Result<(Option<GradientsParams>, GrpoStats), String> {
         let scored = self.score_on(part, device)?;
-        self.gradient_of(&scored)
+        let all = 0..scored.ro.prompts.len();
+        self.gradient_of(&scored, all)
     }
 
     /// Rollouts of partition `part`'s prompts under the current policy, their rewards (gathered
@@ -300,9 +331,9 @@ impl<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> GrpoTrainer<B, O> {
         Ok(Scored { part, ro, rewards, task_metrics, advantages })
     }
 
-    /// The gradient of the Flow-GRPO loss on `scored` under the current policy, accumulated over
-    /// the trained steps and micro-batches.
-    fn gradient_of(&self, scored: &Scored<B>) -> Result<(Option<GradientsParams>, GrpoStats), String> {
+    /// The gradient of the Flow-GRPO loss on the samples `chunk` of `scored` under the current
+    /// policy, accumulated over the trained steps and micro-batches.
+    fn gradient_of(&self, scored: &Scored<B>, chunk: Range<usize>) -> Result<(Option<GradientsParams>, GrpoStats), String> {
         let Scored { part, ro, rewards, task_metrics, advantages } = scored;
         let (part, task_metrics) = (*part, task_metrics.clone());
         let beta = self.config.partitions[part].beta.unwrap_or(self.config.beta);
@@ -312,8 +343,9 @@ impl<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> GrpoTrainer<B, O> {
         let none_inner = ActiveAdapters::none();
         let mut accumulator = GradientsAccumulator::<LoraAdapter<B>>::new();
         let (mut pg_sum, mut kl_sum, mut clipped) = (0.0, 0.0, 0.0);
-        let n = ro.prompts.len();
+        let n = chunk.len();
         for rows in self.config.rollout.micro_batches(n) {
+            let rows = chunk.start + rows.start..chunk.start + rows.end;
             // Each micro-batch adds its share (rows / n) of the batch means.
             let share = rows.len() as f64 / n as f64;
             let (c_ref, n_ref) = (ro.cond.rows(rows.clone()), ro.negative.rows(rows.clone()));

@@ -10,6 +10,7 @@ pub mod ema;
 pub mod grpo;
 pub mod grpo_math;
 pub mod grpo_snr;
+pub mod nft;
 pub mod opd;
 pub mod parallel;
 pub mod pretrain;

@@ -1,6 +1,10 @@
 //! The SFT cold start (docs/reference.md section 4): each task teacher samples images for its own
 //! partition's training prompts (routed like OPD), then the student adapter is fitted by flow
 //! matching on them, `L = ||v_theta(x_s, s, c) - (eps - x0)||^2` with `x0` the teacher's latents.
+//!
+//! Only the conditional branch is fitted: every pair carries its prompt `c`, none the empty
+//! prompt, so the unconditional velocity that CFG subtracts changes only through the weights the
+//! two branches share (no prompt dropout; docs/fidelity.md).
 
 use std::collections::BTreeMap;
 
