@@ -11,6 +11,7 @@ pub mod grpo;
 pub mod grpo_math;
 pub mod grpo_snr;
 pub mod opd;
+pub mod distributed;
 pub mod parallel;
 pub mod pretrain;
 pub mod prompts;
