@@ -275,7 +275,7 @@ fn nodes_with_different_recipes_are_refused_and_bad_flags_are_named() {
     let a = toy.write("a.toml", &recipe("same", &toy, 2, 2));
     let b = toy.write("b.toml", &recipe("same", &toy, 2, 2).replace("lr = 1e-2", "lr = 2e-2"));
     let runs = toy.path("runs");
-    let ports = free_ports(3);
+    let ports = free_ports(4);
     let logs = [toy.path("node0.log"), toy.path("node1.log")];
     let node0 = start(&a, &runs, &node_args(2, 0, &ports, &["--node-timeout", "60"]), &logs[0]);
     let node1 = start(&b, &runs, &node_args(2, 1, &ports, &["--node-timeout", "60"]), &logs[1]);
@@ -289,7 +289,7 @@ fn nodes_with_different_recipes_are_refused_and_bad_flags_are_named() {
     for (args, expected) in [
         (node_args(2, 2, &ports, &[]), "--node-rank 2 with --nodes 2"),
         (vec!["--nodes".into(), "2".into(), "--node-rank".into(), "0".into()], "--coordinator"),
-        (node_args(2, 0, &ports, &["--node-timeout", "-1"]), "--node-timeout -1"),
+        (node_args(2, 0, &ports, &["--node-timeout", "0"]), "--node-timeout 0"),
         (node_args(2, 0, &ports, &["--global-strategy", "star"]), "--global-strategy `star`"),
         (vec!["--coordinator".into(), "127.0.0.1:1".into()], "--coordinator is given without --nodes"),
     ] {
