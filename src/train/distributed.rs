@@ -222,6 +222,12 @@ pub fn group() -> Option<&'static NodeGroup> {
     GROUP.get()
 }
 
+/// Whether this process writes what a run shares with the world (exports): no multi-node
+/// group, or node 0 of one.
+pub fn is_first_node() -> bool {
+    group().is_none_or(|g| g.settings.rank == 0)
+}
+
 /// Records the formed group (once per process: burn-collective registers a process once).
 pub(crate) fn set_group(group: NodeGroup) -> Result<&'static NodeGroup, String> {
     GROUP.set(group).map_err(|_| "this process already belongs to a multi-node group".to_string())?;
