@@ -156,31 +156,6 @@ impl Toy {
     }
 }
 
-/// Every f32 of every safetensors file under `dir`, file by file and tensor by tensor in name
-/// order.
-fn values(dir: &Path) -> Vec<f32> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
-        .collect();
-    files.sort();
-    assert!(!files.is_empty(), "no adapter in {}", dir.display());
-    files
-        .iter()
-        .flat_map(|f| {
-            let bytes = std::fs::read(f).unwrap();
-            let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-            let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
-            names.sort();
-            names
-                .into_iter()
-                .flat_map(|n| st.tensor(&n).unwrap().data().chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect::<Vec<_>>())
-                .collect::<Vec<_>>()
-        })
-        .collect()
-}
-
 fn assert_close(what: &str, a: &[f32], b: &[f32], tolerance: f32) {
     assert_eq!(a.len(), b.len(), "{what}: sizes");
     let scale = a.iter().map(|x| x.abs()).fold(0f32, f32::max);
@@ -228,10 +203,10 @@ fn two_nodes_train_as_one_process_with_two_peers() {
     assert_figures_close("OPD loss", &figure(&a, "opd", "loss"), &figure(&b, "opd", "loss"), 1e-5);
     assert_figures_close("OPD MAR", &figure(&a, "opd", "loss_mar"), &figure(&b, "opd", "loss_mar"), 1e-5);
     for output in ["teacher", "student"] {
-        let (one, node0) = (values(&single.join("dp").join(output)), values(&multi.join("dp").join(output)));
+        let (one, node0) = (common::folder_values(&single.join("dp").join(output)), common::folder_values(&multi.join("dp").join(output)));
         assert_close(&format!("{output}: two nodes vs one process"), &one, &node0, 1e-4);
         // Node 1 wrote its copy into its own folder: the same adapter, bit for bit.
-        assert_eq!(values(&multi.join("node-1/dp").join(output)), node0, "{output}: the nodes' adapters differ");
+        assert_eq!(common::folder_values(&multi.join("node-1/dp").join(output)), node0, "{output}: the nodes' adapters differ");
     }
 }
 
