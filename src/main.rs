@@ -30,6 +30,61 @@ struct RecipeInputs {
     prompts: Option<PathBuf>,
 }
 
+/// Multi-node data parallelism (docs/distributed.md), as torchrun launches it: every node runs
+/// the same command with its own `--node-rank`.
+#[derive(Args)]
+struct NodeArgs {
+    /// The number of nodes (machines) training together; their devices form one data-parallel
+    /// group.
+    #[arg(long, env = "FLOW_OPD_NODES")]
+    nodes: Option<usize>,
+    /// This node's rank, 0 to N-1: node 0 starts the coordinator and writes runs/<name>/.
+    #[arg(long, env = "FLOW_OPD_NODE_RANK")]
+    node_rank: Option<usize>,
+    /// HOST:PORT where node 0 runs the coordinator (burn-collective's global orchestrator).
+    #[arg(long, env = "FLOW_OPD_COORDINATOR")]
+    coordinator: Option<String>,
+    /// The address other nodes reach this node at [default: the address of the interface that
+    /// reaches the coordinator].
+    #[arg(long, env = "FLOW_OPD_NODE_HOST")]
+    node_host: Option<String>,
+    /// This node's port for tensor transfers between nodes [default: the coordinator's port +
+    /// 1 + the node's rank].
+    #[arg(long, env = "FLOW_OPD_NODE_PORT")]
+    node_port: Option<u16>,
+    /// Seconds a node waits for the others in a collective step before it ends with an error
+    /// naming the lost node [default: 300].
+    #[arg(long, env = "FLOW_OPD_NODE_TIMEOUT")]
+    node_timeout: Option<f64>,
+    /// How nodes all-reduce gradients and figures: ring, tree, tree:N or centralized
+    /// [default: ring].
+    #[arg(long, env = "FLOW_OPD_GLOBAL_STRATEGY")]
+    global_strategy: Option<String>,
+    /// Where a node other than 0 writes its copy of the run (its checkpoints and stage outputs,
+    /// which later stages and `--resume` read) [default: <runs>/node-<rank>].
+    #[arg(long, env = "FLOW_OPD_SCRATCH")]
+    scratch: Option<PathBuf>,
+}
+
+impl NodeArgs {
+    fn settings(&self) -> Result<Option<flow_opd::train::distributed::NodeSettings>> {
+        let flags = flow_opd::train::distributed::NodeFlags {
+            nodes: self.nodes,
+            rank: self.node_rank,
+            coordinator: self.coordinator.clone(),
+            host: self.node_host.clone(),
+            port: self.node_port,
+            timeout_s: self.node_timeout,
+            strategy: self.global_strategy.clone(),
+        };
+        let settings = flags.settings().map_err(anyhow::Error::msg)?;
+        if settings.is_none() && self.scratch.is_some() {
+            anyhow::bail!("--scratch is given without --nodes N (N >= 2): only the nodes other than 0 write there");
+        }
+        Ok(settings)
+    }
+}
+
 impl RecipeInputs {
     /// Loads the recipe at `path` with these inputs substituted.
     fn load(self, path: &Path) -> Result<flow_opd::recipe::Recipe> {
@@ -80,6 +135,19 @@ enum Command {
         resume: bool,
         #[command(flatten)]
         inputs: RecipeInputs,
+        #[command(flatten)]
+        nodes: NodeArgs,
+    },
+    /// burn-collective's global orchestrator for a multi-node group (node 0 of `flow-opd recipe
+    /// --nodes N` starts it itself; this is that process).
+    #[command(hide = true)]
+    Orchestrator {
+        /// The port to listen on (all interfaces).
+        #[arg(long)]
+        port: u16,
+        /// End when standard input closes (the node that started it ended).
+        #[arg(long)]
+        exit_with_stdin: bool,
     },
     /// Text to image: one PNG per prompt (40-step ODE, CFG 4.5 by default; prompt i is seeded
     /// with seed + i).
@@ -458,15 +526,29 @@ impl BackendTask for SampleTask {
 struct RecipeTask {
     recipe: flow_opd::recipe::Recipe,
     runs: PathBuf,
+    /// A multi-node group to join, and the folder a node other than 0 writes its run into.
+    nodes: Option<(flow_opd::train::distributed::NodeSettings, Option<PathBuf>)>,
 }
 
 impl MultiDeviceTask for RecipeTask {
     type Output = Result<()>;
     fn run<B: Backend>(self, devices: Vec<B::Device>) -> Self::Output {
-        self.recipe.check_devices(devices.len()).map_err(anyhow::Error::msg)?;
-        flow_opd::pipeline::sample::check_output_location("--runs", &self.runs.join(&self.recipe.name), true).map_err(anyhow::Error::msg)?;
+        let node_count = self.nodes.as_ref().map_or(1, |(s, _)| s.nodes);
+        self.recipe.check_devices(devices.len() * node_count).map_err(anyhow::Error::msg)?;
+        // Node 0 writes the run; another node its own copy, in its scratch folder.
+        let (runs, flag) = match &self.nodes {
+            Some((s, scratch)) if s.rank > 0 => (scratch.clone().unwrap_or_else(|| self.runs.join(format!("node-{}", s.rank))), "--scratch"),
+            _ => (self.runs.clone(), "--runs"),
+        };
+        flow_opd::pipeline::sample::check_output_location(flag, &runs.join(&self.recipe.name), true).map_err(anyhow::Error::msg)?;
         let interrupter = flow_opd::recipe::Interrupter::ctrl_c();
-        let ctx = flow_opd::recipe::run_recipe_with::<B>(&self.recipe, &self.runs, &devices, interrupter)?;
+        if let Some((settings, _)) = self.nodes {
+            let (nodes, rank) = (settings.nodes, settings.rank);
+            let fingerprint = flow_opd::train::distributed::fingerprint(&self.recipe.resolved(), std::any::type_name::<B>());
+            let group = flow_opd::train::parallel::join_nodes::<B>(settings, &devices, fingerprint).map_err(anyhow::Error::msg)?;
+            tracing::info!("node {rank} of {nodes}: joined the group ({} devices in all)", group.world());
+        }
+        let ctx = flow_opd::recipe::run_recipe_with::<B>(&self.recipe, &runs, &devices, interrupter)?;
         println!("run written to {}", ctx.dir.display());
         Ok(())
     }
@@ -633,11 +715,14 @@ fn main() -> Result<()> {
             println!("wrote {}", path.display());
             Ok(())
         }
-        Command::Recipe { path, runs, device, resume, inputs } => {
+        Command::Recipe { path, runs, device, resume, inputs, nodes } => {
+            let settings = nodes.settings()?;
             let mut recipe = inputs.load(&path)?;
             recipe.resume |= resume;
-            dispatch_many(&device, RecipeTask { recipe, runs })?
+            let nodes = settings.map(|s| (s, nodes.scratch));
+            dispatch_many(&device, RecipeTask { recipe, runs, nodes })?
         }
+        Command::Orchestrator { port, exit_with_stdin } => flow_opd::train::distributed::run_orchestrator(port, exit_with_stdin).map_err(anyhow::Error::msg),
         Command::Eval { model, adapter, tasks, prompts, split, steps, cfg, name, out, device } => {
             checks::at_least_one("--steps", steps).map_err(anyhow::Error::msg)?;
             checks::guidance("--cfg", cfg).map_err(anyhow::Error::msg)?;
@@ -671,7 +756,7 @@ fn main() -> Result<()> {
             let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "eval".into());
             let runs = out.parent().map(Path::to_path_buf).unwrap_or_default();
             let recipe = flow_opd::recipe::Recipe { name, sd3: Default::default(), stages: vec![flow_opd::recipe::Stage::Eval(stage)], resume: false };
-            dispatch_many(&device, RecipeTask { recipe, runs })?
+            dispatch_many(&device, RecipeTask { recipe, runs, nodes: None })?
         }
         Command::Model(ModelCommand::Forward { model, inputs, output, adapter, device }) => {
             let source = open(&model)?;

@@ -207,36 +207,6 @@ fn an_evaluation_on_two_devices_draws_the_one_device_images() {
     }
 }
 
-/// Every f32 value of every safetensors file under `dir`, file by file in name order.
-fn folder_values(dir: &Path) -> Vec<f32> {
-    let mut files: Vec<_> = walk(dir).into_iter().filter(|p| p.extension().is_some_and(|e| e == "safetensors")).collect();
-    files.sort();
-    assert!(!files.is_empty(), "no weights under {}", dir.display());
-    files
-        .iter()
-        .flat_map(|f| {
-            let bytes = std::fs::read(f).unwrap();
-            let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-            let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
-            names.sort();
-            names
-                .into_iter()
-                .flat_map(|n| st.tensor(&n).unwrap().data().chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect::<Vec<_>>())
-                .collect::<Vec<_>>()
-        })
-        .collect()
-}
-
-fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .flat_map(|e| {
-            let p = e.unwrap().path();
-            if p.is_dir() { walk(&p) } else { vec![p] }
-        })
-        .collect()
-}
-
 #[test]
 fn two_pretraining_peers_take_the_one_device_steps() {
     let runs = tempfile::tempdir().unwrap();
@@ -252,7 +222,7 @@ fn two_pretraining_peers_take_the_one_device_steps() {
     };
     let one = run_recipe_on::<B>(&recipe("one"), runs.path(), &[Default::default()]).unwrap();
     let two = run_recipe_on::<B>(&recipe("two"), runs.path(), &two_cpu_devices()).unwrap();
-    let (start, a, b) = (folder_values(&model), folder_values(&one.dir.join("base")), folder_values(&two.dir.join("base")));
+    let (start, a, b) = (common::folder_values(&model), common::folder_values(&one.dir.join("base")), common::folder_values(&two.dir.join("base")));
     assert!(a.iter().zip(&start).any(|(x, y)| x != y), "pre-training did not move the model");
     assert_close("two peers vs one device (full batch)", &b, &a, 1e-5);
     let loss = |dir: &Path| {

@@ -168,7 +168,7 @@ pub fn run_recipe_with<B: Backend>(
     if recipe.resume && previous.is_none() {
         tracing::info!("nothing to resume in {}: starting the run", dir.display());
     }
-    let resolved = toml::to_string_pretty(&Recipe { resume: false, ..recipe.clone() }).expect("recipe serialises");
+    let resolved = recipe.resolved();
     crate::io::write_text_atomic(&dir.join("recipe.toml"), &resolved).map_err(|e| io(&dir.join("recipe.toml"))(e.to_string()))?;
     let metrics_path = dir.join("metrics.jsonl");
     if previous.is_none() {

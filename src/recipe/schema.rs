@@ -264,6 +264,12 @@ pub enum RecipeError {
 }
 
 impl Recipe {
+    /// The recipe as a run records it (`runs/<name>/recipe.toml`): every setting resolved,
+    /// `resume` left out.
+    pub fn resolved(&self) -> String {
+        toml::to_string_pretty(&Recipe { resume: false, ..self.clone() }).expect("recipe serialises")
+    }
+
     /// Reads and validates a recipe; errors name the file and the field at fault.
     pub fn from_file(path: &Path) -> Result<Self, RecipeError> {
         Self::from_file_with(path, &BTreeMap::new())

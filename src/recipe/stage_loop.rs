@@ -15,7 +15,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use super::RunContext;
 use crate::Backend;
 use crate::io::checkpoint::{Checkpoint, Checkpoints, Manifest};
-use crate::train::parallel::{Peer, first_error, run_peers};
+use crate::train::parallel::{Peer, first_error, local_peers, run_peers};
 use crate::train::resume::{SavedState, TrainerState};
 
 /// A stop request that training loops check after every step: they save a checkpoint and end
@@ -192,24 +192,38 @@ pub fn train_on<'d, B: Backend, T: LoopTrainer<B> + Send>(
         }
         Ok(trainer)
     };
-    if let [device] = devices {
+    let nodes = crate::train::distributed::group();
+    if let ([device], None) = (devices, nodes) {
         let trainer = restored(build(ctx, device, None)?, device)?;
         return run_loop(spec, trainer, Some(ctx), device, None, start);
     }
-    let count = devices.len();
-    let trainers = devices
-        .iter()
-        .enumerate()
-        .map(|(index, device)| {
-            let trainer = build(ctx, device, Some(Peer { index, count, device: device.clone() }))?;
+    let peers = local_peers::<B>(devices);
+    let count = peers[0].count;
+    let trainers = peers
+        .into_iter()
+        .map(|peer| {
+            let device = &devices[peer.local];
+            let trainer = build(ctx, device, Some(peer))?;
             restored(trainer, device).map(|t| Mutex::new(Some(t)))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    tracing::info!("{}: data-parallel over {count} devices", spec.label);
+    match nodes {
+        Some(group) => tracing::info!("{}: data-parallel over {count} devices on {} nodes", spec.label, group.settings.nodes),
+        None => tracing::info!("{}: data-parallel over {count} devices", spec.label),
+    }
+    // Each node's first peer holds its node's context (node 0's is the run's; another node's
+    // writes into its own scratch folder).
     let lead = Mutex::new(Some(&mut *ctx));
     let results = run_peers::<B, _, _>(devices, |peer| {
-        let trainer = trainers[peer.index].lock().expect("trainer").take().expect("one trainer per peer");
-        let ctx = if peer.index == 0 { lead.lock().expect("context").take() } else { None };
+        let trainer = trainers[peer.local].lock().expect("trainer").take().expect("one trainer per peer");
+        let ctx = if peer.local == 0 { lead.lock().expect("context").take() } else { None };
+        if nodes.is_some() {
+            // Nodes resumed from other checkpoints (or one not at all) would train apart.
+            let key = crate::train::distributed::hash64(&[&spec.key]);
+            let mut point = vec![start.step as f64];
+            point.extend(crate::train::distributed::u64_to_parts(key).map(f64::from));
+            peer.agree(&format!("{}: the nodes start the stage from different points ([{} reached, settings hash]); start every node from the same run folder", spec.label, spec.unit), &point)?;
+        }
         run_loop(spec, trainer, ctx, &peer.device, Some(&peer), start)
     });
     first_error(results).map(|_| ())

@@ -38,7 +38,8 @@ fn loop_spec<'a>(stage: &'a Stage, ctx: &RunContext, label: String, bar_label: &
         checkpoint_every: common.checkpoint_every.unwrap_or(total),
         log_every: if pretrain { 10 } else { 1 },
         max_seconds: common.max_seconds,
-        export: common.export,
+        // Node 0 alone exports (another node of a multi-node group writes its scratch folder only).
+        export: common.export.filter(|_| crate::train::distributed::is_first_node()),
         interrupter: ctx.interrupter.clone(),
         key: ctx.stage_key.clone(),
     }
@@ -376,7 +377,7 @@ pub fn eval<B: Backend>(stage: &EvalStage, ctx: &mut RunContext, devices: &[B::D
         .filter_map(|(k, v)| v.map(|v| (k, v)))
         .collect();
     ctx.metrics.log(&format!("eval:{name}"), 0, &fields).map_err(|e| e.to_string())?;
-    if let Some(export) = &stage.export {
+    if let Some(export) = stage.export.as_ref().filter(|_| crate::train::distributed::is_first_node()) {
         ResultsTable::upsert_file(export, row.clone())?;
     }
     let table = ResultsTable::upsert_dir(&ctx.dir, [row])?;

@@ -12,6 +12,7 @@ pub mod grpo_math;
 pub mod grpo_snr;
 pub mod nft;
 pub mod opd;
+pub mod distributed;
 pub mod parallel;
 pub mod pretrain;
 pub mod prompts;

@@ -11,6 +11,10 @@
 //! advantages are computed, as Flow-GRPO gathers them across processes, so group and global
 //! standard deviations see the whole batch.
 //!
+//! Across nodes ([`super::distributed`]) the group is every node's devices, peer `i` of node `K`
+//! being global peer `K * devices + i`: the same splits, gathers and means, one registration
+//! per process, and every collective call under the node watchdog.
+//!
 //! Failures do not leave peers waiting: the exchange after the steps that can fail (rollouts,
 //! rewards, routing) carries an "ok" flag from every peer, and a peer whose step failed still
 //! takes part in it, so all peers stop together and the failing peer's message is the one
@@ -21,18 +25,37 @@ use std::ops::Range;
 use std::sync::Mutex;
 
 use burn::collective::{CollectiveConfig, PeerId, ReduceOperation, all_reduce, finish_collective, register, reset_collective};
+use super::distributed::{self, Member, NodeGroup, NodeSettings};
 use burn::module::{AutodiffModule, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use crate::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData, TensorPrimitive};
 
 /// One peer of a data-parallel group: its index, the group's size and its device (of the
-/// inner, non-autodiff backend: collective operations run there).
+/// inner, non-autodiff backend: collective operations run there). Across nodes the index and
+/// size are global; `local` is the peer's place among this process's devices.
 #[derive(Debug, Clone)]
 pub struct Peer<B: Backend> {
     pub index: usize,
     pub count: usize,
     pub device: B::Device,
+    pub local: usize,
+    /// Nodes of the group (1 within one process).
+    nodes: usize,
+}
+
+/// The peers of this process's `devices`: global peers of the multi-node group when this
+/// process belongs to one, else peers `0..devices.len()`.
+pub fn local_peers<B: Backend>(devices: &[B::Device]) -> Vec<Peer<B>> {
+    let group = distributed::group();
+    devices
+        .iter()
+        .enumerate()
+        .map(|(local, device)| match group {
+            Some(g) => Peer { index: g.global_index(local), count: g.world(), device: device.clone(), local, nodes: g.settings.nodes },
+            None => Peer { index: local, count: devices.len(), device: device.clone(), local, nodes: 1 },
+        })
+        .collect()
 }
 
 /// What a peer reports when another peer's step failed (its own message is the one to show).
@@ -57,16 +80,33 @@ impl<B: Backend> Peer<B> {
         Ok(())
     }
 
-    fn reduce_sum(&self, values: Vec<f32>) -> Result<Vec<f32>, String> {
+    /// The sum over peers of `values` (the same length on every peer).
+    pub(crate) fn reduce_sum(&self, mut values: Vec<f32>) -> Result<Vec<f32>, String> {
         let n = values.len();
-        let tensor = Tensor::<B, 1>::from_data(TensorData::new(values, [n]), &self.device);
-        let summed = all_reduce::<B>(self.id(), tensor.into_primitive().tensor(), ReduceOperation::Sum)
-            .map_err(|e| format!("all-reduce among data-parallel peers: {e:?}"))?;
-        Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(summed))
+        // A global ring all-reduce slices a tensor in one part per node: at least that many.
+        values.resize(n.max(self.nodes), 0.0);
+        let len = values.len();
+        let tensor = Tensor::<B, 1>::from_data(TensorData::new(values, [len]), &self.device);
+        let summed = collective("all-reduce", || all_reduce::<B>(self.id(), tensor.into_primitive().tensor(), ReduceOperation::Sum))?;
+        let mut summed = Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(summed))
             .into_data()
             .convert::<f32>()
             .into_vec::<f32>()
-            .map_err(|e| format!("all-reduce result: {e:?}"))
+            .map_err(|e| format!("all-reduce result: {e:?}"))?;
+        summed.truncate(n);
+        Ok(summed)
+    }
+
+    /// Whether every peer holds the same `values` (`what` names them in the error, which gives
+    /// the first peer that differs from peer 0 and both values).
+    pub fn agree(&self, what: &str, values: &[f64]) -> Result<(), String> {
+        let all = self.gather(Ok(values.to_vec()), values.len())?;
+        let n = values.len();
+        let first = &all[..n];
+        match (1..self.count).find(|p| &all[p * n..(p + 1) * n] != first) {
+            None => Ok(()),
+            Some(p) => Err(format!("{what}: data-parallel peer {p} has {:?} where peer 0 has {first:?}", &all[p * n..(p + 1) * n])),
+        }
     }
 
     /// Every peer's `len` values, in peer order (peer 0's first), exactly (each f64 travels as
@@ -133,9 +173,29 @@ impl<B: Backend> Peer<B> {
                     return;
                 }
                 let Some(grad) = self.grads.remove::<A::InnerBackend, D>(param.id) else { return };
-                match all_reduce::<A::InnerBackend>(self.peer.id(), grad.into_primitive().tensor(), ReduceOperation::Mean) {
+                let (shape, dims) = (grad.shape(), grad.dims());
+                let n = shape.num_elements();
+                // A global ring all-reduce slices a tensor's longest side in one part per node:
+                // a smaller tensor travels flat, padded with zeros.
+                let small = self.peer.nodes > 1 && dims.iter().all(|&d| d < self.peer.nodes);
+                let grad = if small {
+                    let flat = grad.reshape([n]);
+                    let flat = match self.peer.nodes.saturating_sub(n) {
+                        0 => flat,
+                        pad => Tensor::cat(vec![flat.clone(), Tensor::zeros([pad], &flat.device())], 0),
+                    };
+                    flat.into_primitive().tensor()
+                } else {
+                    grad.into_primitive().tensor()
+                };
+                let mean = collective("gradient all-reduce", || all_reduce::<A::InnerBackend>(self.peer.id(), grad, ReduceOperation::Mean));
+                match mean {
+                    Ok(mean) if small => {
+                        let flat = Tensor::<A::InnerBackend, 1>::from_primitive(TensorPrimitive::Float(mean));
+                        self.grads.register::<A::InnerBackend, D>(param.id, flat.slice([0..n]).reshape(shape));
+                    }
                     Ok(mean) => self.grads.register::<A::InnerBackend, D>(param.id, Tensor::from_primitive(TensorPrimitive::Float(mean))),
-                    Err(e) => self.error = Some(format!("gradient all-reduce among data-parallel peers: {e:?}")),
+                    Err(e) => self.error = Some(e),
                 }
             }
         }
@@ -146,6 +206,18 @@ impl<B: Backend> Peer<B> {
             None => Ok(visitor.grads),
         }
     }
+}
+
+/// Runs one burn-collective call among the data-parallel peers, under the node watchdog when
+/// the group spans nodes; its error names `what` (and, across nodes, which nodes are lost).
+fn collective<T>(what: &str, call: impl FnOnce() -> Result<T, burn::collective::CollectiveError>) -> Result<T, String> {
+    let watch = distributed::watch(what);
+    let result = call();
+    drop(watch);
+    result.map_err(|e| match distributed::group() {
+        Some(_) => format!("{what} among data-parallel peers across nodes failed ({e:?}): {}", distributed::diagnosis()),
+        None => format!("{what} among data-parallel peers: {e:?}"),
+    })
 }
 
 /// burn-collective keeps one registry per backend and process: one group at a time.
@@ -162,20 +234,29 @@ where
     F: Fn(Peer<B>) -> Result<T, String> + Sync,
 {
     let _group = GROUP.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    reset_collective::<B>();
-    let count = devices.len();
-    let config = CollectiveConfig::default().with_num_devices(count);
+    let nodes = distributed::group();
+    if let Some(group) = nodes
+        && group.devices != devices.len()
+    {
+        return vec![Err(format!("this node joined its group with {} devices, not {}", group.devices, devices.len()))];
+    }
+    // A multi-node group registered once, when it formed ([`join_nodes`]): its peers stay
+    // registered from stage to stage (the orchestrator cannot register a node twice).
+    if nodes.is_none() {
+        reset_collective::<B>();
+    }
+    let config = CollectiveConfig::default().with_num_devices(devices.len());
     let results = std::thread::scope(|scope| {
-        let handles: Vec<_> = devices
-            .iter()
-            .enumerate()
-            .map(|(index, device)| {
+        let handles: Vec<_> = local_peers::<B>(devices)
+            .into_iter()
+            .map(|peer| {
                 let (config, work) = (config.clone(), &work);
-                let peer = Peer::<B> { index, count, device: device.clone() };
                 scope.spawn(move || -> Result<T, String> {
-                    register::<B>(peer.id(), peer.device.clone(), config)
-                        .map_err(|e| format!("data-parallel peer {index}: registering with burn-collective: {e:?}"))?;
-                    let id = peer.id();
+                    let (index, id) = (peer.index, peer.id());
+                    if nodes.is_none() {
+                        register::<B>(id, peer.device.clone(), config)
+                            .map_err(|e| format!("data-parallel peer {index}: registering with burn-collective: {e:?}"))?;
+                    }
                     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(peer)));
                     let Ok(result) = result else {
                         // The other peers may be waiting in an exchange this one will never
@@ -184,7 +265,9 @@ where
                         eprintln!("data-parallel peer {index} panicked; the other peers cannot finish their exchange: exiting");
                         std::process::exit(101);
                     };
-                    let _ = finish_collective::<B>(id);
+                    if nodes.is_none() {
+                        let _ = finish_collective::<B>(id);
+                    }
                     result
                 })
             })
@@ -195,8 +278,102 @@ where
             .map(|(index, h)| h.join().unwrap_or_else(|_| Err(format!("data-parallel peer {index} panicked"))))
             .collect()
     });
-    reset_collective::<B>();
+    if nodes.is_none() {
+        reset_collective::<B>();
+    }
     results
+}
+
+/// Numbers each node puts in its slot of the handshake: present, devices, fingerprint (4),
+/// IPv4 (flag + 4 octets), data-service port.
+const HANDSHAKE: usize = 12;
+
+/// Forms the multi-node group of `settings` with this node's `devices`: node 0 starts the
+/// orchestrator, every device registers with burn-collective's global level, and the nodes
+/// exchange their fingerprints (see [`distributed::fingerprint`]), device counts and
+/// data-service addresses. A node whose fingerprint or device count differs is refused, on
+/// every node, with a message naming it; a node that never joins ends the group after
+/// `--node-timeout`.
+pub fn join_nodes<B: Backend>(settings: NodeSettings, devices: &[B::Device], fingerprint: u64) -> Result<&'static NodeGroup, String> {
+    let _group = GROUP.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if settings.rank == 0 {
+        distributed::start_orchestrator(settings.coordinator.1)?;
+    }
+    distributed::check_port_free(settings.port, "--node-port")?;
+    distributed::set_joining(&settings);
+    let (nodes, rank, local) = (settings.nodes, settings.rank, devices.len());
+    let coordinator_url = settings.coordinator_url().parse().expect("an address");
+    let node_url = settings.node_url().parse().expect("an address");
+    let config = CollectiveConfig::default()
+        .with_num_devices(local)
+        .with_num_nodes(nodes as u32)
+        .with_global_address(coordinator_url)
+        .with_node_address(node_url)
+        .with_data_service_port(settings.port)
+        .with_global_all_reduce_strategy(settings.strategy);
+    let mut slot = vec![0f32; HANDSHAKE];
+    slot[0] = 1.0;
+    slot[1] = local as f32;
+    slot[2..6].copy_from_slice(&distributed::u64_to_parts(fingerprint));
+    if let std::net::IpAddr::V4(v4) = settings.host {
+        slot[6] = 1.0;
+        for (to, octet) in slot[7..11].iter_mut().zip(v4.octets()) {
+            *to = octet as f32;
+        }
+    }
+    slot[11] = settings.port as f32;
+    reset_collective::<B>();
+    let summed = std::thread::scope(|scope| {
+        let handles: Vec<_> = devices
+            .iter()
+            .enumerate()
+            .map(|(index, device)| {
+                let (config, slot) = (config.clone(), &slot);
+                let peer = Peer::<B> { index: rank * local + index, count: nodes * local, device: device.clone(), local: index, nodes };
+                scope.spawn(move || -> Result<Vec<f32>, String> {
+                    let watch = distributed::watch("joining the group");
+                    register::<B>(peer.id(), peer.device.clone(), config).map_err(|e| {
+                        format!("node {rank}: joining the group of {nodes} nodes at {}: {e:?}", distributed::diagnosis())
+                    })?;
+                    drop(watch);
+                    let mut all = vec![0f32; nodes * HANDSHAKE];
+                    if index == 0 {
+                        all[rank * HANDSHAKE..(rank + 1) * HANDSHAKE].copy_from_slice(slot);
+                    }
+                    peer.reduce_sum(all)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err("a peer panicked while the group formed".into()))).collect::<Vec<_>>()
+    });
+    let summed = summed.into_iter().next().expect("at least one device")?;
+    let mut members = Vec::new();
+    for (node, slot) in summed.chunks(HANDSHAKE).enumerate() {
+        match slot[0] {
+            1.0 => {}
+            0.0 => return Err(format!("node {node} is missing from the group: no node joined with --node-rank {node}")),
+            n => return Err(format!("{n} nodes joined with --node-rank {node}: give each node its own rank")),
+        }
+        if distributed::parts_to_u64(&slot[2..6]) != fingerprint {
+            return Err(format!(
+                "node {node} runs another recipe or another flow-opd than node {rank} (their fingerprints of the resolved recipe, \
+                 flow-opd {} and the backend differ): every node must run the same command with the same recipe and binary",
+                env!("CARGO_PKG_VERSION")
+            ));
+        }
+        if slot[1] as usize != local {
+            return Err(format!(
+                "node {node} has {} devices where node {rank} has {local}: every node must name as many devices in --device",
+                slot[1]
+            ));
+        }
+        let address = (slot[6] == 1.0).then(|| {
+            let ip = std::net::Ipv4Addr::new(slot[7] as u8, slot[8] as u8, slot[9] as u8, slot[10] as u8);
+            std::net::SocketAddr::new(ip.into(), slot[11] as u16)
+        });
+        members.push(Member { rank: node, address });
+    }
+    distributed::set_group(NodeGroup { settings, devices: local, members })
 }
 
 /// The first real error of a group's results (a peer's own message before

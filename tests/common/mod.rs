@@ -122,3 +122,32 @@ pub fn toy_teacher<Bk: flow_opd::Backend>(p: &flow_opd::model::Mmdit<Bk>, seed: 
     a
 }
 
+/// Every f32 value of every safetensors file under `dir`, file by file in name order.
+pub fn folder_values(dir: &Path) -> Vec<f32> {
+    let mut files: Vec<_> = walk(dir).into_iter().filter(|p| p.extension().is_some_and(|e| e == "safetensors")).collect();
+    files.sort();
+    assert!(!files.is_empty(), "no weights under {}", dir.display());
+    files
+        .iter()
+        .flat_map(|f| {
+            let bytes = std::fs::read(f).unwrap();
+            let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+            let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
+            names.sort();
+            names
+                .into_iter()
+                .flat_map(|n| st.tensor(&n).unwrap().data().chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect::<Vec<_>>())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+pub fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flat_map(|e| {
+            let p = e.unwrap().path();
+            if p.is_dir() { walk(&p) } else { vec![p] }
+        })
+        .collect()
+}
