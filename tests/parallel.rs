@@ -1,4 +1,4 @@
-//! Data-parallel GRPO and OPD through burn-collective, on two CPU peers: a batch split over two
+//! Data-parallel GRPO, DiffusionNFT and OPD through burn-collective, on two CPU peers: a batch split over two
 //! peers trains exactly as one device does with micro-batches of half the batch (same prompts,
 //! noise, rewards, advantages and update), the peers' adapters stay identical, the exchanges
 //! carry values exactly and stop every peer when one fails, and a recipe run with two devices
@@ -236,4 +236,37 @@ fn two_pretraining_peers_take_the_one_device_steps() {
         panic!("a batch of 4 on 3 devices");
     };
     assert!(err.to_string().contains("train.batch_size"), "{err}");
+}
+
+#[test]
+fn two_nft_peers_train_as_one_device() {
+    use flow_opd::train::nft::{NftConfig, nft_trainer};
+    let device = Default::default();
+    let pipeline = common::toy_world_pipeline(0);
+    let config: NftConfig = toml::from_str(
+        "iterations = 2\nseed = 3\nrollout = { prompts = 2, group_size = 3, steps = 4 }\nlora = { rank = 2, alpha = 4.0 }\n\
+         optim = { lr = 3e-3 }\npartitions = [{ tasks = [\"composition\"], rewards = { composition = 1.0 } }]\n",
+    )
+    .unwrap();
+    let mut one = nft_trainer::<AD>(pipeline.clone(), None, config.clone(), &device).unwrap();
+    let start = flat(&one.state.ema.average);
+    let one_stats: Vec<_> = (0..2).map(|_| one.iteration(&device).unwrap()).collect();
+    let results = run_peers::<B, _, _>(&two_cpu_devices(), |peer: Peer<B>| {
+        let device = peer.device.clone();
+        let mut trainer = nft_trainer::<AD>(pipeline.clone(), None, config.clone(), &device)?.with_peer(peer)?;
+        let stats: Vec<_> = (0..2).map(|_| trainer.iteration(&device)).collect::<Result<_, _>>()?;
+        Ok((flat(&trainer.state.ema.average), flat(&trainer.old.average), stats))
+    });
+    let peers = first_error(results).unwrap();
+    let single = flat(&one.state.ema.average);
+    assert!(single.iter().zip(&start).any(|(a, b)| a != b), "the adapter did not move: the comparison would be empty");
+    assert_eq!(peers[0].0, peers[1].0, "the peers' adapters differ");
+    assert_eq!(peers[0].1, peers[1].1, "the peers' old policies differ");
+    assert_close("two peers vs one device", &peers[0].0, &single, 1e-4);
+    assert_close("old policy: two peers vs one device", &peers[0].1, &flat(&one.old.average), 1e-4);
+    for it in 0..2 {
+        let (one, p0) = (&one_stats[it], &peers[0].2[it]);
+        assert_eq!(one.reward, p0.reward, "iteration {it}: the batch reward (gathered)");
+        assert!((one.loss - p0.loss).abs() <= 1e-5 * one.loss.abs(), "iteration {it}: loss {} vs {}", one.loss, p0.loss);
+    }
 }
