@@ -4,7 +4,7 @@
 //! update for r = 1 and r = 0, the old policy's soft update in a trainer, and an interrupted
 //! and resumed NFT stage equal to an uninterrupted one (the old policy is in the checkpoint).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 mod common;
 
@@ -232,23 +232,6 @@ fn the_old_policy_follows_the_policy_by_its_decay() {
     }
 }
 
-fn files(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
-    let mut found = Vec::new();
-    let mut folders = vec![dir.to_path_buf()];
-    while let Some(folder) = folders.pop() {
-        for entry in std::fs::read_dir(&folder).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                folders.push(path);
-            } else {
-                found.push((path.strip_prefix(dir).unwrap().to_path_buf(), std::fs::read(&path).unwrap()));
-            }
-        }
-    }
-    found.sort();
-    found
-}
-
 fn metrics_without_seconds(run: &Path) -> Vec<serde_json::Map<String, serde_json::Value>> {
     let mut records = flow_opd::io::metrics::read_metrics(&run.join("metrics.jsonl")).unwrap();
     for r in &mut records {
@@ -282,10 +265,10 @@ fn an_interrupted_and_resumed_nft_stage_equals_an_uninterrupted_one() {
     stop.interrupt();
     let Err(err) = run_recipe_with::<B>(&recipe("stopped", false), &runs, &devices, stop) else { panic!("the interrupted run ended") };
     assert!(err.to_string().contains("--resume"), "{err}");
-    let checkpoint = files(&runs.join("stopped/checkpoints/nft"));
+    let checkpoint = common::files(&runs.join("stopped/checkpoints/nft"));
     assert!(checkpoint.iter().any(|(p, _)| p.ends_with("old.bin")), "the checkpoint holds the old policy: {:?}", checkpoint.iter().map(|f| &f.0).collect::<Vec<_>>());
     run_recipe_with::<B>(&recipe("stopped", true), &runs, &devices, Interrupter::new()).unwrap();
-    assert_eq!(files(&runs.join("whole/nft")), files(&runs.join("stopped/nft")), "the resumed adapter");
+    assert_eq!(common::files(&runs.join("whole/nft")), common::files(&runs.join("stopped/nft")), "the resumed adapter");
     assert_eq!(metrics_without_seconds(&runs.join("whole")), metrics_without_seconds(&runs.join("stopped")));
 }
 

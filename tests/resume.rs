@@ -3,7 +3,7 @@
 //! that was never interrupted (on one CPU peer and on two); a corrupt newest checkpoint is
 //! passed over for the previous one, with a message saying so.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -97,24 +97,6 @@ fn kill_after(mut child: Child, dir: &Path, log: &Path) -> String {
     std::fs::read_to_string(log).unwrap()
 }
 
-/// Every file under `dir`, relative, with its bytes.
-fn files(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
-    let mut found = Vec::new();
-    let mut folders = vec![dir.to_path_buf()];
-    while let Some(folder) = folders.pop() {
-        for entry in std::fs::read_dir(&folder).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                folders.push(path);
-            } else {
-                found.push((path.strip_prefix(dir).unwrap().to_path_buf(), std::fs::read(&path).unwrap()));
-            }
-        }
-    }
-    found.sort();
-    found
-}
-
 /// The log without its wall-clock field.
 fn metrics_without_seconds(run: &Path) -> Vec<serde_json::Map<String, serde_json::Value>> {
     let mut records = flow_opd::io::metrics::read_metrics(&run.join("metrics.jsonl")).unwrap();
@@ -156,7 +138,7 @@ fn killed_and_resumed_runs_equal_an_uninterrupted_one(devices: &str) {
     assert!(text.contains("ended in an earlier run, outputs verified: kept"), "{text}");
 
     for output in ["base", "teacher", "student"] {
-        let (a, b) = (files(&whole.join("chain").join(output)), files(&run.join(output)));
+        let (a, b) = (common::files(&whole.join("chain").join(output)), common::files(&run.join(output)));
         assert!(!a.is_empty());
         assert_eq!(a.iter().map(|(p, _)| p).collect::<Vec<_>>(), b.iter().map(|(p, _)| p).collect::<Vec<_>>(), "{output}: file lists");
         for ((path, x), (_, y)) in a.iter().zip(&b) {
@@ -218,7 +200,7 @@ fn a_corrupt_newest_checkpoint_is_passed_over_for_the_previous_one() {
     assert!(text.contains(&format!("checkpoint {} is torn or corrupt", corrupt.display())), "{text}");
     assert!(text.contains("checksum does not match"), "{text}");
     assert!(text.contains(&format!("resuming after iteration {previous} from")), "{text}");
-    assert_eq!(files(&whole.join("grpo/teacher")), files(&killed.join("grpo/teacher")), "the adapter of the resumed run");
+    assert_eq!(common::files(&whole.join("grpo/teacher")), common::files(&killed.join("grpo/teacher")), "the adapter of the resumed run");
     assert_eq!(std::fs::read_dir(&checkpoints).unwrap().count(), 2, "the two newest checkpoints are kept");
     assert_eq!(metrics_without_seconds(&whole.join("grpo")), metrics_without_seconds(&killed.join("grpo")));
 }
@@ -253,6 +235,6 @@ fn sft_interrupted_and_resumed_equals_an_uninterrupted_run() {
     let Err(err) = run_recipe_with::<B>(&recipe("stopped", false), &runs, &devices, stop) else { panic!("the interrupted run ended") };
     assert!(err.to_string().contains("interrupted at step 1") && err.to_string().contains("--resume"), "{err}");
     run_recipe_with::<B>(&recipe("stopped", true), &runs, &devices, Interrupter::new()).unwrap();
-    assert_eq!(files(&runs.join("whole/sft")), files(&runs.join("stopped/sft")), "the resumed SFT adapter");
+    assert_eq!(common::files(&runs.join("whole/sft")), common::files(&runs.join("stopped/sft")), "the resumed SFT adapter");
     assert_eq!(metrics_without_seconds(&runs.join("whole")), metrics_without_seconds(&runs.join("stopped")));
 }

@@ -146,8 +146,51 @@ impl GrpoConfig {
     }
 }
 
+/// What a reward-trained stage draws from its partitions: the mix schedule (partition indices,
+/// each `ratio` times per cycle), each partition's training prompts, and the rewards (remote
+/// servers where named, the built-in composition reward with `credit`).
+pub(crate) struct PartitionData {
+    pub schedule: Vec<usize>,
+    pub prompts: Vec<Vec<TaskPrompt>>,
+    pub rewards: RewardSet,
+}
+
+pub(crate) fn partition_data(
+    partitions: &[Partition],
+    prompt_files: &BTreeMap<Task, std::path::PathBuf>,
+    remote_rewards: &BTreeMap<Task, RemoteRewardConfig>,
+    credit: CompositionCredit,
+) -> Result<PartitionData, String> {
+    let prompts = partitions
+        .iter()
+        .enumerate()
+        .map(|(i, p)| training_prompts(&p.tasks, prompt_files).map_err(|e| format!("`partitions[{i}]`: {e}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut rewards = RewardSet::new(remote_rewards).map_err(|e| format!("`remote_rewards`: {e}"))?;
+    if credit != CompositionCredit::default() {
+        if remote_rewards.contains_key(&Task::Composition) {
+            return Err("`composition_credit` applies to the built-in composition reward, but `remote_rewards` names a server for `composition`".into());
+        }
+        rewards.set(Task::Composition, Box::new(CompositionReward { credit }));
+    }
+    let schedule = partitions.iter().enumerate().flat_map(|(i, p)| std::iter::repeat_n(i, p.ratio.max(1))).collect();
+    Ok(PartitionData { schedule, prompts, rewards })
+}
+
+/// Group-relative advantages of a batch of `G` samples per prompt of `prompts` (every peer's
+/// prompts), grouped by draw or by prompt text.
+pub(crate) fn batch_advantages(rewards: &[f64], prompts: &[TaskPrompt], g: usize, by: GroupBy, std: AdvantageStd, clip: f64) -> Vec<f64> {
+    match by {
+        GroupBy::Draw => group_advantages(rewards, g, std, clip),
+        GroupBy::Prompt => {
+            let texts: Vec<&str> = prompts.iter().flat_map(|p| std::iter::repeat_n(p.text.as_str(), g)).collect();
+            keyed_advantages(rewards, &texts, std, clip)
+        }
+    }
+}
+
 /// Sample rows `0..n` in `parts` consecutive chunks of near-equal size.
-fn minibatch_rows(n: usize, parts: usize) -> Vec<Range<usize>> {
+pub(crate) fn minibatch_rows(n: usize, parts: usize) -> Vec<Range<usize>> {
     let parts = parts.max(1);
     (0..parts).map(|i| i * n / parts..(i + 1) * n / parts).collect()
 }
@@ -216,20 +259,8 @@ pub fn grpo_trainer<B: AutodiffBackend>(
     }
     let setup = config.training.setup(Some(&config.lora), config.training.seed);
     let state = adapter_state::<B>(pipeline, init, setup, device)?;
-    let prompts = config
-        .partitions
-        .iter()
-        .enumerate()
-        .map(|(i, p)| training_prompts(&p.tasks, &config.training.prompt_files).map_err(|e| format!("`partitions[{i}]`: {e}")))
-        .collect::<Result<Vec<_>, _>>()?;
-    let mut rewards = RewardSet::new(&config.remote_rewards).map_err(|e| format!("`remote_rewards`: {e}"))?;
-    if config.composition_credit != CompositionCredit::default() {
-        if config.remote_rewards.contains_key(&Task::Composition) {
-            return Err("`composition_credit` applies to the built-in composition reward, but `remote_rewards` names a server for `composition`".into());
-        }
-        rewards.set(Task::Composition, Box::new(CompositionReward { credit: config.composition_credit }));
-    }
-    let schedule = config.partitions.iter().enumerate().flat_map(|(i, p)| std::iter::repeat_n(i, p.ratio.max(1))).collect();
+    let PartitionData { schedule, prompts, rewards } =
+        partition_data(&config.partitions, &config.training.prompt_files, &config.remote_rewards, config.composition_credit)?;
     Ok(GrpoTrainer { state, config, schedule, prompts, rewards })
 }
 
@@ -319,14 +350,8 @@ impl<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> GrpoTrainer<B, O> {
             }
         };
         let (g, std, clip) = (self.config.rollout.group_size, self.config.advantage_std, self.config.advantage_clip);
-        let advantages = match self.config.group_by {
-            GroupBy::Draw => group_advantages(&rewards, g, std, clip),
-            GroupBy::Prompt => {
-                // Every peer drew the whole batch's prompts: the texts of all samples.
-                let texts: Vec<&str> = prompts.iter().flat_map(|p| std::iter::repeat_n(p.text.as_str(), g)).collect();
-                keyed_advantages(&rewards, &texts, std, clip)
-            }
-        };
+        // Every peer drew the whole batch's prompts.
+        let advantages = batch_advantages(&rewards, &prompts, g, self.config.group_by, std, clip);
         let advantages = vector::<B>(&advantages[own], device);
         Ok(Scored { part, ro, rewards, task_metrics, advantages })
     }

@@ -21,9 +21,9 @@ use serde::{Deserialize, Serialize};
 
 use super::adapter::{AdapterState, AdapterTrainer, AdapterTraining, LoraSpec, adapter_state, lift_conditioning};
 use super::ema::Ema;
-use super::grpo::Partition;
-use super::grpo_math::{AdvantageStd, GroupBy, GroupSpread, group_advantages, group_spread, keyed_advantages};
-use super::prompts::{TaskPrompt, training_prompts};
+use super::grpo::{Partition, PartitionData, batch_advantages, minibatch_rows, partition_data};
+use super::grpo_math::{AdvantageStd, GroupBy, GroupSpread, group_spread};
+use super::prompts::TaskPrompt;
 use super::resume::{SavedState, TrainerState};
 use super::rollout::{micro_batches, vector};
 use super::scoring::{gather_scores, score};
@@ -32,7 +32,7 @@ use crate::flow::nft::{NftObjective, nft_loss, old_policy_decay};
 use crate::flow::{FlowSchedule, GuidedModel, SeededNoise, Solver, TextConditioning, initial_noise, sample_deterministic};
 use crate::model::lora::{ActiveAdapters, LoraAdapter};
 use crate::pipeline::{AnyPipeline, TextToImage};
-use crate::reward::{CompositionCredit, CompositionReward, RemoteRewardConfig, RewardSet};
+use crate::reward::{CompositionCredit, RemoteRewardConfig, RewardSet};
 use crate::world::Task;
 
 /// How DiffusionNFT samples its rollouts (upstream `config.sample`).
@@ -214,20 +214,8 @@ pub fn nft_trainer<B: AutodiffBackend>(
     let setup = config.training.setup(Some(&config.lora), config.training.seed);
     let state = adapter_state::<B>(pipeline, init, setup, device)?;
     let old = Ema::new(&state.adapter, 1.0);
-    let prompts = config
-        .partitions
-        .iter()
-        .enumerate()
-        .map(|(i, p)| training_prompts(&p.tasks, &config.training.prompt_files).map_err(|e| format!("`partitions[{i}]`: {e}")))
-        .collect::<Result<Vec<_>, _>>()?;
-    let mut rewards = RewardSet::new(&config.remote_rewards).map_err(|e| format!("`remote_rewards`: {e}"))?;
-    if config.composition_credit != CompositionCredit::default() {
-        if config.remote_rewards.contains_key(&Task::Composition) {
-            return Err("`composition_credit` applies to the built-in composition reward, but `remote_rewards` names a server for `composition`".into());
-        }
-        rewards.set(Task::Composition, Box::new(CompositionReward { credit: config.composition_credit }));
-    }
-    let schedule = config.partitions.iter().enumerate().flat_map(|(i, p)| std::iter::repeat_n(i, p.ratio.max(1))).collect();
+    let PartitionData { schedule, prompts, rewards } =
+        partition_data(&config.partitions, &config.training.prompt_files, &config.remote_rewards, config.composition_credit)?;
     Ok(NftTrainer { state, old, config, iterations_done: 0, schedule, prompts, rewards })
 }
 
@@ -264,7 +252,7 @@ impl<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> NftTrainer<B, O> {
         let part = self.schedule[self.iterations_done % self.schedule.len()];
         let batch = self.collect(part, device)?;
         let n = batch.r.len();
-        let chunks: Vec<Range<usize>> = (0..self.config.minibatches).map(|i| i * n / self.config.minibatches..(i + 1) * n / self.config.minibatches).collect();
+        let chunks = minibatch_rows(n, self.config.minibatches);
         if chunks.iter().any(|c| c.is_empty()) {
             return Err(format!("`minibatches` = {}: this peer holds only {n} samples of the iteration", self.config.minibatches));
         }
@@ -344,14 +332,7 @@ impl<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> NftTrainer<B, O> {
                 (gathered, x0, cond, negative, own)
             }
         };
-        let (std, clip) = (self.config.advantage_std, self.config.adv_clip_max);
-        let advantages = match self.config.group_by {
-            GroupBy::Draw => group_advantages(&rewards, g, std, clip),
-            GroupBy::Prompt => {
-                let texts: Vec<&str> = prompts.iter().flat_map(|p| std::iter::repeat_n(p.text.as_str(), g)).collect();
-                keyed_advantages(&rewards, &texts, std, clip)
-            }
-        };
+        let advantages = batch_advantages(&rewards, &prompts, g, self.config.group_by, self.config.advantage_std, self.config.adv_clip_max);
         let r = self.config.objective().optimality(&advantages[own.clone()]);
         Ok(Batch { x0, cond, negative, rewards, task_metrics, r, first_row: own.start, train_seed })
     }
