@@ -170,7 +170,7 @@ fn step_parts(r: f32) -> ([f64; 2], [f64; 2]) {
 }
 
 #[test]
-fn an_update_with_r_one_lowers_the_positive_loss_and_with_r_zero_leaves_the_negative() {
+fn an_update_with_r_one_lowers_the_positive_loss_and_with_r_zero_moves_away_from_the_sample() {
     let ([pos_before, _], [pos_after, _]) = step_parts(1.0);
     assert!(pos_after < pos_before, "r = 1: positive loss {pos_before} -> {pos_after}");
     let ([pos_before, neg_before], [pos_after, neg_after]) = step_parts(0.0);
