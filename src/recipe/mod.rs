@@ -31,7 +31,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 pub use diagnostic::grpo_gradient_snr;
-pub use schema::{EvalStage, GrpoStage, MergeStage, NftStage, OpdStage, PretrainStage, Recipe, RecipeError, RowsStage, SftStage, Stage, StageCommon};
+pub use schema::{EvalStage, GrpoStage, MergeStage, NftStage, OpdStage, RewardStage, PretrainStage, Recipe, RecipeError, RowsStage, SftStage, Stage, StageCommon};
 pub use stage_loop::{Interrupter, progress_bar};
 
 use crate::Backend;

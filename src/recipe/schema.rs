@@ -97,7 +97,7 @@ pub struct SftStage {
     /// Save the EMA adapter every this many steps (and at the end); at the end only if absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint_every: Option<usize>,
-    /// Wall-clock budget of the training loop in seconds (see [`GrpoStage::max_seconds`]).
+    /// Wall-clock budget of the training loop in seconds (see [`RewardStage::max_seconds`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_seconds: Option<f64>,
     pub train: SftConfig,
@@ -121,16 +121,17 @@ pub struct OpdStage {
     pub checkpoint_every: usize,
     #[serde(default)]
     pub export: Option<PathBuf>,
-    /// Wall-clock budget of the training loop in seconds (see [`GrpoStage::max_seconds`]).
+    /// Wall-clock budget of the training loop in seconds (see [`RewardStage::max_seconds`]).
     #[serde(default)]
     pub max_seconds: Option<f64>,
     pub train: OpdConfig,
 }
 
-/// Flow-GRPO training of one LoRA adapter on a pipeline.
+/// Reward training of one LoRA adapter on a pipeline: Flow-GRPO (`train`: [`GrpoConfig`]) or
+/// DiffusionNFT ([`NftConfig`], docs/diffusion_nft.md).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct GrpoStage {
+pub struct RewardStage<T> {
     /// Name of the resulting adapter (PEFT layout in `runs/<run>/<output>/`).
     pub output: String,
     /// The frozen pipeline (stage output or folder).
@@ -149,35 +150,29 @@ pub struct GrpoStage {
     /// recipe goes on. No budget if absent.
     #[serde(default)]
     pub max_seconds: Option<f64>,
-    pub train: GrpoConfig,
+    pub train: T,
+}
+
+/// A Flow-GRPO stage.
+pub type GrpoStage = RewardStage<GrpoConfig>;
+/// A DiffusionNFT stage.
+pub type NftStage = RewardStage<NftConfig>;
+
+impl<T> RewardStage<T> {
+    fn common(&self) -> StageCommon<'_> {
+        StageCommon {
+            output: Some(&self.output),
+            model: Some(&self.model),
+            init: self.init.as_deref(),
+            checkpoint_every: Some(self.checkpoint_every),
+            export: self.export.as_deref(),
+            max_seconds: self.max_seconds,
+        }
+    }
 }
 
 fn default_checkpoint_grpo() -> usize {
     10
-}
-
-/// DiffusionNFT training of one LoRA adapter on a pipeline (docs/diffusion_nft.md); the shared
-/// fields as in [`GrpoStage`].
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NftStage {
-    /// Name of the resulting adapter (`runs/<run>/<output>/`).
-    pub output: String,
-    /// The frozen pipeline (stage output or folder).
-    pub model: String,
-    /// Start from this adapter instead of a fresh one.
-    #[serde(default)]
-    pub init: Option<String>,
-    /// Save the EMA adapter every this many iterations (and at the end).
-    #[serde(default = "default_checkpoint_grpo")]
-    pub checkpoint_every: usize,
-    /// Also write the final adapter here.
-    #[serde(default)]
-    pub export: Option<PathBuf>,
-    /// Wall-clock budget of the training loop in seconds (see [`GrpoStage::max_seconds`]).
-    #[serde(default)]
-    pub max_seconds: Option<f64>,
-    pub train: NftConfig,
 }
 
 /// Flow-matching pre-training of a world pipeline.
@@ -629,22 +624,8 @@ impl Stage {
                 max_seconds: s.max_seconds,
                 ..Default::default()
             },
-            Stage::Grpo(s) => StageCommon {
-                output: Some(&s.output),
-                model: Some(&s.model),
-                init: s.init.as_deref(),
-                checkpoint_every: Some(s.checkpoint_every),
-                export: s.export.as_deref(),
-                max_seconds: s.max_seconds,
-            },
-            Stage::Nft(s) => StageCommon {
-                output: Some(&s.output),
-                model: Some(&s.model),
-                init: s.init.as_deref(),
-                checkpoint_every: Some(s.checkpoint_every),
-                export: s.export.as_deref(),
-                max_seconds: s.max_seconds,
-            },
+            Stage::Grpo(s) => s.common(),
+            Stage::Nft(s) => s.common(),
             Stage::Opd(s) => StageCommon {
                 output: Some(&s.output),
                 model: Some(&s.model),
