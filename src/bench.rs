@@ -4,6 +4,7 @@
 use std::time::Instant;
 
 use burn::backend::Autodiff;
+use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, CheckpointStrategy, NoCheckpointing};
 use burn::module::{AutodiffModule, Module};
 use burn::optim::Optimizer;
 use burn::tensor::Tensor;
@@ -14,6 +15,7 @@ use crate::train::rollout::sample_micro_batched;
 use crate::model::MmditConfig;
 use crate::model::lora::{ActiveAdapters, LoraAdapter};
 use crate::model::mmdit::Mmdit;
+use crate::train::Checkpointing;
 use crate::train::adapter::{AdapterTraining, OptimConfig};
 
 /// What to measure.
@@ -30,6 +32,11 @@ pub struct BenchConfig {
     /// LoRA rank and alpha of the LoRA train step (Flow-GRPO: 32 / 64).
     pub rank: usize,
     pub alpha: f64,
+    /// Storage (and compute) precision of the transformer in the forward and under the LoRA
+    /// (the full-weight train step stays f32: its weights are the optimizer's).
+    pub weights: crate::pipeline::WeightPrecision,
+    /// What the train steps' backward recomputes.
+    pub checkpointing: Checkpointing,
 }
 
 /// Measured figures: samples per second of the median iteration, and every timed iteration's
@@ -43,6 +50,16 @@ pub struct BenchReport {
     /// The same with the base frozen and a LoRA on the attention projections Flow-GRPO adapts.
     pub lora_train_samples_per_s: f64,
     pub seconds: BenchSeconds,
+    /// GPU backends: device memory reserved at the end of each figure's runs, the pools
+    /// emptied before each (so each is that figure's high-water mark).
+    pub memory: Option<BenchMemory>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BenchMemory {
+    pub forward_reserved_bytes: u64,
+    pub train_reserved_bytes: u64,
+    pub lora_train_reserved_bytes: u64,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -88,9 +105,24 @@ fn bench_optim() -> OptimConfig {
     OptimConfig { lr: 1e-4, betas: (0.9, 0.999), weight_decay: 1e-4, grad_clip: 0.0 }
 }
 
+/// Device memory reserved after `f`, the pools emptied before it (`None` on the CPU).
+fn reserved_by<B: Backend, T>(device: &B::Device, f: impl FnOnce() -> T) -> (T, Option<u64>) {
+    B::memory_cleanup(device);
+    let out = f();
+    wait::<B>(device);
+    (out, B::device_memory(device).map(|m| m.reserved))
+}
+
 /// Runs the forward, full-weight train-step and LoRA train-step benchmarks.
 pub fn run_bench<B: Backend>(config: &BenchConfig, device: &B::Device) -> BenchReport {
-    type AD<B> = Autodiff<B>;
+    match config.checkpointing {
+        Checkpointing::None => bench_on::<B, NoCheckpointing>(config, device),
+        Checkpointing::Balanced | Checkpointing::Blocks => bench_on::<B, BalancedCheckpointing>(config, device),
+    }
+}
+
+fn bench_on<B: Backend, C: CheckpointStrategy>(config: &BenchConfig, device: &B::Device) -> BenchReport {
+    type AD<B, C> = Autodiff<B, C>;
     let m = &config.model;
     let mut noise = SeededNoise::new(0);
     let (b, s) = (config.batch, config.latent);
@@ -98,50 +130,60 @@ pub fn run_bench<B: Backend>(config: &BenchConfig, device: &B::Device) -> BenchR
     let c: Tensor<B, 3> = noise.sample([b, config.tokens, m.joint_attention_dim], device);
     let y: Tensor<B, 2> = noise.sample([b, m.pooled_projection_dim], device);
     let t = Tensor::<B, 1>::full([b], 500.0, device);
-    let model = m.init::<B>(device);
+    let model = config.weights.apply(m.init::<B>(device));
     let parameters = model.num_params();
-    let forward = timed(config.iterations, || sync(model.forward(x.clone(), c.clone(), y.clone(), t.clone())));
+    let (forward, forward_memory) =
+        reserved_by::<B, _>(device, || timed(config.iterations, || sync(model.forward(x.clone(), c.clone(), y.clone(), t.clone()))));
 
     let (xa, ca, ya, ta) = (
-        Tensor::<AD<B>, 4>::from_inner(x.clone()),
-        Tensor::<AD<B>, 3>::from_inner(c.clone()),
-        Tensor::<AD<B>, 2>::from_inner(y.clone()),
-        Tensor::<AD<B>, 1>::from_inner(t.clone()),
+        Tensor::<AD<B, C>, 4>::from_inner(x.clone()),
+        Tensor::<AD<B, C>, 3>::from_inner(c.clone()),
+        Tensor::<AD<B, C>, 2>::from_inner(y.clone()),
+        Tensor::<AD<B, C>, 1>::from_inner(t.clone()),
     );
     let optim = bench_optim();
-    let mut full = Some(m.init::<AD<B>>(device));
-    let mut optimizer = optim.adamw().init::<AD<B>, Mmdit<AD<B>>>();
-    let train = timed(config.iterations, || {
-        let model = full.take().expect("model");
-        let v = model.forward(xa.clone(), ca.clone(), ya.clone(), ta.clone());
-        let grads = (v - xa.clone()).powi_scalar(2).mean().backward();
-        let grads = burn::optim::GradientsParams::from_grads(grads, &model);
-        let model = optimizer.step(optim.lr, model, grads);
-        wait::<B>(device);
-        full = Some(model);
+    let scope = config.checkpointing;
+    let (train, train_memory) = reserved_by::<B, _>(device, || {
+        let mut full = Some(m.init::<AD<B, C>>(device));
+        let mut optimizer = optim.adamw().init::<AD<B, C>, Mmdit<AD<B, C>>>();
+        timed(config.iterations, || {
+            let model = full.take().expect("model");
+            let loss = scope.scope(|| (model.forward(xa.clone(), ca.clone(), ya.clone(), ta.clone()) - xa.clone()).powi_scalar(2).mean());
+            let grads = burn::optim::GradientsParams::from_grads(loss.backward(), &model);
+            let model = optimizer.step(optim.lr, model, grads);
+            wait::<B>(device);
+            full = Some(model);
+        })
     });
-    drop(full);
 
     let inner = model;
-    let base = <Mmdit<AD<B>> as AutodiffModule<AD<B>>>::from_inner(inner.clone()).no_grad();
+    let base = <Mmdit<AD<B, C>> as AutodiffModule<AD<B, C>>>::from_inner(inner.clone()).no_grad();
     let lora = crate::model::lora::LoraConfig::new(config.rank, config.alpha, crate::model::lora::LoraTarget::FLOW_GRPO.to_vec());
-    let mut adapter = Some(crate::train::trainable(<LoraAdapter<AD<B>> as AutodiffModule<AD<B>>>::from_inner(lora.init(&inner, 0, device))));
-    let mut optimizer = optim.adamw().init::<AD<B>, LoraAdapter<AD<B>>>();
-    let lora_train = timed(config.iterations, || {
-        let trained = adapter.take().expect("adapter");
-        let v = base.forward_adapted(xa.clone(), ca.clone(), ya.clone(), ta.clone(), &ActiveAdapters::single(&trained));
-        let grads = (v - xa.clone()).powi_scalar(2).mean().backward();
-        let grads = burn::optim::GradientsParams::from_grads(grads, &trained);
-        let trained = optimizer.step(optim.lr, trained, grads);
-        wait::<B>(device);
-        adapter = Some(trained);
+    let (lora_train, lora_memory) = reserved_by::<B, _>(device, || {
+        let mut adapter =
+            Some(crate::train::trainable(<LoraAdapter<AD<B, C>> as AutodiffModule<AD<B, C>>>::from_inner(lora.init(&inner, 0, device))));
+        let mut optimizer = optim.adamw().init::<AD<B, C>, LoraAdapter<AD<B, C>>>();
+        timed(config.iterations, || {
+            let trained = adapter.take().expect("adapter");
+            let single = ActiveAdapters::single(&trained);
+            let loss = scope.scope(|| (base.forward_adapted(xa.clone(), ca.clone(), ya.clone(), ta.clone(), &single) - xa.clone()).powi_scalar(2).mean());
+            let grads = burn::optim::GradientsParams::from_grads(loss.backward(), &trained);
+            let trained = optimizer.step(optim.lr, trained, grads);
+            wait::<B>(device);
+            adapter = Some(trained);
+        })
     });
+    let memory = match (forward_memory, train_memory, lora_memory) {
+        (Some(f), Some(t), Some(l)) => Some(BenchMemory { forward_reserved_bytes: f, train_reserved_bytes: t, lora_train_reserved_bytes: l }),
+        _ => None,
+    };
     BenchReport {
         parameters,
         forward_samples_per_s: median_rate(b, &forward),
         train_samples_per_s: median_rate(b, &train),
         lora_train_samples_per_s: median_rate(b, &lora_train),
         seconds: BenchSeconds { forward, train, lora_train },
+        memory,
     }
 }
 
@@ -168,10 +210,12 @@ pub struct OpdBenchConfig {
     pub micro_batch: Option<usize>,
     /// Storage precision of the frozen base (the adapters stay f32).
     pub weights: crate::pipeline::WeightPrecision,
+    /// What the student's backward recomputes.
+    pub checkpointing: Checkpointing,
 }
 
 /// Measured figures of the OPD benchmark (wall-clock, synchronised at each phase's end).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct OpdBenchReport {
     pub parameters: usize,
     pub adapter_parameters: usize,
@@ -181,6 +225,9 @@ pub struct OpdBenchReport {
     /// every trained step, AdamW.
     pub update_s: f64,
     pub loss: f64,
+    /// GPU backends: device memory reserved over the warm-up and timed iterations (the pools
+    /// emptied before them): the iteration's high-water mark.
+    pub reserved_bytes: Option<u64>,
 }
 
 impl OpdBenchReport {
@@ -232,6 +279,7 @@ pub fn run_opd_bench<B: AutodiffBackend>(config: &OpdBenchConfig, device: &B::De
             ema_max_decay: 0.9,
             seed: 0,
             prompt_files: Default::default(),
+            checkpointing: config.checkpointing,
         },
         train_metrics: false,
         remote_rewards: Default::default(),
@@ -246,6 +294,7 @@ pub fn run_opd_bench<B: AutodiffBackend>(config: &OpdBenchConfig, device: &B::De
     let route: Vec<Option<usize>> = (0..b).map(|i| Some(i % config.teachers)).collect();
     let objective = OpdObjective { base: &base, inner: &inner, teachers: &teachers, config: &opd };
     let (mut rollout_s, mut update_s, mut loss) = (0.0, 0.0, 0.0);
+    B::memory_cleanup(device);
     for iteration in 0..=config.iterations {
         let start = Instant::now();
         let policy = student.valid();
@@ -267,5 +316,6 @@ pub fn run_opd_bench<B: AutodiffBackend>(config: &OpdBenchConfig, device: &B::De
             loss = stats.loss;
         }
     }
-    Ok(OpdBenchReport { parameters, adapter_parameters, rollout_s, update_s, loss })
+    let reserved_bytes = B::device_memory(device).map(|m| m.reserved);
+    Ok(OpdBenchReport { parameters, adapter_parameters, rollout_s, update_s, loss, reserved_bytes })
 }

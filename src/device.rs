@@ -50,12 +50,84 @@ impl FromStr for DeviceSpec {
             None => (s, None),
         };
         match (kind, index) {
+            ("auto", None) => Ok(Self::auto()),
             ("cpu", None) => Ok(Self::Cpu),
             ("wgpu", index) => Ok(Self::Wgpu(index)),
             ("cuda", index) => Ok(Self::Cuda(index.unwrap_or(0))),
-            _ => Err(format!("unknown device `{s}` (expected cpu, wgpu, wgpu:N, cuda or cuda:N)")),
+            _ => Err(format!("unknown device `{s}` (expected auto, cpu, wgpu, wgpu:N, cuda or cuda:N)")),
         }
     }
+}
+
+impl DeviceSpec {
+    /// The default device (`--device auto`): `cuda:0` in a binary built with `--features cuda`
+    /// when the CUDA driver reports a GPU, the CPU otherwise. A cuda binary that finds no GPU
+    /// says so once on stderr, with the reason, and runs on the CPU.
+    pub fn auto() -> Self {
+        static CHOICE: std::sync::OnceLock<DeviceSpec> = std::sync::OnceLock::new();
+        *CHOICE.get_or_init(|| {
+            if !cfg!(feature = "cuda") {
+                return first_compiled();
+            }
+            match cuda_device_count() {
+                Ok(n) if n > 0 => Self::Cuda(0),
+                found => {
+                    let why = match found {
+                        Ok(_) => "the CUDA driver reports no GPU".to_string(),
+                        Err(e) => e,
+                    };
+                    let fallback = first_compiled();
+                    eprintln!("flow-opd: built with cuda, but {why}; running on `{fallback}` (--device chooses)");
+                    fallback
+                }
+            }
+        })
+    }
+}
+
+/// The first backend compiled in, in the order cpu (flex), wgpu, cuda.
+pub fn first_compiled() -> DeviceSpec {
+    if cfg!(feature = "flex") {
+        DeviceSpec::Cpu
+    } else if cfg!(feature = "wgpu") {
+        DeviceSpec::Wgpu(None)
+    } else {
+        DeviceSpec::Cuda(0)
+    }
+}
+
+/// GPUs the CUDA driver reports (`cuInit` + `cuDeviceGetCount` of `libcuda.so`, loaded at run
+/// time; an error names what failed).
+#[cfg(feature = "cuda")]
+fn cuda_device_count() -> Result<usize, String> {
+    type Init = unsafe extern "C" fn(u32) -> i32;
+    type Count = unsafe extern "C" fn(*mut i32) -> i32;
+    let names = ["libcuda.so.1", "libcuda.so"];
+    // SAFETY: loading the CUDA driver library runs its initialisers, as cubecl-cuda's own
+    // loading of it does; the two symbols have the driver API's C signatures.
+    unsafe {
+        let library = names
+            .iter()
+            .find_map(|name| libloading::Library::new(name).ok())
+            .ok_or_else(|| "no CUDA driver library (libcuda.so.1) was found".to_string())?;
+        let init: libloading::Symbol<Init> = library.get(b"cuInit\0").map_err(|e| format!("libcuda has no cuInit: {e}"))?;
+        let count: libloading::Symbol<Count> = library.get(b"cuDeviceGetCount\0").map_err(|e| format!("libcuda has no cuDeviceGetCount: {e}"))?;
+        let status = init(0);
+        if status != 0 {
+            return Err(format!("cuInit failed with CUDA error {status}"));
+        }
+        let mut n = 0i32;
+        let status = count(&mut n);
+        if status != 0 {
+            return Err(format!("cuDeviceGetCount failed with CUDA error {status}"));
+        }
+        Ok(n.max(0) as usize)
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_device_count() -> Result<usize, String> {
+    Ok(0)
 }
 
 /// Work that runs on any backend.
@@ -176,6 +248,11 @@ mod tests {
         assert_eq!("wgpu".parse::<DeviceSpec>().unwrap(), DeviceSpec::Wgpu(None));
         assert_eq!("cuda:3".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(3));
         assert_eq!("cuda".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(0));
+        // Without a GPU (this machine, CI) `auto` is the CPU whatever the features.
+        #[cfg(feature = "flex")]
+        if cuda_device_count().unwrap_or(0) == 0 {
+            assert_eq!("auto".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cpu);
+        }
         assert!("tpu".parse::<DeviceSpec>().unwrap_err().contains("tpu"));
         assert!("cuda:x".parse::<DeviceSpec>().unwrap_err().contains('x'));
     }

@@ -123,10 +123,10 @@ enum Command {
         /// Where runs are written.
         #[arg(long, default_value = "runs")]
         runs: PathBuf,
-        /// cpu, wgpu[:N] or cuda[:N]; a comma-separated list of one backend's devices trains
+        /// auto (cuda:0 in a cuda build that finds a GPU, else cpu), cpu, wgpu[:N] or cuda[:N]; a comma-separated list of one backend's devices trains
         /// the GRPO and OPD stages data-parallel, one peer per device (`cuda:0,cuda:1`; a device
         /// may repeat, e.g. `cpu,cpu`); the other stages run on the first.
-        #[arg(long, default_value = "cpu", value_delimiter = ',')]
+        #[arg(long, default_value = "auto", value_delimiter = ',')]
         device: Vec<DeviceSpec>,
         /// Continue the run in runs/<name>/ after a crash, a kill or a spent time budget:
         /// finished stages are skipped once their outputs verify, an interrupted one continues
@@ -186,7 +186,7 @@ enum Command {
         /// SD3 folders: T5 prompt length (diffusers' max_sequence_length).
         #[arg(long, default_value_t = 256)]
         t5_length: usize,
-        #[arg(long, default_value = "cpu")]
+        #[arg(long, default_value = "auto")]
         device: DeviceSpec,
     },
     /// Draw a run's training curves (metrics.jsonl -> curves.png in the run folder).
@@ -236,8 +236,8 @@ enum Command {
         /// Where the recipe's runs are (for a `model` or `init` that names an earlier stage).
         #[arg(long, default_value = "runs")]
         runs: PathBuf,
-        /// cpu, wgpu[:N] or cuda[:N].
-        #[arg(long, default_value = "cpu")]
+        /// auto (cuda:0 in a cuda build that finds a GPU, else cpu), cpu, wgpu[:N] or cuda[:N].
+        #[arg(long, default_value = "auto")]
         device: DeviceSpec,
         #[command(flatten)]
         inputs: RecipeInputs,
@@ -279,13 +279,18 @@ enum Command {
         /// OPD: samples per transformer pass (gradients accumulated); the whole batch if absent.
         #[arg(long)]
         micro_batch: Option<usize>,
-        /// OPD: storage precision of the frozen base, f32, bf16 or f16 (adapters stay f32).
+        /// Storage precision of the frozen base, f32, bf16 or f16 (adapters stay f32; the
+        /// full-weight train step stays f32).
         #[arg(long, default_value = "f32")]
         weights: flow_opd::pipeline::WeightPrecision,
+        /// What the train steps' backward recomputes: none, balanced (Burn's
+        /// BalancedCheckpointing) or blocks (each transformer block keeps only its outputs).
+        #[arg(long, default_value = "none")]
+        checkpointing: flow_opd::train::Checkpointing,
         /// Print one JSON object (the fields `tools/bench_torch.py` prints) instead of text.
         #[arg(long)]
         json: bool,
-        #[arg(long, default_value = "cpu")]
+        #[arg(long, default_value = "auto")]
         device: DeviceSpec,
     },
     /// Evaluate a pipeline on the world's test prompts: a table (results.md + results.json),
@@ -318,9 +323,9 @@ enum Command {
         /// Output folder for results.md / results.json / grids (rows are added to an existing table).
         #[arg(long, default_value = "runs/eval")]
         out: PathBuf,
-        /// cpu, wgpu[:N] or cuda[:N]; a comma-separated list of one backend's devices splits
+        /// auto (cuda:0 in a cuda build that finds a GPU, else cpu), cpu, wgpu[:N] or cuda[:N]; a comma-separated list of one backend's devices splits
         /// the prompts among them (the same images and table; `cpu,cpu` uses two CPU threads).
-        #[arg(long, default_value = "cpu", value_delimiter = ',')]
+        #[arg(long, default_value = "auto", value_delimiter = ',')]
         device: Vec<DeviceSpec>,
     },
 }
@@ -359,8 +364,8 @@ enum ModelCommand {
         /// A LoRA adapter (PEFT or diffusers folder, or .safetensors file) to apply.
         #[arg(long, value_name = "PATH")]
         adapter: Option<PathBuf>,
-        /// cpu, wgpu[:N] or cuda[:N].
-        #[arg(long, default_value = "cpu")]
+        /// auto (cuda:0 in a cuda build that finds a GPU, else cpu), cpu, wgpu[:N] or cuda[:N].
+        #[arg(long, default_value = "auto")]
         device: DeviceSpec,
     },
     /// Save a model as a diffusers transformer folder (config.json + safetensors) that
@@ -484,13 +489,7 @@ fn info(path: &Path, config: &Option<String>) -> Result<()> {
 }
 
 fn first_compiled_device() -> DeviceSpec {
-    if cfg!(feature = "flex") {
-        DeviceSpec::Cpu
-    } else if cfg!(feature = "wgpu") {
-        DeviceSpec::Wgpu(None)
-    } else {
-        DeviceSpec::Cuda(0)
-    }
+    flow_opd::device::first_compiled()
 }
 
 struct BenchTask(flow_opd::bench::BenchConfig);
@@ -507,7 +506,11 @@ struct OpdBenchTask(flow_opd::bench::OpdBenchConfig);
 impl BackendTask for OpdBenchTask {
     type Output = Result<flow_opd::bench::OpdBenchReport, String>;
     fn run<B: Backend>(self, device: B::Device) -> Self::Output {
-        flow_opd::bench::run_opd_bench::<burn::backend::Autodiff<B>>(&self.0, &device)
+        use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, NoCheckpointing};
+        match self.0.checkpointing {
+            flow_opd::train::Checkpointing::None => flow_opd::bench::run_opd_bench::<burn::backend::Autodiff<B, NoCheckpointing>>(&self.0, &device),
+            _ => flow_opd::bench::run_opd_bench::<burn::backend::Autodiff<B, BalancedCheckpointing>>(&self.0, &device),
+        }
     }
 }
 
@@ -613,17 +616,45 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Model(ModelCommand::Info { path, config }) => info(&path, &config),
-        Command::Bench { config, batch, latent, tokens, iterations, opd: true, rank, alpha, teachers, steps, cfg, micro_batch, weights, device, .. } => {
+        Command::Bench { config, batch, latent, tokens, iterations, opd: true, rank, alpha, teachers, steps, cfg, micro_batch, weights, checkpointing, json, device } => {
             for (flag, value) in [("--batch", batch), ("--latent", latent), ("--tokens", tokens), ("--iterations", iterations), ("--rank", rank), ("--teachers", teachers), ("--steps", steps)] {
                 checks::at_least_one(flag, value).map_err(anyhow::Error::msg)?;
             }
             checks::guidance("--cfg", cfg).map_err(anyhow::Error::msg)?;
             checks::positive("--alpha", alpha).map_err(anyhow::Error::msg)?;
             micro_batch.map_or(Ok(()), |m| checks::at_least_one("--micro-batch", m)).map_err(anyhow::Error::msg)?;
-            let model = resolve_config(&Some(config))?.expect("given");
-            let bench =
-                flow_opd::bench::OpdBenchConfig { model, batch, latent, tokens, rank, alpha, teachers, steps, guidance: cfg, iterations, micro_batch, weights };
+            let model = resolve_config(&Some(config.clone()))?.expect("given");
+            let bench = flow_opd::bench::OpdBenchConfig {
+                model,
+                batch,
+                latent,
+                tokens,
+                rank,
+                alpha,
+                teachers,
+                steps,
+                guidance: cfg,
+                iterations,
+                micro_batch,
+                weights,
+                checkpointing,
+            };
             let report = dispatch(device, OpdBenchTask(bench))?.map_err(anyhow::Error::msg)?;
+            if json {
+                let mut out = serde_json::to_value(&report)?;
+                let fields = serde_json::json!({
+                    "implementation": "flow-opd",
+                    "config": config,
+                    "device": device.to_string(),
+                    "batch": batch, "latent": latent, "tokens": tokens, "steps": steps, "cfg": cfg,
+                    "teachers": teachers, "rank": rank, "alpha": alpha, "micro_batch": micro_batch,
+                    "weights": weights, "checkpointing": checkpointing.to_string(), "runs": iterations,
+                    "images_per_s": report.images_per_s(batch),
+                });
+                out.as_object_mut().expect("object").extend(fields.as_object().expect("object").clone());
+                println!("{out}");
+                return Ok(());
+            }
             println!("device:            {device}");
             println!("parameters:        {} (adapter {} per model, rank {rank})", report.parameters, report.adapter_parameters);
             println!(
@@ -634,15 +665,18 @@ fn main() -> Result<()> {
             println!("OPD update:        {:.3} s", report.update_s);
             println!("OPD iteration:     {:.3} s ({:.2} images/s)", report.rollout_s + report.update_s, report.images_per_s(batch));
             println!("loss:              {:.4e}", report.loss);
+            if let Some(bytes) = report.reserved_bytes {
+                println!("device memory:     {:.2} GiB reserved (high-water mark; checkpointing {checkpointing})", bytes as f64 / (1u64 << 30) as f64);
+            }
             Ok(())
         }
-        Command::Bench { config: name, batch, latent, tokens, iterations, rank, alpha, json, device, .. } => {
+        Command::Bench { config: name, batch, latent, tokens, iterations, rank, alpha, json, weights, checkpointing, device, .. } => {
             for (flag, value) in [("--batch", batch), ("--latent", latent), ("--tokens", tokens), ("--iterations", iterations), ("--rank", rank)] {
                 checks::at_least_one(flag, value).map_err(anyhow::Error::msg)?;
             }
             checks::positive("--alpha", alpha).map_err(anyhow::Error::msg)?;
             let model = resolve_config(&Some(name.clone()))?.expect("given");
-            let bench = flow_opd::bench::BenchConfig { model, batch, latent, tokens, iterations, rank, alpha };
+            let bench = flow_opd::bench::BenchConfig { model, batch, latent, tokens, iterations, rank, alpha, weights, checkpointing };
             let report = dispatch(device, BenchTask(bench))?;
             if json {
                 let mut out = serde_json::to_value(&report)?;
@@ -656,6 +690,8 @@ fn main() -> Result<()> {
                     // rayon's global pool, which flex runs on: RAYON_NUM_THREADS, else every core.
                     "threads": rayon::current_num_threads(),
                     "runs": iterations,
+                    "weights": weights,
+                    "checkpointing": checkpointing.to_string(),
                     "versions": { "flow-opd": env!("CARGO_PKG_VERSION"), "burn": "0.21.0" },
                 });
                 out.as_object_mut().expect("object").extend(fields.as_object().expect("object").clone());
@@ -668,6 +704,15 @@ fn main() -> Result<()> {
             println!("forward:           {:.1} samples/s", report.forward_samples_per_s);
             println!("train step:        {:.1} samples/s (forward + backward + AdamW, all weights)", report.train_samples_per_s);
             println!("LoRA train step:   {:.1} samples/s (rank {rank}, attention projections)", report.lora_train_samples_per_s);
+            if let Some(m) = &report.memory {
+                let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+                println!(
+                    "device memory:     forward {:.2} GiB, train {:.2} GiB, LoRA train {:.2} GiB reserved (checkpointing {checkpointing})",
+                    gib(m.forward_reserved_bytes),
+                    gib(m.train_reserved_bytes),
+                    gib(m.lora_train_reserved_bytes)
+                );
+            }
             Ok(())
         }
         Command::Sample { model, prompt, prompts, adapter, steps, cfg, seed, out, scale, height, width, t5_length, device } => {

@@ -159,9 +159,14 @@ fn attention_case<B: AutodiffBackend>(batch: usize, tokens: usize, heads: usize,
     let weights = random::<Inner<B>, 3>(shape, device);
     let xs = [q.clone(), k.clone(), v.clone()];
     let fused = gradients::<B, 3, 3>(xs.clone(), weights.clone(), |[q, k, v]| kernels::attention(q, k, v, heads));
+    // The memory-light node: Burn's attention forward, probabilities recomputed in the backward.
+    let light = gradients::<B, 3, 3>(xs.clone(), weights.clone(), |[q, k, v]| kernels::attention_recompute(q, k, v, heads));
     let reference = gradients::<B, 3, 3>(xs, weights.clone(), |[q, k, v]| tensor(composed::token_attention_with_probs::<B>(prim(q), prim(k), prim(v), heads).0));
     for (name, (f, r)) in ["dq", "dk", "dv"].iter().zip(fused.into_iter().zip(reference.clone())) {
         assert_close(&format!("attention {name}"), f, r, GRAD_TOL);
+    }
+    for (name, (f, r)) in ["dq", "dk", "dv"].iter().zip(light.into_iter().zip(reference.clone())) {
+        assert_close(&format!("attention (recomputing backward) {name}"), f, r, GRAD_TOL);
     }
     let (dq, dk, dv) = composed::token_attention_backward::<Inner<B>>(prim(q), prim(k), prim(v), probs, prim(weights), heads);
     for (name, (g, r)) in ["dq", "dk", "dv"].iter().zip([dq, dk, dv].into_iter().zip(reference)) {

@@ -28,17 +28,30 @@ pub fn linear_backward<B: super::Backend>(
     ]
 }
 
-/// A per-sample `[B, D]` vector repeated over `tokens` as a contiguous `[B, tokens, D]` tensor.
-/// (Backends such as flex have fast kernels for contiguous operands but iterate strides
-/// element by element for a `[B, 1, D]` broadcast; the copy is far cheaper than that.)
-fn per_token<B: burn::tensor::backend::Backend>(v: Tensor<B, 2>, tokens: usize) -> Tensor<B, 3> {
-    v.unsqueeze_dim::<3>(1).repeat_dim(1, tokens)
+/// A per-sample `[B, D]` vector applied to every token of a `[B, tokens, D]` tensor: a
+/// contiguous copy on backends that ask for one ([`super::Backend::contiguous_broadcast`]:
+/// flex iterates strides element by element for a `[B, 1, D]` broadcast, and the copy is far
+/// cheaper than that), a `[B, 1, D]` broadcast elsewhere (GPU backends fuse it and store no
+/// `[B, tokens, D]` copy).
+fn per_token<B: super::Backend>(v: Tensor<B, 2>, tokens: usize) -> Tensor<B, 3> {
+    if B::contiguous_broadcast() {
+        v.unsqueeze_dim::<3>(1).repeat_dim(1, tokens)
+    } else {
+        v.unsqueeze_dim::<3>(1)
+    }
 }
 
-/// `(x - mean) / sqrt(var + eps)` over the last axis (biased variance).
+/// `(x - mean) / sqrt(var + eps)` over the last axis (biased variance). The statistics of a
+/// bf16 / f16 `x` are taken in f32 (the precision policy, docs/gpu.md), the result is `x`'s dtype.
 fn normalized<B: burn::tensor::backend::Backend>(x: Tensor<B, 3>, eps: f64) -> Tensor<B, 3> {
+    let dtype = x.dtype();
+    if dtype == DType::F32 {
+        let (var, mean) = x.clone().var_mean_bias(2);
+        return (x - mean) / (var + eps).sqrt();
+    }
+    let x = x.cast(DType::F32);
     let (var, mean) = x.clone().var_mean_bias(2);
-    (x - mean) / (var + eps).sqrt()
+    ((x - mean) / (var + eps).sqrt()).cast(dtype)
 }
 
 pub fn layer_norm_modulate<B: super::Backend>(x: FloatTensor<B>, shift: FloatTensor<B>, scale: FloatTensor<B>, eps: f64) -> FloatTensor<B> {
@@ -55,6 +68,14 @@ pub fn layer_norm_modulate_backward<B: super::Backend>(
     eps: f64,
 ) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
     let (x, scale, grad): (Tensor<B, 3>, Tensor<B, 2>, Tensor<B, 3>) = (tensor(x), tensor(scale), tensor(grad));
+    let dtype = x.dtype();
+    if dtype != DType::F32 {
+        // Half-precision activations: the backward in f32, as the forward's statistics.
+        let f32 = |t: FloatTensor<B>| B::float_cast(t, burn::tensor::FloatDType::F32);
+        let back = |t: FloatTensor<B>| B::float_cast(t, dtype.into());
+        let (dx, dshift, dscale) = layer_norm_modulate_backward::<B>(f32(prim(x)), f32(prim(scale)), f32(prim(grad)), eps);
+        return (back(dx), back(dshift), back(dscale));
+    }
     let tokens = x.dims()[1];
     let (var, mean) = x.clone().var_mean_bias(2);
     let rstd = (var + eps).sqrt().recip();
@@ -143,6 +164,13 @@ pub fn rms_norm_backward<B: super::Backend>(
     grad: FloatTensor<B>,
     eps: f64,
 ) -> (FloatTensor<B>, FloatTensor<B>) {
+    let dtype = x.dtype();
+    if dtype != DType::F32 {
+        let f32 = |t: FloatTensor<B>| B::float_cast(t, burn::tensor::FloatDType::F32);
+        let back = |t: FloatTensor<B>| B::float_cast(t, dtype.into());
+        let (dx, dweight) = rms_norm_backward::<B>(f32(x), f32(weight), f32(grad), eps);
+        return (back(dx), back(dweight));
+    }
     let (x, shape) = rows::<B>(x);
     let (grad, _) = rows::<B>(grad);
     let weight: Tensor<B, 2> = tensor::<B, 1>(weight).unsqueeze();

@@ -229,6 +229,14 @@ fn weight_and_bias_grads(a: &[f32], g: &[f32], k: usize, n: usize, want_weight: 
 }
 
 impl Backend for Flex {
+    fn contiguous_broadcast() -> bool {
+        true
+    }
+
+    fn attention_keeps_probs() -> bool {
+        true
+    }
+
     fn fused_linear(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: Option<FloatTensor<Self>>) -> FloatTensor<Self> {
         if !all_f32(&[&x, &weight]) || bias.as_ref().is_some_and(|b| b.dtype() != DType::F32) {
             return composed::linear::<Self>(x, weight, bias);

@@ -31,6 +31,26 @@ use burn::tensor::{Tensor, TensorPrimitive};
 
 /// A Burn backend with flow-opd's fused kernels (see the module docs).
 pub trait Backend: burn::tensor::backend::Backend {
+    /// Whether the composed ops apply a per-sample `[B, D]` vector to `[B, T, D]` tokens as a
+    /// contiguous copy (CPU backends iterate a broadcast's strides element by element) rather
+    /// than a `[B, 1, D]` broadcast (GPU backends, which fuse it and store no copy).
+    fn contiguous_broadcast() -> bool {
+        false
+    }
+
+    /// Device memory as the backend's allocator counts it (`None` on the CPU backends).
+    fn device_memory(_device: &Self::Device) -> Option<DeviceMemory> {
+        None
+    }
+
+    /// Whether attention under autodiff keeps its `[B, H, S, S]` probabilities for the backward
+    /// (the CPU: cheap there, and recomputing costs a third more) or keeps `q, k, v` only and
+    /// recomputes them per call in the backward (GPU backends: the forward is Burn's fused
+    /// attention, and the probabilities were about half of a training step's memory).
+    fn attention_keeps_probs() -> bool {
+        false
+    }
+
     /// `x @ weight [+ bias]` for `x [.., in]`, `weight [in, out]`, `bias [out]` (Burn's
     /// `linear`, which `nn::Linear` runs).
     fn fused_linear(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: Option<FloatTensor<Self>>) -> FloatTensor<Self> {
@@ -119,6 +139,19 @@ pub trait Backend: burn::tensor::backend::Backend {
         composed::token_attention_with_probs::<Self>(q, k, v, heads)
     }
 
+    /// [`Backend::token_attention`] whose autodiff node keeps `q, k, v` only and recomputes the
+    /// probabilities in its backward, whatever [`Backend::attention_keeps_probs`] says (on a
+    /// backend without autodiff, the forward itself).
+    fn token_attention_recompute(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, heads: usize) -> FloatTensor<Self> {
+        Self::token_attention(q, k, v, heads)
+    }
+
+    /// The identity; under autodiff with checkpointing, a node whose output is stored, so the
+    /// recomputation of a checkpointed segment ([`recompute_scope`]) stops there.
+    fn checkpoint_boundary(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        x
+    }
+
     /// Gradients `(dq, dk, dv)` of [`Backend::token_attention`] from its probabilities.
     fn token_attention_backward(
         q: FloatTensor<Self>,
@@ -137,11 +170,35 @@ pub trait AutodiffBackend: burn::tensor::backend::AutodiffBackend<InnerBackend: 
 
 impl<B> AutodiffBackend for B where B: burn::tensor::backend::AutodiffBackend<InnerBackend: Backend> + Backend {}
 
+/// Device memory of a GPU backend, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct DeviceMemory {
+    /// Held by live tensors.
+    pub in_use: u64,
+    /// Reserved by the allocator's pools (what the device sees taken; after
+    /// [`burn::tensor::backend::Backend::memory_cleanup`], the high-water mark of what ran since).
+    pub reserved: u64,
+}
+
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+fn cubecl_memory<R: burn::cubecl::Runtime>(device: &R::Device) -> Option<DeviceMemory> {
+    let usage = R::client(device).memory_usage().ok()?;
+    Some(DeviceMemory { in_use: usage.bytes_in_use, reserved: usage.bytes_reserved })
+}
+
 #[cfg(feature = "wgpu")]
-impl Backend for burn::backend::Wgpu {}
+impl Backend for burn::backend::Wgpu {
+    fn device_memory(device: &Self::Device) -> Option<DeviceMemory> {
+        cubecl_memory::<burn::backend::wgpu::WgpuRuntime>(device)
+    }
+}
 
 #[cfg(feature = "cuda")]
-impl Backend for burn::backend::Cuda {}
+impl Backend for burn::backend::Cuda {
+    fn device_memory(device: &Self::Device) -> Option<DeviceMemory> {
+        cubecl_memory::<burn::cubecl::cuda::CudaRuntime>(device)
+    }
+}
 
 fn prim<B: Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B> {
     t.into_primitive().tensor()
@@ -185,4 +242,65 @@ pub fn rms_norm<B: Backend, const D: usize>(x: Tensor<B, D>, weight: Tensor<B, 1
 /// Multi-head `softmax(q k^T / sqrt(hd)) v` on token-major `[B, S, heads * hd]` tensors.
 pub fn attention<B: Backend>(q: Tensor<B, 3>, k: Tensor<B, 3>, v: Tensor<B, 3>, heads: usize) -> Tensor<B, 3> {
     tensor(B::token_attention(prim(q), prim(k), prim(v), heads))
+}
+
+/// [`attention`] through the node that recomputes its probabilities in the backward
+/// ([`Backend::token_attention_recompute`]).
+pub fn attention_recompute<B: Backend>(q: Tensor<B, 3>, k: Tensor<B, 3>, v: Tensor<B, 3>, heads: usize) -> Tensor<B, 3> {
+    tensor(B::token_attention_recompute(prim(q), prim(k), prim(v), heads))
+}
+
+/// The identity; the stored end of a recomputed segment ([`Backend::checkpoint_boundary`]).
+pub fn checkpoint_boundary<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    tensor(B::checkpoint_boundary(prim(x)))
+}
+
+thread_local! {
+    static RECOMPUTING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    static CHECKPOINT_BLOCKS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with the fused composites it records *memory bound* when `on`: under
+/// `Autodiff<_, BalancedCheckpointing>` they store no output and are recomputed in the backward
+/// from the nearest stored tensors ([`checkpoint_boundary`], compute-bound ops, untracked
+/// inputs). Without checkpointing, or with `on = false`, nothing changes.
+pub fn recompute_scope<T>(on: bool, f: impl FnOnce() -> T) -> T {
+    let _restore = Restore::set(&RECOMPUTING, on || recomputing());
+    f()
+}
+
+/// Sets a thread-local flag and puts the previous value back when dropped (also on unwind).
+struct Restore {
+    flag: &'static std::thread::LocalKey<std::cell::Cell<bool>>,
+    before: bool,
+}
+
+impl Restore {
+    fn set(flag: &'static std::thread::LocalKey<std::cell::Cell<bool>>, value: bool) -> Self {
+        Self { flag, before: flag.with(|f| f.replace(value)) }
+    }
+}
+
+impl Drop for Restore {
+    fn drop(&mut self) {
+        self.flag.with(|f| f.set(self.before));
+    }
+}
+
+/// Whether the current thread is inside a [`recompute_scope`] that is on.
+pub fn recomputing() -> bool {
+    RECOMPUTING.with(|r| r.get())
+}
+
+/// Runs `f` with per-block activation checkpointing on (the recipe's `checkpointing =
+/// "blocks"`) or off: each transformer block of a tracked forward records its ops memory bound
+/// and stores only its output, so the backward recomputes one block at a time.
+pub fn with_block_checkpointing<T>(on: bool, f: impl FnOnce() -> T) -> T {
+    let _restore = Restore::set(&CHECKPOINT_BLOCKS, on);
+    f()
+}
+
+/// Whether the current thread checkpoints transformer blocks ([`with_block_checkpointing`]).
+pub fn block_checkpointing() -> bool {
+    CHECKPOINT_BLOCKS.with(|c| c.get())
 }

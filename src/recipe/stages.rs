@@ -5,6 +5,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use burn::backend::Autodiff;
+use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, CheckpointStrategy, NoCheckpointing};
 use burn::optim::Optimizer;
 
 use super::RunContext;
@@ -16,6 +17,7 @@ use crate::eval::{ResultsTable, row, write_grids};
 use crate::model::lora::{LoraAdapter, combine, load_lora, save_adapter_atomic};
 use crate::pipeline::TextToImage;
 use crate::pipeline::world::{Pipeline, WorldModel, save_pipeline_atomic};
+use crate::train::Checkpointing;
 use crate::train::adapter::AdapterTrainer;
 use crate::train::grpo::{GrpoTrainer, grpo_trainer};
 use crate::train::nft::{NftTrainer, nft_trainer};
@@ -128,11 +130,20 @@ fn save_adapter(adapter: &LoraAdapter<impl Backend>, dir: &Path) -> Result<(), S
 /// Flow-GRPO training of one adapter (data-parallel over several devices).
 pub fn grpo<B: Backend>(stage: &Stage, ctx: &mut RunContext, devices: &[B::Device]) -> Result<(), String> {
     let Stage::Grpo(s) = stage else { unreachable!("a grpo stage") };
+    match s.train.training.checkpointing {
+        Checkpointing::None => grpo_as::<B, NoCheckpointing>(stage, ctx, devices),
+        Checkpointing::Balanced | Checkpointing::Blocks => grpo_as::<B, BalancedCheckpointing>(stage, ctx, devices),
+    }
+}
+
+/// [`grpo`] on `Autodiff<B, C>`.
+fn grpo_as<B: Backend, C: CheckpointStrategy>(stage: &Stage, ctx: &mut RunContext, devices: &[B::Device]) -> Result<(), String> {
+    let Stage::Grpo(s) = stage else { unreachable!("a grpo stage") };
     let spec = loop_spec(stage, ctx, format!("grpo:{}", s.output), &s.output, s.train.iterations);
     train_on(&spec, ctx, devices, |ctx, device, peer| {
         let pipeline = ctx.pipeline::<B>(&s.model, device)?;
         let init = s.init.as_deref().map(|a| adapter(ctx, a, &pipeline, device)).transpose()?;
-        let trainer = grpo_trainer::<Autodiff<B>>(pipeline, init, s.train.clone(), device)?;
+        let trainer = grpo_trainer::<Autodiff<B, C>>(pipeline, init, s.train.clone(), device)?;
         match peer {
             Some(peer) => trainer.with_peer(peer),
             None => Ok(trainer),
@@ -142,12 +153,21 @@ pub fn grpo<B: Backend>(stage: &Stage, ctx: &mut RunContext, devices: &[B::Devic
 
 /// DiffusionNFT training of one adapter (data-parallel over several devices).
 pub fn nft<B: Backend>(stage: &Stage, ctx: &mut RunContext, devices: &[B::Device]) -> Result<(), String> {
+    let Stage::Nft(s) = stage else { unreachable!("a nft stage") };
+    match s.train.training.checkpointing {
+        Checkpointing::None => nft_as::<B, NoCheckpointing>(stage, ctx, devices),
+        Checkpointing::Balanced | Checkpointing::Blocks => nft_as::<B, BalancedCheckpointing>(stage, ctx, devices),
+    }
+}
+
+/// [`nft`] on `Autodiff<B, C>`.
+fn nft_as<B: Backend, C: CheckpointStrategy>(stage: &Stage, ctx: &mut RunContext, devices: &[B::Device]) -> Result<(), String> {
     let Stage::Nft(s) = stage else { unreachable!("an nft stage") };
     let spec = loop_spec(stage, ctx, format!("nft:{}", s.output), &s.output, s.train.iterations);
     train_on(&spec, ctx, devices, |ctx, device, peer| {
         let pipeline = ctx.pipeline::<B>(&s.model, device)?;
         let init = s.init.as_deref().map(|a| adapter(ctx, a, &pipeline, device)).transpose()?;
-        let trainer = nft_trainer::<Autodiff<B>>(pipeline, init, s.train.clone(), device)?;
+        let trainer = nft_trainer::<Autodiff<B, C>>(pipeline, init, s.train.clone(), device)?;
         match peer {
             Some(peer) => trainer.with_peer(peer),
             None => Ok(trainer),
@@ -155,7 +175,7 @@ pub fn nft<B: Backend>(stage: &Stage, ctx: &mut RunContext, devices: &[B::Device
     })
 }
 
-impl<B: Backend, O: Optimizer<LoraAdapter<Autodiff<B>>, Autodiff<B>>> LoopTrainer<B> for NftTrainer<Autodiff<B>, O> {
+impl<B: Backend, C: CheckpointStrategy, O: Optimizer<LoraAdapter<Autodiff<B, C>>, Autodiff<B, C>>> LoopTrainer<B> for NftTrainer<Autodiff<B, C>, O> {
     fn step(&mut self, device: &B::Device) -> Result<StepReport, String> {
         let stats = self.iteration(device)?;
         let mut fields: Vec<(String, f64)> = vec![
@@ -191,7 +211,7 @@ impl<B: Backend, O: Optimizer<LoraAdapter<Autodiff<B>>, Autodiff<B>>> LoopTraine
     }
 }
 
-impl<B: Backend, O: Optimizer<LoraAdapter<Autodiff<B>>, Autodiff<B>>> LoopTrainer<B> for GrpoTrainer<Autodiff<B>, O> {
+impl<B: Backend, C: CheckpointStrategy, O: Optimizer<LoraAdapter<Autodiff<B, C>>, Autodiff<B, C>>> LoopTrainer<B> for GrpoTrainer<Autodiff<B, C>, O> {
     fn step(&mut self, device: &B::Device) -> Result<StepReport, String> {
         let stats = self.iteration(device)?;
         let mut fields: Vec<(String, f64)> = vec![
@@ -254,6 +274,15 @@ fn distinct<'a>(names: impl Iterator<Item = &'a String>) -> Vec<String> {
 /// Cold start by SFT: the routed teachers sample, the student fits them (first device).
 pub fn sft<B: Backend>(stage: &Stage, ctx: &mut RunContext, device: &B::Device) -> Result<(), String> {
     let Stage::Sft(s) = stage else { unreachable!("an sft stage") };
+    match s.train.training.checkpointing {
+        Checkpointing::None => sft_as::<B, NoCheckpointing>(stage, ctx, device),
+        Checkpointing::Balanced | Checkpointing::Blocks => sft_as::<B, BalancedCheckpointing>(stage, ctx, device),
+    }
+}
+
+/// [`sft`] on `Autodiff<B, C>`.
+fn sft_as<B: Backend, C: CheckpointStrategy>(stage: &Stage, ctx: &mut RunContext, device: &B::Device) -> Result<(), String> {
+    let Stage::Sft(s) = stage else { unreachable!("an sft stage") };
     let pipeline = ctx.pipeline::<B>(&s.model, device)?;
     let names = distinct(s.routing.values());
     let teachers = names.iter().map(|n| adapter(ctx, n, &pipeline, device)).collect::<Result<Vec<_>, _>>()?;
@@ -261,7 +290,7 @@ pub fn sft<B: Backend>(stage: &Stage, ctx: &mut RunContext, device: &B::Device) 
     let start = Instant::now();
     let data = teacher_samples(&pipeline, &teachers, &routing, &s.train, device)?;
     tracing::info!("sft `{}`: {} teacher samples in {:.0} s", s.output, data.prompts.len(), start.elapsed().as_secs_f64());
-    let trainer = sft_trainer::<Autodiff<B>>(pipeline, s.train.clone(), device)?;
+    let trainer = sft_trainer::<Autodiff<B, C>>(pipeline, s.train.clone(), device)?;
     let spec = loop_spec(stage, ctx, format!("sft:{}", s.output), &s.output, s.train.steps);
     // One device: the one trainer is handed to the loop.
     let once = std::sync::Mutex::new(Some(SftLoop { trainer, data }));
@@ -273,7 +302,7 @@ struct SftLoop<T, D> {
     data: D,
 }
 
-impl<B: Backend, O: Optimizer<LoraAdapter<Autodiff<B>>, Autodiff<B>>> LoopTrainer<B> for SftLoop<SftTrainer<Autodiff<B>, O>, SftData<B>> {
+impl<B: Backend, C: CheckpointStrategy, O: Optimizer<LoraAdapter<Autodiff<B, C>>, Autodiff<B, C>>> LoopTrainer<B> for SftLoop<SftTrainer<Autodiff<B, C>, O>, SftData<B>> {
     fn step(&mut self, device: &B::Device) -> Result<StepReport, String> {
         let loss = self.trainer.step(&self.data, device)?;
         let guards = vec![("loss", loss), ("adapter weights' sum of magnitudes", finite_figure(self.trainer.state.weights_finite()))];
@@ -300,6 +329,15 @@ impl<B: Backend, O: Optimizer<LoraAdapter<Autodiff<B>>, Autodiff<B>>> LoopTraine
 /// On-policy distillation of the routed teachers (+ MAR anchor) into the student adapter
 /// (data-parallel over several devices).
 pub fn opd<B: Backend>(stage: &Stage, ctx: &mut RunContext, devices: &[B::Device]) -> Result<(), String> {
+    let Stage::Opd(s) = stage else { unreachable!("a opd stage") };
+    match s.train.training.checkpointing {
+        Checkpointing::None => opd_as::<B, NoCheckpointing>(stage, ctx, devices),
+        Checkpointing::Balanced | Checkpointing::Blocks => opd_as::<B, BalancedCheckpointing>(stage, ctx, devices),
+    }
+}
+
+/// [`opd`] on `Autodiff<B, C>`.
+fn opd_as<B: Backend, C: CheckpointStrategy>(stage: &Stage, ctx: &mut RunContext, devices: &[B::Device]) -> Result<(), String> {
     let Stage::Opd(s) = stage else { unreachable!("an opd stage") };
     let spec = loop_spec(stage, ctx, format!("opd:{}", s.output), &s.output, s.train.iterations);
     train_on(&spec, ctx, devices, |ctx, device, peer| {
@@ -313,7 +351,7 @@ pub fn opd<B: Backend>(stage: &Stage, ctx: &mut RunContext, devices: &[B::Device
         let anchor = anchor_name.map(|a| index(a));
         let init = s.init.as_deref().map(|a| adapter(ctx, a, &pipeline, device)).transpose()?;
         let teachers = Teachers { adapters, routing, anchor };
-        let trainer = opd_trainer::<Autodiff<B>>(pipeline, init, teachers, s.train.clone(), device)?;
+        let trainer = opd_trainer::<Autodiff<B, C>>(pipeline, init, teachers, s.train.clone(), device)?;
         match peer {
             Some(peer) => trainer.with_peer(peer),
             None => Ok(trainer),
@@ -321,7 +359,7 @@ pub fn opd<B: Backend>(stage: &Stage, ctx: &mut RunContext, devices: &[B::Device
     })
 }
 
-impl<B: Backend, O: Optimizer<LoraAdapter<Autodiff<B>>, Autodiff<B>>> LoopTrainer<B> for OpdTrainer<Autodiff<B>, O> {
+impl<B: Backend, C: CheckpointStrategy, O: Optimizer<LoraAdapter<Autodiff<B, C>>, Autodiff<B, C>>> LoopTrainer<B> for OpdTrainer<Autodiff<B, C>, O> {
     fn step(&mut self, device: &B::Device) -> Result<StepReport, String> {
         let stats = self.iteration(device)?;
         let mut fields: Vec<(String, f64)> =

@@ -101,6 +101,11 @@ pub struct AdapterTraining {
     /// empty.
     #[serde(default)]
     pub prompt_files: BTreeMap<Task, PathBuf>,
+    /// What the backward recomputes instead of keeping: `none` (default), `balanced` (Burn's
+    /// `BalancedCheckpointing`) or `blocks` (each transformer block keeps only its outputs).
+    /// The gradients are the same; `blocks` trades a second forward for activation memory.
+    #[serde(default)]
+    pub checkpointing: super::Checkpointing,
 }
 
 fn default_ema() -> f64 {

@@ -384,7 +384,7 @@ impl<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> GrpoTrainer<B, O> {
                 let state = ro.trajectory.states[j].clone().slice([rows.clone()]);
                 let x = Tensor::<B, 4>::from_inner(state.clone());
                 let x_next = Tensor::<B, 4>::from_inner(ro.trajectory.states[j + 1].clone().slice([rows.clone()]));
-                let v = policy_field.guided_velocity(x.clone(), tr.step.sigma, !self.config.train_uncond);
+                let v = self.config.training.checkpointing.scope(|| policy_field.guided_velocity(x.clone(), tr.step.sigma, !self.config.train_uncond));
                 let (mean, std_dev_t) = step_mean(x, v, tr.step, a, kind);
                 let logp = log_prob(x_next, mean.clone(), std_dev_t, tr.step, kind, LogProbReduction::Mean);
                 let old = Tensor::<B, 1>::from_inner(tr.log_prob.clone().expect("stochastic step").slice([rows.clone()]));

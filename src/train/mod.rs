@@ -23,7 +23,58 @@ pub mod sft;
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::Tensor;
+use serde::{Deserialize, Serialize};
 use crate::AutodiffBackend;
+
+/// What a training step's backward recomputes instead of keeping from the forward (a trainer's
+/// `checkpointing` field; docs/gpu.md has the measurements).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Checkpointing {
+    /// Nothing: every op keeps what its backward needs (Burn's `NoCheckpointing`).
+    #[default]
+    None,
+    /// Burn's `BalancedCheckpointing`: its memory-bound ops (element-wise, reshapes) are
+    /// recomputed in the backward; the fused composites and linear layers keep their inputs.
+    Balanced,
+    /// `Balanced`, and each transformer block of the trained forward keeps only its outputs:
+    /// the backward recomputes one block at a time (`kernels::with_block_checkpointing`).
+    Blocks,
+}
+
+impl Checkpointing {
+    /// Whether transformer blocks are checkpointed.
+    pub fn blocks(self) -> bool {
+        self == Self::Blocks
+    }
+
+    /// Runs `f` with this setting's block checkpointing on the current thread.
+    pub fn scope<T>(self, f: impl FnOnce() -> T) -> T {
+        crate::kernels::with_block_checkpointing(self.blocks(), f)
+    }
+}
+
+impl std::str::FromStr for Checkpointing {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "none" => Ok(Self::None),
+            "balanced" => Ok(Self::Balanced),
+            "blocks" => Ok(Self::Blocks),
+            other => Err(format!("unknown checkpointing `{other}` (expected none, balanced or blocks)")),
+        }
+    }
+}
+
+impl std::fmt::Display for Checkpointing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::None => "none",
+            Self::Balanced => "balanced",
+            Self::Blocks => "blocks",
+        })
+    }
+}
 
 /// Marks every float parameter of `module` as trainable (requiring gradients). Modules moved
 /// onto the autodiff backend with `from_inner` keep the flag they had on the inner backend,

@@ -390,7 +390,7 @@ impl<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> NftTrainer<B, O> {
                 });
                 let policy_field = GuidedModel { model: &self.state.base, adapters: &policy, cond: &c_ad, guidance: n_ad.cfg(g) };
                 let xt_ad = Tensor::<B, 4>::from_inner(xt);
-                let v = policy_field.guided_velocity_at(xt_ad.clone(), &t, false);
+                let v = self.config.training.checkpointing.scope(|| policy_field.guided_velocity_at(xt_ad.clone(), &t, false));
                 let parts = nft_loss(
                     Tensor::from_inner(x0.clone()),
                     xt_ad,

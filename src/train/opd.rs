@@ -302,7 +302,8 @@ impl<B: AutodiffBackend> OpdObjective<'_, B> {
                 let (state, teacher, anchor) = self.labels(batch, &mb, j);
                 let v_teacher = Tensor::<B, 4>::from_inner(teacher);
                 let v_anchor = anchor.map(Tensor::<B, 4>::from_inner);
-                let v = student_field.velocity(Tensor::from_inner(state), batch.trajectory.transitions[j].step.sigma);
+                let sigma = batch.trajectory.transitions[j].step.sigma;
+                let v = self.config.training.checkpointing.scope(|| student_field.velocity(Tensor::from_inner(state), sigma));
                 let loss = opd_loss(v, v_teacher, v_anchor, self.weight(batch, j), self.config.mar_lambda, self.config.reduction);
                 // Sums over the micro-batch, scaled to the batch mean over samples and steps.
                 stats.distill += loss.distill.sum().into_scalar().elem::<f64>() * scale;

@@ -131,7 +131,7 @@ impl<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> SftTrainer<B, O> {
         let sigmas: Vec<f32> = (0..b).map(|_| self.config.timesteps.sample(&mut self.state.rng) as f32).collect();
         let FlowMatchingPair { x_s, s, target } = FlowMatchingPair::new(x0, eps, sigmas, device);
         let single = ActiveAdapters::single(&self.state.adapter);
-        let v = self.state.base.forward_adapted(x_s, cond.tokens, cond.pooled, s * 1000.0, &single);
+        let v = self.config.training.checkpointing.scope(|| self.state.base.forward_adapted(x_s, cond.tokens, cond.pooled, s * 1000.0, &single));
         let loss = (v - target).powi_scalar(2).mean();
         let value = loss.clone().into_scalar().elem::<f64>();
         let grads = GradientsParams::from_grads(loss.backward(), &self.state.adapter);

@@ -179,12 +179,16 @@ impl<B: Backend> Mmdit<B> {
         let mut image = self.pos_embed.forward(x);
         let temb = self.time_text_embed.forward(t, y);
         let mut context = Some(crate::kernels::linear_layer(&self.context_embedder, c));
+        // Per-block activation checkpointing (`kernels::with_block_checkpointing`): each block
+        // records its ops memory bound and stores only its outputs.
+        let checkpoint = crate::kernels::block_checkpointing();
         for (index, block) in self.transformer_blocks.iter().enumerate() {
             let text = context.take().expect("only the last block is context-pre-only");
             let lora = BlockAdapters::new(adapters, index);
-            let (next_image, next_context) = block.forward(image, text, temb.clone(), &lora);
-            image = next_image;
-            context = next_context;
+            let (next_image, next_context) =
+                crate::kernels::recompute_scope(checkpoint, || block.forward(image, text, temb.clone(), &lora));
+            image = if checkpoint { crate::kernels::checkpoint_boundary(next_image) } else { next_image };
+            context = if checkpoint { next_context.map(crate::kernels::checkpoint_boundary) } else { next_context };
         }
         let image = self.norm_out.continuous(image, temb);
         let patches = crate::kernels::linear_layer(&self.proj_out, image);
