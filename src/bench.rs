@@ -37,6 +37,9 @@ pub struct BenchConfig {
     pub weights: crate::pipeline::WeightPrecision,
     /// What the train steps' backward recomputes.
     pub checkpointing: Checkpointing,
+    /// Skip the full-weight train step (an SD3.5-M's f32 weights, gradients and AdamW moments
+    /// alone take 36 GB); its figure is then NaN (`null` in JSON).
+    pub skip_train: bool,
 }
 
 /// Measured figures: samples per second of the median iteration, and every timed iteration's
@@ -92,6 +95,9 @@ fn timed(iterations: usize, mut f: impl FnMut()) -> Vec<f64> {
 
 /// Samples per second of the median of `seconds`.
 fn median_rate(batch: usize, seconds: &[f64]) -> f64 {
+    if seconds.is_empty() {
+        return f64::NAN;
+    }
     let mut sorted = seconds.to_vec();
     sorted.sort_by(f64::total_cmp);
     let n = sorted.len();
@@ -144,6 +150,9 @@ fn bench_on<B: Backend, C: CheckpointStrategy>(config: &BenchConfig, device: &B:
     let optim = bench_optim();
     let scope = config.checkpointing;
     let (train, train_memory) = reserved_by::<B, _>(device, || {
+        if config.skip_train {
+            return Vec::new();
+        }
         let mut full = Some(m.init::<AD<B, C>>(device));
         let mut optimizer = optim.adamw().init::<AD<B, C>, Mmdit<AD<B, C>>>();
         timed(config.iterations, || {

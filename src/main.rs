@@ -287,6 +287,9 @@ enum Command {
         /// BalancedCheckpointing) or blocks (each transformer block keeps only its outputs).
         #[arg(long, default_value = "none")]
         checkpointing: flow_opd::train::Checkpointing,
+        /// Skip the full-weight train step (its weights, gradients and AdamW moments are f32).
+        #[arg(long)]
+        skip_train: bool,
         /// Print one JSON object (the fields `tools/bench_torch.py` prints) instead of text.
         #[arg(long)]
         json: bool,
@@ -616,7 +619,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Model(ModelCommand::Info { path, config }) => info(&path, &config),
-        Command::Bench { config, batch, latent, tokens, iterations, opd: true, rank, alpha, teachers, steps, cfg, micro_batch, weights, checkpointing, json, device } => {
+        Command::Bench { config, batch, latent, tokens, iterations, opd: true, rank, alpha, teachers, steps, cfg, micro_batch, weights, checkpointing, json, device, .. } => {
             for (flag, value) in [("--batch", batch), ("--latent", latent), ("--tokens", tokens), ("--iterations", iterations), ("--rank", rank), ("--teachers", teachers), ("--steps", steps)] {
                 checks::at_least_one(flag, value).map_err(anyhow::Error::msg)?;
             }
@@ -670,13 +673,13 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
-        Command::Bench { config: name, batch, latent, tokens, iterations, rank, alpha, json, weights, checkpointing, device, .. } => {
+        Command::Bench { config: name, batch, latent, tokens, iterations, rank, alpha, json, weights, checkpointing, skip_train, device, .. } => {
             for (flag, value) in [("--batch", batch), ("--latent", latent), ("--tokens", tokens), ("--iterations", iterations), ("--rank", rank)] {
                 checks::at_least_one(flag, value).map_err(anyhow::Error::msg)?;
             }
             checks::positive("--alpha", alpha).map_err(anyhow::Error::msg)?;
             let model = resolve_config(&Some(name.clone()))?.expect("given");
-            let bench = flow_opd::bench::BenchConfig { model, batch, latent, tokens, iterations, rank, alpha, weights, checkpointing };
+            let bench = flow_opd::bench::BenchConfig { model, batch, latent, tokens, iterations, rank, alpha, weights, checkpointing, skip_train };
             let report = dispatch(device, BenchTask(bench))?;
             if json {
                 let mut out = serde_json::to_value(&report)?;

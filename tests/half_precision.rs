@@ -1,6 +1,8 @@
-//! Transformer weights in bf16 / f16 (`Mmdit::cast_weights`), as on GPUs: inputs and velocities
-//! stay f32 for the samplers, LoRA adapters keep f32, and the results follow the f32 model to
-//! the storage format's precision — forward, adapted forward, and the adapter's gradients.
+//! The precision policy (docs/gpu.md, "Precision"): transformer weights in bf16 / f16
+//! (`Mmdit::cast_weights`, the default on CUDA), while inputs and velocities stay f32 for the
+//! samplers, LoRA adapters keep f32, and norm statistics are taken in f32. The results follow
+//! the f32 model to the storage format's precision — forward, adapted forward, and the
+//! adapter's gradients — on flex and on wgpu.
 
 mod common;
 
@@ -101,4 +103,57 @@ fn adapter_gradients_over_a_bf16_base_follow_f32() {
     let norm = full.iter().map(|g| g * g).sum::<f32>().sqrt();
     let diff = full.iter().zip(&half).map(|(a, b)| (a - b) * (a - b)).sum::<f32>().sqrt();
     assert!(norm > 0.0 && diff / norm < 5e-2, "rel. L2 of the gradients {}", diff / norm);
+}
+
+/// LayerNorm statistics of half-precision activations are taken in f32: rows with a large
+/// common offset (mean 300, std 1; bf16's spacing at 300 is 2, f16's 0.25) normalise to within
+/// the format's rounding of the exact result. With the statistics in the half format the row
+/// mean alone is off by a sizeable part of a standard deviation.
+fn norm_statistics_in_f32<Bk: flow_opd::Backend>(half: FloatDType, device: &Bk::Device) {
+    let mut noise = SeededNoise::new(17);
+    let (batch, tokens, dim) = (2, 3, 64);
+    let z: Tensor<Bk, 3> = noise.sample([batch, tokens, dim], device);
+    let x = (z + 300.0).cast(half);
+    let zeros = Tensor::<Bk, 2>::zeros([batch, dim], device);
+    let y = flow_opd::kernels::layer_norm_modulate(x.clone(), zeros.clone().cast(half), zeros.cast(half), 1e-6);
+    assert_eq!(y.dtype(), DType::from(half), "the output keeps the activations' precision");
+    // The exact normalisation of the bf16 input, in f64.
+    let xs = x.into_data().convert::<f32>().into_vec::<f32>().unwrap();
+    let ys = y.into_data().convert::<f32>().into_vec::<f32>().unwrap();
+    for (row, (x, y)) in xs.chunks(dim).zip(ys.chunks(dim)).enumerate() {
+        let mean = x.iter().map(|v| *v as f64).sum::<f64>() / dim as f64;
+        let var = x.iter().map(|v| (*v as f64 - mean).powi(2)).sum::<f64>() / dim as f64;
+        for (x, y) in x.iter().zip(y) {
+            let exact = (*x as f64 - mean) / (var + 1e-6).sqrt();
+            // bf16 keeps 8 significant bits, f16 11: |error| <= 2^-8 |value| plus a little.
+            assert!((*y as f64 - exact).abs() <= 1e-2 * exact.abs().max(1.0), "row {row}: {y} vs exact {exact}");
+        }
+    }
+}
+
+#[test]
+fn norm_statistics_of_bf16_activations_are_f32_on_flex() {
+    norm_statistics_in_f32::<B>(FloatDType::BF16, &Default::default());
+    norm_statistics_in_f32::<B>(FloatDType::F16, &Default::default());
+}
+
+#[cfg(feature = "wgpu")]
+#[test]
+fn norm_statistics_of_half_activations_are_f32_on_wgpu() {
+    // WGSL has f16 (where the adapter offers it, as lavapipe does) but no bf16.
+    norm_statistics_in_f32::<burn::backend::Wgpu>(FloatDType::F16, &Default::default());
+}
+
+#[test]
+fn auto_precision_is_bf16_only_where_the_backend_asks() {
+    use flow_opd::pipeline::WeightPrecision;
+    assert_eq!(WeightPrecision::Auto.resolve::<B>(), WeightPrecision::F32, "flex computes in f32");
+    assert_eq!(WeightPrecision::Auto.resolve::<AD>(), WeightPrecision::F32);
+    assert_eq!(WeightPrecision::Bf16.resolve::<B>(), WeightPrecision::Bf16, "an explicit choice stays");
+    #[cfg(feature = "wgpu")]
+    assert_eq!(WeightPrecision::Auto.resolve::<burn::backend::Wgpu>(), WeightPrecision::F32, "WGSL has no bf16");
+    #[cfg(feature = "cuda")]
+    assert_eq!(WeightPrecision::Auto.resolve::<burn::backend::Cuda>(), WeightPrecision::Bf16);
+    // Sd3Options default to `auto`.
+    assert_eq!(flow_opd::pipeline::Sd3Options::default().weights, WeightPrecision::Auto);
 }

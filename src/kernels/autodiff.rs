@@ -277,6 +277,10 @@ impl<B: Backend, C: CheckpointStrategy> Backend for Autodiff<B, C> {
         B::contiguous_broadcast()
     }
 
+    fn half_precision_transformer() -> bool {
+        B::half_precision_transformer()
+    }
+
     fn device_memory(device: &Self::Device) -> Option<super::DeviceMemory> {
         B::device_memory(device)
     }

@@ -38,6 +38,13 @@ pub trait Backend: burn::tensor::backend::Backend {
         false
     }
 
+    /// Whether a frozen SD3 transformer runs in bf16 by default on this backend (`weights =
+    /// "auto"`): CUDA, whose tensor cores run bf16 at many times the f32 rate. Not the CPU
+    /// backends nor wgpu (no bf16 in WGSL).
+    fn half_precision_transformer() -> bool {
+        false
+    }
+
     /// Device memory as the backend's allocator counts it (`None` on the CPU backends).
     fn device_memory(_device: &Self::Device) -> Option<DeviceMemory> {
         None
@@ -195,6 +202,10 @@ impl Backend for burn::backend::Wgpu {
 
 #[cfg(feature = "cuda")]
 impl Backend for burn::backend::Cuda {
+    fn half_precision_transformer() -> bool {
+        true
+    }
+
     fn device_memory(device: &Self::Device) -> Option<DeviceMemory> {
         cubecl_memory::<burn::cubecl::cuda::CudaRuntime>(device)
     }

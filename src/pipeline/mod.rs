@@ -65,8 +65,9 @@ pub struct Sd3Options {
     /// T5 prompt length (diffusers' `max_sequence_length`, 256; Flow-GRPO uses 128).
     #[serde(default = "default_t5_length")]
     pub t5_length: usize,
-    /// Storage precision of the frozen transformer's weights: `f32`, `bf16` or `f16` (inputs,
-    /// velocities, sampler arithmetic and adapters stay f32).
+    /// Storage and compute precision of the frozen transformer: `auto` (bf16 on CUDA, f32
+    /// elsewhere), `f32`, `bf16` or `f16`. Inputs, velocities, sampler arithmetic, norm
+    /// statistics, losses and adapters stay f32 (docs/gpu.md, "Precision").
     #[serde(default)]
     pub weights: WeightPrecision,
 }
@@ -75,17 +76,29 @@ pub struct Sd3Options {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum WeightPrecision {
+    /// The backend's choice ([`crate::Backend::half_precision_transformer`]): bf16 on CUDA,
+    /// f32 on the CPU and wgpu.
     #[default]
+    Auto,
     F32,
     Bf16,
     F16,
 }
 
 impl WeightPrecision {
+    /// The precision `auto` stands for on backend `B`; the others as they are.
+    pub fn resolve<B: Backend>(self) -> Self {
+        match self {
+            Self::Auto if B::half_precision_transformer() => Self::Bf16,
+            Self::Auto => Self::F32,
+            other => other,
+        }
+    }
+
     /// `model` stored at this precision.
     pub fn apply<B: Backend>(self, model: Mmdit<B>) -> Mmdit<B> {
-        match self {
-            Self::F32 => model,
+        match self.resolve::<B>() {
+            Self::Auto | Self::F32 => model,
             Self::Bf16 => model.cast_weights(burn::tensor::FloatDType::BF16),
             Self::F16 => model.cast_weights(burn::tensor::FloatDType::F16),
         }
@@ -96,10 +109,11 @@ impl std::str::FromStr for WeightPrecision {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
+            "auto" => Ok(Self::Auto),
             "f32" => Ok(Self::F32),
             "bf16" => Ok(Self::Bf16),
             "f16" => Ok(Self::F16),
-            other => Err(format!("unknown weight precision `{other}` (expected f32, bf16 or f16)")),
+            other => Err(format!("unknown weight precision `{other}` (expected auto, f32, bf16 or f16)")),
         }
     }
 }
@@ -113,7 +127,7 @@ fn default_t5_length() -> usize {
 
 impl Default for Sd3Options {
     fn default() -> Self {
-        Self { resolution: default_resolution(), t5_length: default_t5_length(), weights: WeightPrecision::F32 }
+        Self { resolution: default_resolution(), t5_length: default_t5_length(), weights: WeightPrecision::Auto }
     }
 }
 
