@@ -13,7 +13,6 @@ use burn::backend::Autodiff;
 use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, CheckpointStrategy};
 use burn::module::{AutodiffModule, Module};
 use burn::tensor::Tensor;
-use burn::tensor::backend::Backend as _;
 use flow_opd::flow::SeededNoise;
 use flow_opd::kernels;
 use flow_opd::model::lora::{ActiveAdapters, LoraAdapter, LoraConfig, LoraTarget};

@@ -174,6 +174,61 @@ fn micro_batches_give_the_whole_batch_loss_and_gradients() {
     assert!(diff <= 1e-4 * scale, "gradient difference {diff} (scale {scale})");
 }
 
+/// The student's loss and gradients of `config` on `batch`, on autodiff backend `A`.
+fn opd_gradients<A: flow_opd::AutodiffBackend<InnerBackend = B>>(
+    p: &Pipeline<B>,
+    teachers: &Teachers<B>,
+    batch: &OpdBatch<'_, B>,
+    student: &LoraAdapter<B>,
+    config: &OpdConfig,
+) -> (f64, Vec<f32>) {
+    let device = Default::default();
+    let base = <flow_opd::model::Mmdit<A> as AutodiffModule<A>>::from_inner(p.model.transformer.clone()).no_grad();
+    let student = flow_opd::train::trainable(<LoraAdapter<A> as AutodiffModule<A>>::from_inner(student.clone()));
+    let objective = OpdObjective { base: &base, inner: &p.model.transformer, teachers, config };
+    let (stats, grads) = objective.gradients(&student, batch, &device);
+    let grads = grads.unwrap();
+    let flat = student
+        .layers()
+        .flat_map(|(_, _, l)| {
+            [l.up.id, l.down.id].into_iter().flat_map(|id| grads.get::<B, 2>(id).map(|g| g.into_data().convert::<f32>().into_vec::<f32>().unwrap()).unwrap_or_default())
+        })
+        .collect();
+    (stats.loss, flat)
+}
+
+/// `checkpointing = "balanced"` and `"blocks"` (Burn's BalancedCheckpointing; blocks recomputed
+/// in the backward) give the OPD student the gradients of the plain graph.
+#[test]
+fn checkpointed_opd_gradients_equal_the_plain_ones() {
+    use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
+    use flow_opd::train::Checkpointing;
+    let device = Default::default();
+    let p = pipeline();
+    let teachers = Teachers {
+        adapters: vec![teacher(&p.model.transformer, 7, &device), teacher(&p.model.transformer, 8, &device)],
+        routing: BTreeMap::from([(Task::Composition, 0), (Task::Text, 1), (Task::Preference, 0)]),
+        anchor: Some(1),
+    };
+    let config: OpdConfig = toml::from_str(OPD).unwrap();
+    let mut trainer = opd_trainer::<AD>(p.clone(), None, Teachers { adapters: teachers.adapters.clone(), routing: teachers.routing.clone(), anchor: teachers.anchor }, config.clone(), &device).unwrap();
+    let ro = trainer.sample(&device).unwrap();
+    let batch = OpdBatch { trajectory: &ro.trajectory, cond: &ro.cond, negative: &ro.negative, route: teachers.route(&ro.tasks()).unwrap() };
+    let student = teacher(&p.model.transformer, 9, &device);
+    let (loss, plain) = opd_gradients::<AD>(&p, &teachers, &batch, &student, &config);
+    assert!(loss > 0.0 && plain.iter().any(|g| *g != 0.0));
+    for mode in [Checkpointing::Balanced, Checkpointing::Blocks] {
+        let mut checkpointed = config.clone();
+        checkpointed.training.checkpointing = mode;
+        let (l, g) = opd_gradients::<Autodiff<Flex, BalancedCheckpointing>>(&p, &teachers, &batch, &student, &checkpointed);
+        assert!((l - loss).abs() <= 1e-6 * loss, "{mode}: loss {l} vs {loss}");
+        assert_eq!(g.len(), plain.len());
+        let err = common::rel_l2(&g, &plain);
+        assert!(err <= 1e-6, "{mode}: gradients differ by relative L2 {err}");
+    }
+    assert_eq!(toml::from_str::<OpdConfig>(&format!("{OPD}checkpointing = \"blocks\"")).unwrap().training.checkpointing, Checkpointing::Blocks);
+}
+
 #[test]
 fn merge_then_opd_recipe_runs_end_to_end() {
     let runs = tempfile::tempdir().unwrap();
@@ -290,6 +345,7 @@ fn opd_bench_times_a_full_iteration() {
         iterations: 1,
         micro_batch: Some(1),
         weights: flow_opd::pipeline::WeightPrecision::Bf16,
+        checkpointing: flow_opd::train::Checkpointing::None,
     };
     let report = flow_opd::bench::run_opd_bench::<AD>(&config, &Default::default()).unwrap();
     assert!(report.rollout_s > 0.0 && report.update_s > 0.0);
