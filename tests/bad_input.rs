@@ -56,6 +56,8 @@ const CLI: &[(&str, &str, &[&str])] = &[
     ("recipe --runs below a file", "recipe {tmp}/eval_ok.toml --runs {tmp}/file/runs", &["--runs", "file/runs", "not a folder"]),
     ("bench --batch 0", "bench --batch 0", &["--batch", "got 0"]),
     ("bench --opd --steps 0", "bench --opd --steps 0", &["--steps", "got 0"]),
+    ("bench --checkpointing sometimes", "bench --checkpointing sometimes", &["--checkpointing", "sometimes"]),
+    ("bench --weights bf32", "bench --weights bf32", &["--weights", "bf32"]),
     ("gradient-snr --estimates 2", "gradient-snr {tmp}/grpo_ok.toml t --estimates 2", &["--estimates", "2 gradient estimates", "at least 4"]),
     ("compare: missing row", "compare models/results.json no_such_row base", &["no_such_row"]),
 ];
@@ -113,6 +115,7 @@ const RECIPES: &[(&str, &str, &str, &[&str])] = &[
     ("reward reply: NaN score", "{EVAL_STAGE}{ONE_TEXT}sampling = { steps = 1 }\nremote_rewards = { text = { url = \"{ocr_nan}\", name = \"ocr\", retries = 0 } }", "", &["reward `ocr`", "malformed reply", "NaN"]),
     ("reward reply: two scores for one image", "{EVAL_STAGE}{ONE_TEXT}sampling = { steps = 1 }\nremote_rewards = { text = { url = \"{ocr_count}\", name = \"ocr\", retries = 0 } }", "", &["reward `ocr`", "returned 2 scores for 1 images"]),
     ("reward server not running", "{EVAL_STAGE}{ONE_TEXT}sampling = { steps = 1 }\nremote_rewards = { text = { url = \"http://127.0.0.1:9\", name = \"ocr\", retries = 0 } }", "", &["reward `ocr`", "127.0.0.1:9"]),
+    ("train.checkpointing = \"sometimes\"", "{GRPO}{LORA}{OPTIM}{PARTITIONS}{ROLLOUT}checkpointing = \"sometimes\"", "", &["checkpointing `sometimes`", "none, balanced or blocks"]),
 ];
 
 /// Fills the placeholders of a case's text.

@@ -105,6 +105,15 @@ fn student_equal_to_teacher_has_zero_loss_and_gradient_and_lambda_zero_drops_mar
     assert!((with_mar.total.sum().into_scalar() - 0.02 * anchor_term).abs() <= 1e-4 * anchor_term);
 }
 
+/// Two toy teachers routed over three tasks, the second also the MAR anchor.
+fn two_teachers(p: &Pipeline<B>, device: &<B as burn::tensor::backend::BackendTypes>::Device) -> Teachers<B> {
+    Teachers {
+        adapters: vec![teacher(&p.model.transformer, 7, device), teacher(&p.model.transformer, 8, device)],
+        routing: BTreeMap::from([(Task::Composition, 0), (Task::Text, 1), (Task::Preference, 0)]),
+        anchor: Some(1),
+    }
+}
+
 const OPD: &str = r#"
 iterations = 2
 mar_lambda = 0.02
@@ -118,11 +127,7 @@ optim = { lr = 3e-3, weight_decay = 0.0 }
 fn one_opd_step_lowers_the_loss_on_its_batch() {
     let device = Default::default();
     let p = pipeline();
-    let teachers = Teachers {
-        adapters: vec![teacher(&p.model.transformer, 7, &device), teacher(&p.model.transformer, 8, &device)],
-        routing: BTreeMap::from([(Task::Composition, 0), (Task::Text, 1), (Task::Preference, 0)]),
-        anchor: Some(1),
-    };
+    let teachers = two_teachers(&p, &device);
     let config: OpdConfig = toml::from_str(OPD).unwrap();
     let mut trainer = opd_trainer::<AD>(p, None, teachers, config, &device).unwrap();
     let batch = trainer.sample(&device).unwrap();
@@ -140,13 +145,9 @@ fn micro_batches_give_the_whole_batch_loss_and_gradients() {
     let device = Default::default();
     let p = pipeline();
     let base_ad = <flow_opd::model::Mmdit<AD> as AutodiffModule<AD>>::from_inner(p.model.transformer.clone()).no_grad();
-    let teachers = Teachers {
-        adapters: vec![teacher(&p.model.transformer, 7, &device), teacher(&p.model.transformer, 8, &device)],
-        routing: BTreeMap::from([(Task::Composition, 0), (Task::Text, 1), (Task::Preference, 0)]),
-        anchor: Some(1),
-    };
+    let teachers = two_teachers(&p, &device);
     let whole: OpdConfig = toml::from_str(OPD).unwrap();
-    let mut trainer = opd_trainer::<AD>(p.clone(), None, Teachers { adapters: teachers.adapters.clone(), routing: teachers.routing.clone(), anchor: teachers.anchor }, whole.clone(), &device).unwrap();
+    let mut trainer = opd_trainer::<AD>(p.clone(), None, two_teachers(&p, &device), whole.clone(), &device).unwrap();
     let ro = trainer.sample(&device).unwrap();
     let student = flow_opd::train::trainable(<LoraAdapter<AD> as AutodiffModule<AD>>::from_inner(teacher(&p.model.transformer, 9, &device)));
     let batch = OpdBatch { trajectory: &ro.trajectory, cond: &ro.cond, negative: &ro.negative, route: teachers.route(&ro.tasks()).unwrap() };
@@ -205,13 +206,9 @@ fn checkpointed_opd_gradients_equal_the_plain_ones() {
     use flow_opd::train::Checkpointing;
     let device = Default::default();
     let p = pipeline();
-    let teachers = Teachers {
-        adapters: vec![teacher(&p.model.transformer, 7, &device), teacher(&p.model.transformer, 8, &device)],
-        routing: BTreeMap::from([(Task::Composition, 0), (Task::Text, 1), (Task::Preference, 0)]),
-        anchor: Some(1),
-    };
+    let teachers = two_teachers(&p, &device);
     let config: OpdConfig = toml::from_str(OPD).unwrap();
-    let mut trainer = opd_trainer::<AD>(p.clone(), None, Teachers { adapters: teachers.adapters.clone(), routing: teachers.routing.clone(), anchor: teachers.anchor }, config.clone(), &device).unwrap();
+    let mut trainer = opd_trainer::<AD>(p.clone(), None, two_teachers(&p, &device), config.clone(), &device).unwrap();
     let ro = trainer.sample(&device).unwrap();
     let batch = OpdBatch { trajectory: &ro.trajectory, cond: &ro.cond, negative: &ro.negative, route: teachers.route(&ro.tasks()).unwrap() };
     let student = teacher(&p.model.transformer, 9, &device);

@@ -29,7 +29,7 @@ use crate::AutodiffBackend;
 /// What a training step's backward recomputes instead of keeping from the forward (a trainer's
 /// `checkpointing` field; docs/gpu.md has the measurements).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "lowercase", try_from = "String")]
 pub enum Checkpointing {
     /// Nothing: every op keeps what its backward needs (Burn's `NoCheckpointing`).
     #[default]
@@ -63,6 +63,13 @@ impl std::str::FromStr for Checkpointing {
             "blocks" => Ok(Self::Blocks),
             other => Err(format!("unknown checkpointing `{other}` (expected none, balanced or blocks)")),
         }
+    }
+}
+
+impl TryFrom<String> for Checkpointing {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
     }
 }
 
