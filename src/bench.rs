@@ -290,6 +290,7 @@ pub fn run_opd_bench<B: AutodiffBackend>(config: &OpdBenchConfig, device: &B::De
             prompt_files: Default::default(),
             checkpointing: config.checkpointing,
         },
+        train_uncond: true,
         train_metrics: false,
         remote_rewards: Default::default(),
     };

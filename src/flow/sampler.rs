@@ -79,9 +79,11 @@ pub struct GuidedModel<'a, B: Backend> {
 }
 
 impl<B: Backend> GuidedModel<'_, B> {
-    /// The guided velocity; with `fixed_uncond` the unconditional half is detached, so a
-    /// gradient reaches the model only through the conditional half (Flow-GRPO's training
-    /// forward: `noise_pred_uncond.detach()`).
+    /// The guided velocity; with `fixed_uncond` the unconditional half is computed without
+    /// gradient, so a gradient reaches the model only through the conditional half (the
+    /// convention of trainers that run the unconditional prediction under `no_grad`): a
+    /// separate forward through untracked copies of the adapters, which stores no activations
+    /// and costs no backward.
     pub fn guided_velocity(&self, x: Tensor<B, 4>, sigma: f64, fixed_uncond: bool) -> Tensor<B, 4> {
         let batch = x.dims()[0];
         self.guided_velocity_at(x, &vec![sigma; batch], fixed_uncond)
@@ -97,6 +99,14 @@ impl<B: Backend> GuidedModel<'_, B> {
             Tensor::<B, 1>::from_data(burn::tensor::TensorData::new(t, [copies * batch]), &device)
         };
         match self.guidance {
+            Some((uncond, scale)) if scale != 1.0 && fixed_uncond => {
+                let t = times(1);
+                let untracked = self.adapters.untracked_copies();
+                let frozen = self.adapters.with_adapters(&untracked);
+                let v_u = self.model.forward_adapted(x.clone(), uncond.tokens.clone(), uncond.pooled.clone(), t.clone(), &frozen).detach();
+                let v_c = self.model.forward_adapted(x, self.cond.tokens.clone(), self.cond.pooled.clone(), t, self.adapters);
+                v_u.clone() + (v_c - v_u) * scale
+            }
             Some((uncond, scale)) if scale != 1.0 => {
                 let both = TextConditioning::cat(vec![uncond.clone(), self.cond.clone()]);
                 let t = times(2);
@@ -105,7 +115,6 @@ impl<B: Backend> GuidedModel<'_, B> {
                 let v = self.model.forward_adapted(x2, both.tokens, both.pooled, t, &self.adapters.doubled(batch));
                 let mut halves = v.chunk(2, 0).into_iter();
                 let (v_u, v_c) = (halves.next().expect("2 halves"), halves.next().expect("2 halves"));
-                let v_u = if fixed_uncond { v_u.detach() } else { v_u };
                 v_u.clone() + (v_c - v_u) * scale
             }
             _ => {

@@ -45,6 +45,11 @@ pub struct OpdConfig {
     /// Shape of a fresh student adapter (when no cold start is given).
     #[serde(default)]
     pub lora: Option<LoraSpec>,
+    /// Whether the student's unconditional CFG half is trained too (`true`, default, as the
+    /// public Flow-OPD code does: one doubled forward) or computed without gradient (`false`:
+    /// a separate untracked forward, no activations stored for it and no backward).
+    #[serde(default = "yes", skip_serializing_if = "is_yes")]
+    pub train_uncond: bool,
     /// Score each iteration's rollouts with the task rewards (logged as `train_<task>`; the
     /// loss does not use them).
     #[serde(default = "yes")]
@@ -60,6 +65,9 @@ pub struct OpdConfig {
 
 fn yes() -> bool {
     true
+}
+fn is_yes(b: &bool) -> bool {
+    *b
 }
 
 fn default_lambda() -> f64 {
@@ -303,7 +311,8 @@ impl<B: AutodiffBackend> OpdObjective<'_, B> {
                 let v_teacher = Tensor::<B, 4>::from_inner(teacher);
                 let v_anchor = anchor.map(Tensor::<B, 4>::from_inner);
                 let sigma = batch.trajectory.transitions[j].step.sigma;
-                let v = self.config.training.checkpointing.scope(|| student_field.velocity(Tensor::from_inner(state), sigma));
+                let fixed_uncond = !self.config.train_uncond;
+                let v = self.config.training.checkpointing.scope(|| student_field.guided_velocity(Tensor::from_inner(state), sigma, fixed_uncond));
                 let loss = opd_loss(v, v_teacher, v_anchor, self.weight(batch, j), self.config.mar_lambda, self.config.reduction);
                 // Sums over the micro-batch, scaled to the batch mean over samples and steps.
                 stats.distill += loss.distill.sum().into_scalar().elem::<f64>() * scale;

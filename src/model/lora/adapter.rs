@@ -229,6 +229,19 @@ impl<'a, B: Backend> ActiveAdapters<'a, B> {
 
     /// The same routing for a batch of `2 * batch` made of two copies of the batch (the
     /// `[uncond, cond]` batch of classifier-free guidance).
+    /// Copies of this pass's adapters that track no gradient (a forward through them records
+    /// no autodiff graph); [`ActiveAdapters::with_adapters`] routes over them as this pass does.
+    pub fn untracked_copies(&self) -> Vec<LoraAdapter<B>> {
+        self.adapters.iter().map(|a| (*a).clone().no_grad()).collect()
+    }
+
+    /// This pass's routing over `adapters`, which stand for its own adapters one for one
+    /// (e.g. [`ActiveAdapters::untracked_copies`]).
+    pub fn with_adapters<'b>(&self, adapters: &'b [LoraAdapter<B>]) -> ActiveAdapters<'b, B> {
+        assert_eq!(adapters.len(), self.adapters.len(), "one adapter for each of the pass's");
+        ActiveAdapters { adapters: adapters.iter().collect(), groups: self.groups.clone() }
+    }
+
     pub fn doubled(&self, batch: usize) -> ActiveAdapters<'a, B> {
         let groups = self
             .groups
