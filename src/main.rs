@@ -491,6 +491,16 @@ fn info(path: &Path, config: &Option<String>) -> Result<()> {
     Ok(())
 }
 
+/// Prints `report` as one JSON object with `fields` added (the `--json` output of `bench`).
+fn print_json_with(report: &impl serde::Serialize, fields: serde_json::Value) -> Result<()> {
+    let mut out = serde_json::to_value(report)?;
+    if let (Some(out), serde_json::Value::Object(fields)) = (out.as_object_mut(), fields) {
+        out.extend(fields);
+    }
+    println!("{out}");
+    Ok(())
+}
+
 fn first_compiled_device() -> DeviceSpec {
     flow_opd::device::first_compiled()
 }
@@ -644,8 +654,7 @@ fn main() -> Result<()> {
             };
             let report = dispatch(device, OpdBenchTask(bench))?.map_err(anyhow::Error::msg)?;
             if json {
-                let mut out = serde_json::to_value(&report)?;
-                let fields = serde_json::json!({
+                print_json_with(&report, serde_json::json!({
                     "implementation": "flow-opd",
                     "config": config,
                     "device": device.to_string(),
@@ -653,9 +662,7 @@ fn main() -> Result<()> {
                     "teachers": teachers, "rank": rank, "alpha": alpha, "micro_batch": micro_batch,
                     "weights": weights, "checkpointing": checkpointing.to_string(), "runs": iterations,
                     "images_per_s": report.images_per_s(batch),
-                });
-                out.as_object_mut().expect("object").extend(fields.as_object().expect("object").clone());
-                println!("{out}");
+                }))?;
                 return Ok(());
             }
             println!("device:            {device}");
@@ -682,8 +689,7 @@ fn main() -> Result<()> {
             let bench = flow_opd::bench::BenchConfig { model, batch, latent, tokens, iterations, rank, alpha, weights, checkpointing, skip_train };
             let report = dispatch(device, BenchTask(bench))?;
             if json {
-                let mut out = serde_json::to_value(&report)?;
-                let fields = serde_json::json!({
+                print_json_with(&report, serde_json::json!({
                     "implementation": "flow-opd",
                     "config": name,
                     "device": device.to_string(),
@@ -696,9 +702,7 @@ fn main() -> Result<()> {
                     "weights": weights,
                     "checkpointing": checkpointing.to_string(),
                     "versions": { "flow-opd": env!("CARGO_PKG_VERSION"), "burn": "0.21.0" },
-                });
-                out.as_object_mut().expect("object").extend(fields.as_object().expect("object").clone());
-                println!("{out}");
+                }))?;
                 return Ok(());
             }
             println!("device:            {device}");

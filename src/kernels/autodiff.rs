@@ -87,7 +87,7 @@ fn composite<B, C, O, const N: usize>(
     op: O,
     inputs: [FloatTensor<Autodiff<B, C>>; N],
     keep: [bool; N],
-    forward: impl Fn([FloatTensor<B>; N]) -> FloatTensor<B> + Send + Sync + 'static,
+    forward: impl Fn([FloatTensor<B>; N]) -> FloatTensor<B> + Clone + Send + Sync + 'static,
 ) -> FloatTensor<Autodiff<B, C>>
 where
     B: Backend,
@@ -96,11 +96,11 @@ where
 {
     let prep = op.prepare::<C>(inputs.each_ref().map(|t| t.node.clone()));
     let tracked = inputs.iter().any(|t| t.is_tracked());
-    let forward: Forward<B, N> = Arc::new(forward);
     let prep = if tracked && super::recomputing() {
+        // Only a memory-bound node keeps its forward (boxed for the retro-forward).
         let retro = Retro {
             inputs: inputs.each_ref().map(|t| if t.is_tracked() { RetroInput::<B>::Node(t.node.id) } else { RetroInput::<B>::Value(t.primitive.clone()) }),
-            forward: forward.clone(),
+            forward: Arc::new(forward.clone()),
         };
         prep.memory_bound().retro_forward(retro).parents(inputs.iter().filter(|t| t.is_tracked()))
     } else {
