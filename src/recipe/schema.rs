@@ -197,6 +197,11 @@ pub struct PretrainStage {
     /// `canonical` (fixed slots and default colours a tiny model can learn to draw).
     #[serde(default)]
     pub layout: Layout,
+    /// How often each task's captions are drawn, relative to the others (`{ text = 3 }`: text
+    /// three times as often as each other task; a task not named weighs 1, a weight of 0 leaves
+    /// the task out). Tasks are uniform if absent.
+    #[serde(default)]
+    pub task_weights: Option<BTreeMap<Task, f32>>,
     /// Save the EMA pipeline every this many steps (and at the end).
     #[serde(default = "default_checkpoint")]
     pub checkpoint_every: usize,
@@ -478,6 +483,14 @@ fn check_settings(stage: &Stage) -> Result<(), String> {
             probability("`train.caption_dropout`", s.train.caption_dropout)?;
             probability("`train.ema_max_decay`", s.train.ema_max_decay)?;
             probability("`wrong_caption_fraction`", s.wrong_caption_fraction as f64)?;
+            if let Some(weights) = &s.task_weights {
+                for (task, &w) in weights {
+                    non_negative(&format!("`task_weights.{}`", task.name()), w as f64)?;
+                }
+                if Task::ALL.iter().all(|t| weights.get(t).is_some_and(|&w| w == 0.0)) {
+                    return Err("`task_weights` leaves every task out: give at least one a positive weight".into());
+                }
+            }
         }
         Stage::Grpo(s) => {
             at_least_one("`train.iterations`", s.train.iterations)?;

@@ -23,6 +23,7 @@ use crate::train::grpo::{GrpoTrainer, grpo_trainer};
 use crate::train::nft::{NftTrainer, nft_trainer};
 use crate::train::opd::{OpdTrainer, Teachers, opd_trainer};
 use crate::train::pretrain::{Pretrainer, WorldPairs, pretrainer, to_autodiff};
+use crate::world::Task;
 use crate::train::resume::{RngState, SavedState, TrainerState};
 use crate::train::sft::{SftData, SftTrainer, sft_trainer, teacher_samples};
 
@@ -71,7 +72,8 @@ pub fn pretrain<B: Backend>(stage: &Stage, ctx: &mut RunContext, devices: &[B::D
 }
 
 fn data(s: &PretrainStage) -> WorldPairs {
-    WorldPairs::new(s.captions, s.layout, s.wrong_caption_fraction, s.train.seed)
+    let weights = s.task_weights.as_ref().map(|w| Task::ALL.map(|t| w.get(&t).copied().unwrap_or(1.0)));
+    WorldPairs::new(s.captions, s.layout, s.wrong_caption_fraction, s.train.seed).with_task_weights(weights)
 }
 
 struct PretrainLoop<T> {

@@ -256,6 +256,7 @@ pub struct WorldPairs {
     captions: Captions,
     wrong_fraction: f32,
     layout: Layout,
+    task_weights: Option<[f32; 4]>,
     rng: ChaCha8Rng,
 }
 
@@ -274,7 +275,32 @@ impl WorldPairs {
             CaptionSource::TrainSplit => Captions::TrainSplit(shipped_prompts(Split::Train)),
             CaptionSource::Grammar => Captions::Grammar(shipped_prompts(Split::Test).into_iter().map(|p| p.text).collect()),
         };
-        Self { captions, wrong_fraction, layout, rng: ChaCha8Rng::seed_from_u64(seed) }
+        Self { captions, wrong_fraction, layout, task_weights: None, rng: ChaCha8Rng::seed_from_u64(seed) }
+    }
+
+    /// Draws each caption's task with these weights (in [`Task::ALL`](crate::world::Task::ALL)
+    /// order, at least one positive) instead of uniformly; `None` keeps the uniform draw (and
+    /// its random stream).
+    pub fn with_task_weights(mut self, weights: Option<[f32; 4]>) -> Self {
+        if let Some(w) = weights {
+            assert!(w.iter().all(|&x| x >= 0.0 && x.is_finite()) && w.iter().any(|&x| x > 0.0), "task weights {w:?}");
+        }
+        self.task_weights = weights;
+        self
+    }
+
+    fn weighted_task(&mut self, weights: [f32; 4]) -> crate::world::Task {
+        use crate::world::Task;
+        let total: f32 = weights.iter().sum();
+        let mut u = self.rng.random::<f32>() * total;
+        for (task, w) in Task::ALL.into_iter().zip(weights) {
+            if u < w {
+                return task;
+            }
+            u -= w;
+        }
+        // rounding at the top end: the last task with a positive weight
+        Task::ALL.into_iter().zip(weights).filter(|(_, w)| *w > 0.0).last().map(|(t, _)| t).unwrap_or(Task::Text)
     }
 
     /// The stream that draws captions, layouts and wrong captions (for resumable checkpoints).
@@ -288,11 +314,19 @@ impl WorldPairs {
 
     /// The next caption's prompt.
     pub fn next_prompt(&mut self) -> crate::world::prompts::Prompt {
-        use crate::world::prompts::{sample_any_family, sample_prompt_avoiding};
-        match &self.captions {
-            Captions::TrainSplit(prompts) => prompts[self.rng.random_range(0..prompts.len())].clone(),
-            Captions::Grammar(test_prompts) => {
-                let family = sample_any_family(&mut self.rng);
+        use crate::world::prompts::{sample_any_family, sample_family, sample_prompt_avoiding};
+        let task = self.task_weights.map(|w| self.weighted_task(w));
+        match (&self.captions, task) {
+            (Captions::TrainSplit(prompts), None) => prompts[self.rng.random_range(0..prompts.len())].clone(),
+            (Captions::TrainSplit(prompts), Some(task)) => {
+                let of_task: Vec<&crate::world::prompts::Prompt> = prompts.iter().filter(|p| p.task() == task).collect();
+                of_task[self.rng.random_range(0..of_task.len())].clone()
+            }
+            (Captions::Grammar(test_prompts), task) => {
+                let family = match task {
+                    Some(task) => sample_family(task, &mut self.rng),
+                    None => sample_any_family(&mut self.rng),
+                };
                 sample_prompt_avoiding(family, test_prompts, &mut self.rng)
             }
         }
@@ -368,6 +402,41 @@ mod tests {
         // the train split source draws only training prompts
         let (_, captions) = WorldPairs::new(CaptionSource::TrainSplit, Layout::Scattered, 0.3, 5).batch(200);
         assert!(captions.iter().all(|c| train.contains(c)));
+    }
+
+    /// Task weights set each task's share of the captions: a task of weight 0 never appears,
+    /// and the shares of the others match their weights within binomial error; without weights
+    /// the stream is the uniform draw's, caption for caption.
+    #[test]
+    fn task_weights_set_each_tasks_share_of_the_captions() {
+        use crate::world::Task;
+        use crate::world::prompts::Prompt;
+        use std::collections::HashMap;
+        let n = 4000;
+        for source in [CaptionSource::Grammar, CaptionSource::TrainSplit] {
+            let mut pairs = WorldPairs::new(source, Layout::Canonical, 0.3, 9).with_task_weights(Some([1.0, 3.0, 0.0, 0.0]));
+            let mut counts: HashMap<Task, usize> = HashMap::new();
+            for _ in 0..n {
+                *counts.entry(pairs.next_prompt().task()).or_default() += 1;
+            }
+            assert_eq!(counts.get(&Task::Preference), None, "{source:?}");
+            assert_eq!(counts.get(&Task::Quality), None, "{source:?}");
+            let text = counts[&Task::Text] as f64 / n as f64;
+            // expected 0.75, binomial standard error sqrt(0.75 * 0.25 / 4000) = 0.0068: 5 se
+            assert!((text - 0.75).abs() < 0.035, "{source:?}: text share {text}");
+        }
+        let draw = |weights: Option<[f32; 4]>| -> Vec<Prompt> {
+            let mut pairs = WorldPairs::new(CaptionSource::Grammar, Layout::Canonical, 0.3, 9).with_task_weights(weights);
+            (0..50).map(|_| pairs.next_prompt()).collect()
+        };
+        let plain: Vec<Prompt> = {
+            let mut pairs = WorldPairs::new(CaptionSource::Grammar, Layout::Canonical, 0.3, 9);
+            (0..50).map(|_| pairs.next_prompt()).collect()
+        };
+        assert_eq!(draw(None), plain);
+        // uniform weights draw every task about equally often
+        let uniform = draw(Some([1.0; 4]));
+        assert!(Task::ALL.iter().all(|t| uniform.iter().any(|p| p.task() == *t)));
     }
 
     /// Every float weight of a module, flattened in visiting order.
