@@ -195,14 +195,20 @@ enum Command {
         run: PathBuf,
     },
     /// Paired comparison of two rows of a results table evaluated on the same prompts and seeds:
-    /// per metric and for Avg, the mean per-image difference A - B and its standard error.
+    /// per metric and for Avg, the mean per-image difference A - B and its standard error. With
+    /// `--against ROW`: the paper's Table 1, every row of the table against ROW.
     Compare {
         /// A results.json, or a run folder holding one.
         table: PathBuf,
         /// Row A (model name as in the table).
-        a: String,
+        #[arg(required_unless_present = "against")]
+        a: Option<String>,
         /// Row B.
-        b: String,
+        #[arg(required_unless_present = "against")]
+        b: Option<String>,
+        /// Set every row against this one (the base) instead.
+        #[arg(long, value_name = "ROW", conflicts_with_all = ["a", "b"])]
+        against: Option<String>,
     },
     /// Paired comparison of two training stages of one run that drew the same prompts and noise
     /// (same seed, rollout settings and prompt sources; checked against the run's recipe.toml):
@@ -746,10 +752,15 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
-        Command::Compare { table, a, b } => {
+        Command::Compare { table, a, b, against } => {
             let t = flow_opd::eval::ResultsTable::read_file(&table).map_err(anyhow::Error::msg)?;
-            let (a, b) = (t.row(&a, &table).map_err(anyhow::Error::msg)?, t.row(&b, &table).map_err(anyhow::Error::msg)?);
-            print!("{}", flow_opd::eval::table::comparison_markdown(a, b).map_err(anyhow::Error::msg)?);
+            let row = |name: &str| t.row(name, &table).map_err(anyhow::Error::msg);
+            let markdown = match (against, a, b) {
+                (Some(base), ..) => flow_opd::eval::table::matrix_markdown(&t.rows.iter().collect::<Vec<_>>(), row(&base)?),
+                (None, Some(a), Some(b)) => flow_opd::eval::table::comparison_markdown(row(&a)?, row(&b)?),
+                _ => unreachable!("clap requires ROW_A and ROW_B without --against"),
+            };
+            print!("{}", markdown.map_err(anyhow::Error::msg)?);
             Ok(())
         }
         Command::CompareCurves { run, a, b, key } => {

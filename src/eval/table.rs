@@ -128,6 +128,34 @@ pub fn comparison_markdown(a: &EvalRow, b: &EvalRow) -> Result<String, String> {
     Ok(out)
 }
 
+/// The paper's Table 1 for a results table: every row against `base`, one column per metric
+/// (and Avg), each cell the row's value and its paired difference from the base with the
+/// difference's standard error (see [`paired_difference`]). Rows that do not pair with the
+/// base are refused by name.
+pub fn matrix_markdown(rows: &[&EvalRow], base: &EvalRow) -> Result<String, String> {
+    const COLUMNS: [(&str, &str, usize); 5] = [("geneval", "GenEval", 3), ("ocr", "OCR", 3), ("pickscore", "PickScore", 2), ("deqa", "DeQA", 2), ("avg", "Avg", 4)];
+    let value = |r: &EvalRow, metric: &str| match metric {
+        "geneval" => r.geneval,
+        "ocr" => r.ocr,
+        "pickscore" => r.pickscore,
+        "deqa" => r.deqa,
+        _ => r.avg,
+    };
+    let mut out = format!("| model | {} |\n|---|{}\n", COLUMNS.map(|c| c.1).join(" | "), "---|".repeat(COLUMNS.len()));
+    let f = |v: Option<f64>, digits: usize| v.map_or("-".to_string(), |v| format!("{v:.digits$}"));
+    out.push_str(&format!("| {} (base) | {} |\n", base.model, COLUMNS.map(|(m, _, d)| f(value(base, m), d)).join(" | ")));
+    for row in rows.iter().filter(|r| r.model != base.model) {
+        let diffs = paired_difference(row, base)?;
+        let cells = COLUMNS.map(|(metric, _, digits)| match diffs.iter().find(|d| d.metric == metric) {
+            Some(d) => format!("{} ({:+.digits$} ± {:.digits$})", f(value(row, metric), digits), d.diff, d.stderr),
+            None => f(value(row, metric), digits),
+        });
+        out.push_str(&format!("| {} | {} |\n", row.model, cells.join(" | ")));
+    }
+    out.push_str(&format!("\nIn brackets: the paired difference from `{}` on the same prompts and seeds ± its standard error.\n", base.model));
+    Ok(out)
+}
+
 /// Standard errors of a row's metrics: each task's is the sample standard deviation of its
 /// per-prompt metric over `sqrt(n)`; the Avg's follows from the tasks' (independent prompt
 /// sets) through Avg's weights: `sqrt(se_g^2 + se_o^2 + (se_d / 5)^2 + (se_p / 26)^2) / 4`.
@@ -451,6 +479,26 @@ mod tests {
         let md = comparison_markdown(&a, &b).unwrap();
         assert!(md.contains("| metric | a | b |") && md.contains("| geneval | 0.7500 | 0.2500 | +0.5000 | 0.2887 | +1.7 | 4 |"), "{md}");
         assert!(paired_difference(&a, &a).unwrap().iter().all(|x| x.diff == 0.0 && x.stderr == 0.0));
+    }
+
+    /// Table 1: the base's values on its own line, every other row with its value and its paired
+    /// difference from the base (worked by hand from the per-image metrics).
+    #[test]
+    fn the_matrix_sets_every_row_against_the_base() {
+        let base = with_images("base", "s", [("composition", [1.0, 0.0, 0.0, 0.0]), ("text", [0.25; 4]), ("preference", [0.0; 4]), ("quality", [0.0, 1.0, 0.0, 1.0])]);
+        let a = with_images("a", "s", [("composition", [1.0, 1.0, 0.0, 1.0]), ("text", [0.5; 4]), ("preference", [26.0; 4]), ("quality", [5.0, 1.0, 5.0, 1.0])]);
+        let md = matrix_markdown(&[&base, &a], &base).unwrap();
+        let lines: Vec<&str> = md.lines().collect();
+        assert_eq!(lines[0], "| model | GenEval | OCR | PickScore | DeQA | Avg |");
+        // base: GenEval 0.25, OCR 0.25, PickScore 0, DeQA 0.5, Avg (0.25 + 0.25 + 0 + 0.1) / 4
+        assert_eq!(lines[2], "| base (base) | 0.250 | 0.250 | 0.00 | 0.50 | 0.1500 |");
+        // a - base: GenEval 0.5 ± sqrt(1/12) = 0.289; OCR 0.25 ± 0; PickScore 26 ± 0;
+        // DeQA 2.5 ± sqrt(25/12) = 1.44; Avg 0.5625 ± sqrt(1/6) / 4 = 0.1021
+        assert_eq!(lines[3], "| a | 0.750 (+0.500 ± 0.289) | 0.500 (+0.250 ± 0.000) | 26.00 (+26.00 ± 0.00) | 3.00 (+2.50 ± 1.44) | 0.7125 (+0.5625 ± 0.1021) |");
+        // the base's own line is not repeated, and rows that do not pair are refused
+        assert_eq!(lines.iter().filter(|l| l.starts_with("| base")).count(), 1);
+        let other = with_images("other", "seed 7", [("composition", [1.0; 4]), ("text", [0.0; 4]), ("preference", [20.0; 4]), ("quality", [3.0; 4])]);
+        assert!(matrix_markdown(&[&other], &base).unwrap_err().contains("`other`"));
     }
 
     #[test]
