@@ -112,18 +112,11 @@ pub fn paired_difference(a: &EvalRow, b: &EvalRow) -> Result<Vec<Difference>, St
 /// The paired comparison of rows `a` and `b` as a Markdown table (see [`paired_difference`]).
 pub fn comparison_markdown(a: &EvalRow, b: &EvalRow) -> Result<String, String> {
     let diffs = paired_difference(a, b)?;
-    let value = |r: &EvalRow, metric: &str| match metric {
-        "geneval" => r.geneval,
-        "ocr" => r.ocr,
-        "pickscore" => r.pickscore,
-        "deqa" => r.deqa,
-        _ => r.avg,
-    };
     let mut out = format!("| metric | {} | {} | difference | paired se | difference / se | images |\n|---|---|---|---|---|---|---|\n", a.model, b.model);
     for d in &diffs {
         let f = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.4}"));
         let z = if d.stderr > 0.0 { format!("{:+.1}", d.diff / d.stderr) } else { "-".to_string() };
-        out.push_str(&format!("| {} | {} | {} | {:+.4} | {:.4} | {z} | {} |\n", d.metric, f(value(a, d.metric)), f(value(b, d.metric)), d.diff, d.stderr, d.count));
+        out.push_str(&format!("| {} | {} | {} | {:+.4} | {:.4} | {z} | {} |\n", d.metric, f(a.metric(d.metric)), f(b.metric(d.metric)), d.diff, d.stderr, d.count));
     }
     Ok(out)
 }
@@ -134,21 +127,14 @@ pub fn comparison_markdown(a: &EvalRow, b: &EvalRow) -> Result<String, String> {
 /// base are refused by name.
 pub fn matrix_markdown(rows: &[&EvalRow], base: &EvalRow) -> Result<String, String> {
     const COLUMNS: [(&str, &str, usize); 5] = [("geneval", "GenEval", 3), ("ocr", "OCR", 3), ("pickscore", "PickScore", 2), ("deqa", "DeQA", 2), ("avg", "Avg", 4)];
-    let value = |r: &EvalRow, metric: &str| match metric {
-        "geneval" => r.geneval,
-        "ocr" => r.ocr,
-        "pickscore" => r.pickscore,
-        "deqa" => r.deqa,
-        _ => r.avg,
-    };
     let mut out = format!("| model | {} |\n|---|{}\n", COLUMNS.map(|c| c.1).join(" | "), "---|".repeat(COLUMNS.len()));
     let f = |v: Option<f64>, digits: usize| v.map_or("-".to_string(), |v| format!("{v:.digits$}"));
-    out.push_str(&format!("| {} (base) | {} |\n", base.model, COLUMNS.map(|(m, _, d)| f(value(base, m), d)).join(" | ")));
+    out.push_str(&format!("| {} (base) | {} |\n", base.model, COLUMNS.map(|(m, _, d)| f(base.metric(m), d)).join(" | ")));
     for row in rows.iter().filter(|r| r.model != base.model) {
         let diffs = paired_difference(row, base)?;
         let cells = COLUMNS.map(|(metric, _, digits)| match diffs.iter().find(|d| d.metric == metric) {
-            Some(d) => format!("{} ({:+.digits$} ± {:.digits$})", f(value(row, metric), digits), d.diff, d.stderr),
-            None => f(value(row, metric), digits),
+            Some(d) => format!("{} ({:+.digits$} ± {:.digits$})", f(row.metric(metric), digits), d.diff, d.stderr),
+            None => f(row.metric(metric), digits),
         });
         out.push_str(&format!("| {} | {} |\n", row.model, cells.join(" | ")));
     }
@@ -183,6 +169,18 @@ impl StdErrors {
 }
 
 impl EvalRow {
+    /// The row's value of a metric by its column key (`geneval`, `ocr`, `pickscore`, `deqa`;
+    /// anything else is Avg).
+    pub fn metric(&self, key: &str) -> Option<f64> {
+        match key {
+            "geneval" => self.geneval,
+            "ocr" => self.ocr,
+            "pickscore" => self.pickscore,
+            "deqa" => self.deqa,
+            _ => self.avg,
+        }
+    }
+
     pub fn new(model: &str, geneval: Option<f64>, ocr: Option<f64>, pickscore: Option<f64>, deqa: Option<f64>, seconds: f64) -> Self {
         let avg = match (geneval, ocr, pickscore, deqa) {
             (Some(g), Some(o), Some(p), Some(d)) => Some(paper_avg(g, o, p, d)),
