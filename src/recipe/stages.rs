@@ -23,9 +23,9 @@ use crate::train::grpo::{GrpoTrainer, grpo_trainer};
 use crate::train::nft::{NftTrainer, nft_trainer};
 use crate::train::opd::{OpdTrainer, Teachers, opd_trainer};
 use crate::train::pretrain::{Pretrainer, WorldPairs, pretrainer, to_autodiff};
-use crate::world::Task;
 use crate::train::resume::{RngState, SavedState, TrainerState};
 use crate::train::sft::{SftData, SftTrainer, sft_trainer, teacher_samples};
+use crate::world::Task;
 
 /// The loop's view of a training stage from its shared fields.
 fn loop_spec<'a>(stage: &'a Stage, ctx: &RunContext, label: String, bar_label: &'a str, total: usize) -> LoopSpec<'a> {

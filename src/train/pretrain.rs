@@ -262,8 +262,11 @@ pub struct WorldPairs {
 
 /// What a [`CaptionSource`] draws from.
 enum Captions {
-    /// The shipped training prompts.
-    TrainSplit(Vec<crate::world::prompts::Prompt>),
+    /// The shipped training prompts, and their indices by task (in [`Task::ALL`] order) for
+    /// weighted draws.
+    ///
+    /// [`Task::ALL`]: crate::world::Task::ALL
+    TrainSplit(Vec<crate::world::prompts::Prompt>, [Vec<usize>; 4]),
     /// The grammar, avoiding these test prompt texts.
     Grammar(std::collections::HashSet<String>),
 }
@@ -272,7 +275,11 @@ impl WorldPairs {
     pub fn new(source: CaptionSource, layout: Layout, wrong_fraction: f32, seed: u64) -> Self {
         use crate::world::prompts::{Split, shipped_prompts};
         let captions = match source {
-            CaptionSource::TrainSplit => Captions::TrainSplit(shipped_prompts(Split::Train)),
+            CaptionSource::TrainSplit => {
+                let prompts = shipped_prompts(Split::Train);
+                let by_task = crate::world::Task::ALL.map(|task| (0..prompts.len()).filter(|&i| prompts[i].task() == task).collect());
+                Captions::TrainSplit(prompts, by_task)
+            }
             CaptionSource::Grammar => Captions::Grammar(shipped_prompts(Split::Test).into_iter().map(|p| p.text).collect()),
         };
         Self { captions, wrong_fraction, layout, task_weights: None, rng: ChaCha8Rng::seed_from_u64(seed) }
@@ -317,10 +324,10 @@ impl WorldPairs {
         use crate::world::prompts::{sample_any_family, sample_family, sample_prompt_avoiding};
         let task = self.task_weights.map(|w| self.weighted_task(w));
         match (&self.captions, task) {
-            (Captions::TrainSplit(prompts), None) => prompts[self.rng.random_range(0..prompts.len())].clone(),
-            (Captions::TrainSplit(prompts), Some(task)) => {
-                let of_task: Vec<&crate::world::prompts::Prompt> = prompts.iter().filter(|p| p.task() == task).collect();
-                of_task[self.rng.random_range(0..of_task.len())].clone()
+            (Captions::TrainSplit(prompts, _), None) => prompts[self.rng.random_range(0..prompts.len())].clone(),
+            (Captions::TrainSplit(prompts, by_task), Some(task)) => {
+                let of_task = &by_task[crate::world::Task::ALL.iter().position(|&t| t == task).expect("a task of Task::ALL")];
+                prompts[of_task[self.rng.random_range(0..of_task.len())]].clone()
             }
             (Captions::Grammar(test_prompts), task) => {
                 let family = match task {
