@@ -404,8 +404,9 @@ mod tests {
         }
         // every family is drawn, the small ones (all of whose prompts are test prompts) included
         assert_eq!(families.len(), 9, "{families:?}");
-        // (about a quarter: the small families and many quality prompts are in the train split too)
-        assert!(outside_train > 600, "only {outside_train} captions are new");
+        // (about a sixth: the small families, many quality prompts and, with one or two
+        // characters, most text prompts are in the train split too)
+        assert!(outside_train > 400, "only {outside_train} captions are new");
         // the train split source draws only training prompts
         let (_, captions) = WorldPairs::new(CaptionSource::TrainSplit, Layout::Scattered, 0.3, 5).batch(200);
         assert!(captions.iter().all(|c| train.contains(c)));

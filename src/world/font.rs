@@ -1,9 +1,15 @@
 //! The world's 5 x 7 bitmap font (`assets/font/world5x7.txt`, compiled in).
 //!
-//! Text is drawn at scale 1 on a fixed pitch of [`GLYPH_PITCH`] pixels (glyph plus one blank
-//! column), so the longest string, [`MAX_TEXT_LEN`] characters, is 23 pixels wide and fits a
-//! 32-pixel image with margins. The OCR reader ([`crate::world::read`]) matches the same
-//! glyphs as templates on the same pitch.
+//! The world draws text at [`TEXT_SCALE`] (each font pixel a 2 x 2 block, so a glyph is 10 x 14
+//! pixels) on a fixed pitch of [`TEXT_PITCH`] pixels (glyph plus a blank column), so the
+//! longest string, [`MAX_TEXT_LEN`] characters, is 22 pixels wide and fits a 32-pixel image
+//! with margins. The OCR reader ([`crate::world::read`]) matches the same glyphs, scaled the
+//! same way, as templates on the same pitch.
+//!
+//! Why scale 2: at scale 1 a glyph's strokes are one pixel wide, finer than the world codec's
+//! 2 x 2 latent pixels and the transformer's 4 x 4-pixel patches, and no base pre-trained on
+//! the CPU (nor a GPU base with five times the images) drew legible glyphs
+//! (docs/experiments/world_calibration.md).
 
 use std::sync::OnceLock;
 
@@ -20,7 +26,15 @@ pub const GLYPH_PITCH: usize = GLYPH_WIDTH + 1;
 /// The characters the font draws, in file order.
 pub const ALPHABET: &str = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
 /// The longest string the world renders.
-pub const MAX_TEXT_LEN: usize = 4;
+pub const MAX_TEXT_LEN: usize = 2;
+/// Side in image pixels of one font pixel when the world draws text.
+pub const TEXT_SCALE: usize = 2;
+/// Width in image pixels of a glyph as the world draws it.
+pub const TEXT_GLYPH_WIDTH: usize = GLYPH_WIDTH * TEXT_SCALE;
+/// Height in image pixels of a line of text as the world draws it.
+pub const TEXT_HEIGHT: usize = GLYPH_HEIGHT * TEXT_SCALE;
+/// Horizontal distance in image pixels between the left edges of consecutive drawn glyphs.
+pub const TEXT_PITCH: usize = GLYPH_PITCH * TEXT_SCALE;
 
 const BUILTIN_SOURCE: &str = include_str!("../../assets/font/world5x7.txt");
 
@@ -137,18 +151,19 @@ impl Font {
         &self.glyphs
     }
 
-    /// Draws `text` with its top-left corner at `(x, y)`, one glyph every [`GLYPH_PITCH`]
-    /// pixels, ink pixels set to `ink`. Pixels outside the image are clipped; characters the
-    /// font lacks draw as blank cells.
+    /// Draws `text` as the world does, with its top-left corner at `(x, y)`: each font pixel a
+    /// [`TEXT_SCALE`] x [`TEXT_SCALE`] block, one glyph every [`TEXT_PITCH`] pixels, ink pixels
+    /// set to `ink`. Pixels outside the image are clipped; characters the font lacks draw as
+    /// blank cells.
     pub fn draw(&self, image: &mut Image32, text: &str, x: i32, y: i32, ink: Rgb) {
+        let s = TEXT_SCALE as i32;
         for (i, ch) in text.chars().enumerate() {
             let Some(glyph) = self.glyph(ch) else { continue };
-            let left = x + (i * GLYPH_PITCH) as i32;
-            for gy in 0..GLYPH_HEIGHT {
-                for gx in 0..GLYPH_WIDTH {
-                    let (px, py) = (left + gx as i32, y + gy as i32);
+            let left = x + (i * TEXT_PITCH) as i32;
+            for py in y..y + (TEXT_HEIGHT as i32) {
+                for px in left..left + TEXT_GLYPH_WIDTH as i32 {
                     let inside = (0..IMAGE_SIZE as i32).contains(&px) && (0..IMAGE_SIZE as i32).contains(&py);
-                    if glyph.is_ink(gx, gy) && inside {
+                    if inside && glyph.is_ink(((px - left) / s) as usize, ((py - y) / s) as usize) {
                         image.set(px as usize, py as usize, ink);
                     }
                 }
@@ -157,9 +172,10 @@ impl Font {
     }
 }
 
-/// Width in pixels of a string of `len` characters (no trailing space).
+/// Width in image pixels of a string of `len` characters as the world draws it (no trailing
+/// space).
 pub fn text_width(len: usize) -> usize {
-    (len * GLYPH_PITCH).saturating_sub(1)
+    (len * TEXT_PITCH).saturating_sub(TEXT_SCALE)
 }
 
 /// Whether the built-in font can draw `ch`.
@@ -212,13 +228,19 @@ mod tests {
     fn draw_puts_glyph_ink_on_the_pitch_grid() {
         let mut img = Image32::filled([1.0; 3]);
         Font::builtin().draw(&mut img, "LI", 2, 3, [0.0; 3]);
-        // 'L' has its vertical stroke in column 0 and its foot on row 6.
-        assert_eq!(img.get(2, 3), [0.0; 3]);
-        assert_eq!(img.get(6, 9), [0.0; 3]);
-        assert_eq!(img.get(6, 3), [1.0; 3]);
-        // 'I' starts one pitch later; its stem is column 2 of the glyph.
-        assert_eq!(img.get(2 + GLYPH_PITCH + 2, 6), [0.0; 3]);
-        // the spacing column stays paper
-        assert!((3..10).all(|y| img.get(2 + GLYPH_WIDTH, y) == [1.0; 3]));
+        // 'L' has its vertical stroke in font column 0 and its foot on font row 6; each font
+        // pixel is a 2 x 2 block of image pixels.
+        for (x, y) in [(2, 3), (3, 4), (2, 15), (10, 16), (11, 16)] {
+            assert_eq!(img.get(x, y), [0.0; 3], "({x}, {y})");
+        }
+        assert_eq!(img.get(10, 3), [1.0; 3]);
+        assert_eq!(img.get(4, 3), [1.0; 3]);
+        // 'I' starts one pitch (12 pixels) later; its stem is font column 2 (image columns 4-5).
+        assert_eq!(img.get(2 + TEXT_PITCH + 4, 9), [0.0; 3]);
+        assert_eq!(img.get(2 + TEXT_PITCH + 5, 9), [0.0; 3]);
+        // the spacing columns stay paper
+        assert!((3..17).all(|y| img.get(2 + TEXT_GLYPH_WIDTH, y) == [1.0; 3] && img.get(3 + TEXT_GLYPH_WIDTH, y) == [1.0; 3]));
+        // nothing is drawn below the line
+        assert!((0..IMAGE_SIZE).all(|x| img.get(x, 3 + TEXT_HEIGHT) == [1.0; 3]));
     }
 }

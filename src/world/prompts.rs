@@ -35,6 +35,10 @@ use crate::world::spec::{
 
 /// Test prompts per task (see the module docs for the standard-error argument).
 pub const TEST_PROMPTS_PER_TASK: usize = 640;
+
+/// The longest string a text prompt draws before it is cut to
+/// [`MAX_TEXT_LEN`](crate::world::font::MAX_TEXT_LEN).
+const DRAWN_TEXT_LEN: i32 = 4;
 /// Training prompts per task.
 pub const TRAIN_PROMPTS_PER_TASK: usize = 2_000;
 
@@ -234,9 +238,13 @@ pub fn sample_spec<R: RngCore + ?Sized>(family: Family, rng: &mut R) -> Spec {
         }
         Family::Text => {
             let template = *pick(rng, &TextTemplate::ALL);
-            let len = int_in(rng, 1, MAX_TEXT_LEN as i32) as usize;
+            // Drawn as the world's first prompt sets were (1 to 4 characters, uniform), then cut
+            // to the first MAX_TEXT_LEN: the random stream, and so every other prompt of a split,
+            // stays what it was before text was drawn at scale 2 (lengths 1 / 2: 1/4, 3/4).
+            let len = int_in(rng, 1, DRAWN_TEXT_LEN) as usize;
             let alphabet: Vec<char> = ALPHABET.chars().collect();
-            let text = (0..len).map(|_| *pick(rng, &alphabet)).collect();
+            let drawn: Vec<char> = (0..len).map(|_| *pick(rng, &alphabet)).collect();
+            let text = drawn[..len.min(MAX_TEXT_LEN)].iter().collect();
             Spec::Text(TextSpec { template, text })
         }
         Family::Preference => {

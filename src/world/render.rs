@@ -21,7 +21,7 @@ use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::world::font::{Font, GLYPH_HEIGHT, text_width};
+use crate::world::font::{Font, TEXT_HEIGHT, TEXT_SCALE, text_width};
 use crate::world::grammar::{ParseError, parse};
 use crate::world::image::{IMAGE_SIZE, Image32, Rgb};
 use crate::world::palette::{BackgroundTone, Colour, hsv};
@@ -292,11 +292,15 @@ fn text_scene<R: RngCore + ?Sized>(t: &TextSpec, style: Layout, rng: &mut R) -> 
     let width = text_width(t.text.chars().count()) as i32;
     let (x, y) = match style {
         Layout::Scattered => {
-            (int_in(rng, 2, IMAGE_SIZE as i32 - 2 - width), int_in(rng, 2, (IMAGE_SIZE - 2 - GLYPH_HEIGHT) as i32))
+            (int_in(rng, 2, IMAGE_SIZE as i32 - 2 - width), int_in(rng, 2, (IMAGE_SIZE - 2 - TEXT_HEIGHT) as i32))
         }
         Layout::Canonical => {
-            let (dx, dy) = (int_in(rng, -1, 1), int_in(rng, -1, 1));
-            ((IMAGE_SIZE as i32 - width) / 2 + dx, (IMAGE_SIZE - GLYPH_HEIGHT) as i32 / 2 + dy)
+            // centred, snapped to the font-pixel grid (even pixels, so each font pixel is one
+            // latent pixel of the codec) and moved by at most one font pixel
+            let s = TEXT_SCALE as i32;
+            let (dx, dy) = (s * int_in(rng, -1, 1), s * int_in(rng, -1, 1));
+            let snap = |v: i32| v / s * s;
+            (snap((IMAGE_SIZE as i32 - width) / 2) + dx, snap((IMAGE_SIZE - TEXT_HEIGHT) as i32 / 2) + dy)
         }
     };
     Scene { background, objects: Vec::new(), text: Some(PlacedText { text: t.text.clone(), x, y, ink }) }
@@ -643,12 +647,24 @@ mod tests {
 
     #[test]
     fn text_scene_fits_the_string_inside_the_margins() {
-        let spec = TextSpec { template: TextTemplate::Label, text: "WXYZ".into() };
-        for seed in 0..200 {
-            let scene = text_scene(&spec, Layout::Scattered, &mut rng(seed));
-            let t = scene.text.unwrap();
-            assert!(t.x >= 2 && t.x as usize + text_width(4) + 2 <= IMAGE_SIZE, "x {}", t.x);
-            assert!(t.y >= 2 && t.y as usize + GLYPH_HEIGHT + 2 <= IMAGE_SIZE, "y {}", t.y);
+        use crate::world::font::MAX_TEXT_LEN;
+        for text in ["W", "WZ"] {
+            let spec = TextSpec { template: TextTemplate::Label, text: text.into() };
+            let width = text_width(text.len());
+            assert!(text.len() <= MAX_TEXT_LEN);
+            for seed in 0..200 {
+                for style in [Layout::Scattered, Layout::Canonical] {
+                    let t = text_scene(&spec, style, &mut rng(seed)).text.unwrap();
+                    assert!(t.x >= 2 && t.x as usize + width + 2 <= IMAGE_SIZE, "{text} {style:?}: x {}", t.x);
+                    assert!(t.y >= 2 && t.y as usize + TEXT_HEIGHT + 2 <= IMAGE_SIZE, "{text} {style:?}: y {}", t.y);
+                    if style == Layout::Canonical {
+                        // on the font-pixel grid, within one font pixel of the centre
+                        assert!(t.x % TEXT_SCALE as i32 == 0 && t.y % TEXT_SCALE as i32 == 0, "({}, {})", t.x, t.y);
+                        let centre = (2 * t.x + width as i32 - IMAGE_SIZE as i32).abs();
+                        assert!(centre <= 2 * (TEXT_SCALE as i32 + 1), "{text}: x {}", t.x);
+                    }
+                }
+            }
         }
     }
 

@@ -66,7 +66,7 @@ pub enum Family {
     ColorAttr,
     /// `a photo of a circle left of a square`
     Position,
-    /// `a sign that says "AB7"`
+    /// `a sign that says "A7"`
     Text,
     /// `a warm painting of a circle, centered`
     Preference,
