@@ -5,7 +5,7 @@
 // With ITERATIONS, then trains that many GRPO iterations (learning rate LR, KL weight BETA of the
 // `reference_kl` form KL, `public` by default) and prints the reward by thirds.
 //   cargo run --release --example gradient_snr -- BASE TASK PROMPTS G ESTIMATES [cps|sde] [ITERATIONS LR BETA [KL]]
-#[path = "../tests/common/fake_server.rs"]
+#[path = "../tests/suite/common/fake_server.rs"]
 mod fake_server;
 
 use std::path::Path;

@@ -6,7 +6,7 @@
 // Settings as the shipped GenEval teacher (CPS, same_latent, 4 x 8, lr 1e-3, beta 0.04 unless
 // given).
 //   cargo run --release --example oracle_grpo -- BASE ITERATIONS LR BETA [PROMPT_FILE]
-#[path = "../tests/common/fake_server.rs"]
+#[path = "../tests/suite/common/fake_server.rs"]
 mod fake_server;
 
 use std::path::Path;

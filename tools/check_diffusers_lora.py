@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""A flow-opd adapter in diffusers' SD3 pipeline, for tests/sd3_lora.rs.
+"""A flow-opd adapter in diffusers' SD3 pipeline, for tests/suite/sd3_lora.rs.
 
 1. Makes a LoRA on the tiny SD3.5 folder's transformer (`tests/fixtures/sd3_tiny`) with peft
    (Flow-GRPO targets, r 4, alpha 8, lora_B drawn N(0, 0.2^2), seed 7), saves it with peft's

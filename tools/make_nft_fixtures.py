@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Reference values for the DiffusionNFT objective and its rollout solver, written here from the
 DiffusionNFT paper's equations (Zheng et al., ICLR 2026) and its public SD3 training settings,
-in float64 torch with autograd. The Rust tests (tests/nft.rs) compare against them.
+in float64 torch with autograd. The Rust tests (tests/suite/nft.rs) compare against them.
 
 Regenerate (from the repository root, with the venv of tools/requirements.txt)::
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """A tiny random SD3.5-style diffusers pipeline folder and diffusers' own 4-step output on it,
-for tests/sd3_pipeline.rs.
+for tests/suite/sd3_pipeline.rs.
 
 Completes `tests/fixtures/sd3_tiny/` (whose text encoders / tokenizers come from
 `make_sd3_text_fixtures.py` and whose `vae/` comes from `make_sd3_vae_fixtures.py`; those

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Tiny random SD3 text encoders + tokenizers and reference outputs for tests/sd3_text_parity.rs.
+"""Tiny random SD3 text encoders + tokenizers and reference outputs for tests/suite/sd3_text_parity.rs.
 
 Writes, with fixed seeds, on the CPU in float32:
 

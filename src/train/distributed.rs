@@ -302,6 +302,9 @@ pub fn run_orchestrator(port: u16, exit_with_stdin: bool) -> Result<(), String> 
     Ok(())
 }
 
+/// How many more times (0.5 s apart) [`diagnosis`] looks for a lost node when none is found.
+const DIAGNOSIS_RECHECKS: usize = 6;
+
 /// Whether something listens at `address` (a TCP connect within 2 s).
 fn answers(address: SocketAddr) -> bool {
     TcpStream::connect_timeout(&address, Duration::from_secs(2)).is_ok()
@@ -312,12 +315,25 @@ fn answers(address: SocketAddr) -> bool {
 pub fn diagnosis() -> String {
     if let Some(group) = group() {
         let me = group.settings.rank;
-        let lost: Vec<String> = group
-            .members
-            .iter()
-            .filter(|m| m.rank != me)
-            .filter_map(|m| m.address.filter(|a| !answers(*a)).map(|a| format!("node {} ({a})", m.rank)))
-            .collect();
+        let lost_now = || -> Vec<String> {
+            group
+                .members
+                .iter()
+                .filter(|m| m.rank != me)
+                .filter_map(|m| m.address.filter(|a| !answers(*a)).map(|a| format!("node {} ({a})", m.rank)))
+                .collect()
+        };
+        // A node killed a moment ago may still be closing its sockets: its connections can
+        // close (failing our collective call) before its listening socket does, which then still
+        // accepts. Look again for a few seconds before calling every node alive.
+        let mut lost = lost_now();
+        for _ in 0..DIAGNOSIS_RECHECKS {
+            if !lost.is_empty() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+            lost = lost_now();
+        }
         return match lost.as_slice() {
             [] => "every other node's data service still answers: a node is stuck, or slower than --node-timeout allows".into(),
             [one] => format!("lost {one}: it no longer answers (it ended or lost its network)"),

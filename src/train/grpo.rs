@@ -13,6 +13,7 @@ use burn::tensor::{ElementConversion, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::adapter::{AdapterState, AdapterTrainer, AdapterTraining, LoraSpec, adapter_state, lift_conditioning};
+use super::fresh_leaves;
 use super::grpo_math::{AdvantageStd, GroupBy, GroupSpread, clipped_policy_loss, group_advantages, group_spread, keyed_advantages};
 use super::rollout::{RolloutConfig, vector};
 use super::scoring::{gather_scores, score};
@@ -375,11 +376,12 @@ impl<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> GrpoTrainer<B, O> {
             let share = rows.len() as f64 / n as f64;
             let (c_ref, n_ref) = (ro.cond.rows(rows.clone()), ro.negative.rows(rows.clone()));
             let (c, neg) = (lift_conditioning::<B>(&c_ref), lift_conditioning::<B>(&n_ref));
-            let single = ActiveAdapters::single(&self.state.adapter);
-            let policy_field = GuidedModel { model: &self.state.base, adapters: &single, cond: &c, guidance: neg.cfg(g) };
             let reference = GuidedModel { model: self.state.pipeline.transformer(), adapters: &none_inner, cond: &c_ref, guidance: n_ref.cfg(g) };
             let advantages = advantages.clone().slice([rows.clone()]);
             for &j in &steps {
+                let leaves = fresh_leaves(&self.state.adapter);
+                let single = ActiveAdapters::single(&leaves);
+                let policy_field = GuidedModel { model: &self.state.base, adapters: &single, cond: &c, guidance: neg.cfg(g) };
                 let tr = &ro.trajectory.transitions[j];
                 let state = ro.trajectory.states[j].clone().slice([rows.clone()]);
                 let x = Tensor::<B, 4>::from_inner(state.clone());
@@ -397,8 +399,8 @@ impl<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> GrpoTrainer<B, O> {
                 pg_sum += share * pg.clone().into_scalar().elem::<f64>();
                 kl_sum += share * kl.clone().into_scalar().elem::<f64>();
                 let loss = (pg + kl * beta) * (share / steps.len() as f64);
-                let grads = GradientsParams::from_grads(loss.backward(), &self.state.adapter);
-                accumulator.accumulate(&self.state.adapter, grads);
+                let grads = GradientsParams::from_grads(loss.backward(), &leaves);
+                accumulator.accumulate(&leaves, grads);
             }
         }
         let n = steps.len().max(1) as f64;

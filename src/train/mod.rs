@@ -97,6 +97,22 @@ pub fn trainable<B: AutodiffBackend, M: Module<B>>(module: M) -> M {
     module.map(&mut Mark)
 }
 
+/// `module` with every trainable parameter made a new autodiff leaf (same ids and values).
+/// A trainer that accumulates several backward passes on one adapter takes fresh leaves for
+/// each: in Burn 0.21 a leaf that went through a `backward()` starts a one-node graph at its
+/// next op, which a concurrent `backward()` on another thread (a data-parallel peer) can free
+/// before that op is recorded, silently dropping its gradient (tracel-ai/burn#5573). A new
+/// leaf's graph holds it, so it is never freed while in use.
+pub fn fresh_leaves<B: AutodiffBackend, M: Module<B>>(module: &M) -> M {
+    struct Fresh;
+    impl<B: AutodiffBackend> ModuleMapper<B> for Fresh {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+            param.map(|t| if t.is_require_grad() { Tensor::from_inner(t.inner()).require_grad() } else { t })
+        }
+    }
+    module.clone().map(&mut Fresh)
+}
+
 /// Whether every float parameter of `module` is finite: the sum of magnitudes of each is (an
 /// inf or NaN anywhere makes it non-finite). Checked after updates, so that no non-finite
 /// weight is ever saved.

@@ -20,6 +20,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::adapter::{AdapterState, AdapterTrainer, AdapterTraining, LoraSpec, adapter_state, lift_conditioning};
+use super::fresh_leaves;
 use super::ema::Ema;
 use super::grpo::{Partition, PartitionData, batch_advantages, minibatch_rows, partition_data};
 use super::grpo_math::{AdvantageStd, GroupBy, GroupSpread, group_spread};
@@ -366,7 +367,6 @@ impl<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> NftTrainer<B, O> {
             chunk.clone().map(|i| self.sample_noise(batch, batch.first_row + i, [1, c, h, w], &device)).collect();
         let none = ActiveAdapters::none();
         let old = ActiveAdapters::single(&self.old.average);
-        let policy = ActiveAdapters::single(&self.state.adapter);
         let mut accumulator = GradientsAccumulator::<LoraAdapter<B>>::new();
         let n = chunk.len();
         let mut sums = [0.0; 4];
@@ -388,6 +388,8 @@ impl<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> NftTrainer<B, O> {
                 let v_ref = (objective.kl_weight > 0.0).then(|| {
                     GuidedModel { model: self.state.pipeline.transformer(), adapters: &none, cond: &c_in, guidance: n_in.cfg(g) }.guided_velocity_at(xt.clone(), &t, false)
                 });
+                let leaves = fresh_leaves(&self.state.adapter);
+                let policy = ActiveAdapters::single(&leaves);
                 let policy_field = GuidedModel { model: &self.state.base, adapters: &policy, cond: &c_ad, guidance: n_ad.cfg(g) };
                 let xt_ad = Tensor::<B, 4>::from_inner(xt);
                 let v = self.config.training.checkpointing.scope(|| policy_field.guided_velocity_at(xt_ad.clone(), &t, false));
@@ -412,8 +414,8 @@ impl<B: AutodiffBackend, O: Optimizer<LoraAdapter<B>, B>> NftTrainer<B, O> {
                     *sum += share * value / levels as f64;
                 }
                 let loss = parts.loss * (share / levels as f64);
-                let grads = GradientsParams::from_grads(loss.backward(), &self.state.adapter);
-                accumulator.accumulate(&self.state.adapter, grads);
+                let grads = GradientsParams::from_grads(loss.backward(), &leaves);
+                accumulator.accumulate(&leaves, grads);
             }
         }
         let (figures, grads) = self.state.peer_means(sums, Some(accumulator.grads()))?;

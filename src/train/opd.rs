@@ -14,6 +14,7 @@ use burn::tensor::{ElementConversion, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::adapter::{AdapterState, AdapterTrainer, AdapterTraining, LoraSpec, adapter_state, lift_conditioning};
+use super::fresh_leaves;
 use super::scoring::{gather_scores, score};
 use super::rollout::{RolloutConfig, Rollouts, trained_steps};
 use crate::flow::{GuidedModel, KlReduction, TextConditioning, Trajectory, VelocityField, kl_weight, opd_loss};
@@ -298,15 +299,16 @@ impl<B: AutodiffBackend> OpdObjective<'_, B> {
         let steps = self.trained_steps(batch);
         let n = batch.route.len();
         let g = self.config.rollout.guidance;
-        let single = ActiveAdapters::single(student);
         let mut accumulator = GradientsAccumulator::<LoraAdapter<B>>::new();
         let mut stats = OpdStats::default();
         let scale = 1.0 / (n * steps.len()).max(1) as f64;
         for rows in self.config.rollout.micro_batches(n) {
             let mb = self.micro_batch(batch, rows, device);
             let (cond, negative) = (lift_conditioning::<B>(&mb.cond), lift_conditioning::<B>(&mb.negative));
-            let student_field = GuidedModel { model: self.base, adapters: &single, cond: &cond, guidance: negative.cfg(g) };
             for &j in &steps {
+                let leaves = fresh_leaves(student);
+                let single = ActiveAdapters::single(&leaves);
+                let student_field = GuidedModel { model: self.base, adapters: &single, cond: &cond, guidance: negative.cfg(g) };
                 let (state, teacher, anchor) = self.labels(batch, &mb, j);
                 let v_teacher = Tensor::<B, 4>::from_inner(teacher);
                 let v_anchor = anchor.map(Tensor::<B, 4>::from_inner);
@@ -319,8 +321,8 @@ impl<B: AutodiffBackend> OpdObjective<'_, B> {
                 stats.anchor += loss.anchor.sum().into_scalar().elem::<f64>() * scale;
                 let total = loss.total.sum() * scale;
                 stats.loss += total.clone().into_scalar().elem::<f64>();
-                let grads = GradientsParams::from_grads(total.backward(), student);
-                accumulator.accumulate(student, grads);
+                let grads = GradientsParams::from_grads(total.backward(), &leaves);
+                accumulator.accumulate(&leaves, grads);
             }
         }
         (stats, (!steps.is_empty()).then(|| accumulator.grads()))

@@ -7,7 +7,7 @@
 //! The split is exact: a batch of `n` samples on `k` peers gives the update one device gives
 //! with `micro_batch = n / k`, up to the order of floating-point sums (the rollouts draw the
 //! same prompts, initial noise and SDE noise, see [`crate::train::rollout::rollout_shard`];
-//! `tests/parallel.rs` checks it for GRPO and OPD); the rewards are gathered before the
+//! `tests/suite/parallel.rs` checks it for GRPO and OPD); the rewards are gathered before the
 //! advantages are computed, as Flow-GRPO gathers them across processes, so group and global
 //! standard deviations see the whole batch.
 //!

@@ -1,7 +1,7 @@
 //! Bad input gives one clear error naming the file, the key or field, and expected vs found;
 //! never a panic.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

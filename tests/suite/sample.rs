@@ -2,7 +2,7 @@
 //! model (sampled alone or in a batch, the PNG is the same), upscaling and file naming, and
 //! errors that name the file at fault.
 
-mod common;
+use crate::common;
 
 use burn::backend::Flex;
 use flow_opd::pipeline::generate::GenerateConfig;

@@ -8,7 +8,7 @@
 //!
 //! ```sh
 //! python3 -m venv /tmp/venv-ocr && /tmp/venv-ocr/bin/pip install -r tools/reward_servers/requirements-ocr.txt
-//! FLOW_OPD_OCR_PYTHON=/tmp/venv-ocr/bin/python cargo test --release --test real_ocr -- --nocapture
+//! FLOW_OPD_OCR_PYTHON=/tmp/venv-ocr/bin/python cargo test --release --test suite real_ocr:: -- --nocapture
 //! ```
 //!
 //! `FLOW_OPD_OCR_PROMPTS` (default 48) sets how many of the test split's text prompts are
@@ -132,7 +132,7 @@ fn real_ocr_reads_the_right_text_and_rejects_the_wrong_text() {
         eprintln!(
             "real_ocr: skipped ({PYTHON_VAR} is unset). To run it: python3 -m venv /tmp/venv-ocr && \
              /tmp/venv-ocr/bin/pip install -r tools/reward_servers/requirements-ocr.txt && \
-             {PYTHON_VAR}=/tmp/venv-ocr/bin/python cargo test --release --test real_ocr -- --nocapture"
+             {PYTHON_VAR}=/tmp/venv-ocr/bin/python cargo test --release --test suite real_ocr:: -- --nocapture"
         );
         return;
     };

@@ -2,7 +2,7 @@
 //! `tools/make_mmdit_fixtures.py` (random-weight SD3- and SD3.5-style models; non-square
 //! latents, crop path, full table, batch > 1, non-integer timesteps, f16/bf16 storage).
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-mod common;
+use crate::common;
 
 use burn::backend::{Autodiff, Flex};
 use burn::module::{AutodiffModule, Module};
@@ -142,14 +142,59 @@ fn one_opd_step_lowers_the_loss_on_its_batch() {
 /// batch are the same whole or one sample at a time.
 #[test]
 fn micro_batches_give_the_whole_batch_loss_and_gradients() {
-    let device = Default::default();
+    let (loss_whole, step_whole, grads_whole, loss_micro, step_micro, grads_micro) = whole_and_micro_batches(&pipeline(), 9);
+    assert!(loss_whole > 0.0 && grads_whole.iter().any(|g| *g != 0.0));
+    assert!((loss_micro - loss_whole).abs() <= 1e-5 * loss_whole, "{loss_micro} vs {loss_whole}");
+    assert!((step_micro - step_whole).abs() <= 1e-5 * step_whole && (step_whole - loss_whole).abs() <= 1e-4 * loss_whole);
+    let (diff, scale) = max_difference(&grads_whole, &grads_micro);
+    assert!(diff <= 1e-4 * scale, "gradient difference {diff} (scale {scale})");
+}
+
+/// Data-parallel peers train in threads of one process, each accumulating gradients over
+/// several backward passes on the same adapter. Burn 0.21's autodiff can let one thread's
+/// `backward()` free the graph of another thread's op on a leaf that already went through a
+/// backward, silently dropping that op's gradient (tracel-ai/burn#5573); the trainers give each
+/// backward fresh leaves. Threads racing through micro-batched accumulations still equal the
+/// whole batch.
+#[test]
+fn accumulated_gradients_survive_concurrent_backward_passes() {
     let p = pipeline();
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..4u64)
+            .map(|t| {
+                let p = p.clone();
+                scope.spawn(move || {
+                    for round in 0..3 {
+                        let (_, _, whole, _, _, micro) = whole_and_micro_batches(&p, 20 + t);
+                        let (diff, scale) = max_difference(&whole, &micro);
+                        assert!(diff <= 1e-4 * scale, "thread {t} round {round}: gradient difference {diff} (scale {scale})");
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join().unwrap();
+        }
+    });
+}
+
+fn max_difference(a: &[f32], b: &[f32]) -> (f32, f32) {
+    assert_eq!(a.len(), b.len());
+    let scale = a.iter().map(|g| g.abs()).fold(0f32, f32::max);
+    (a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max), scale)
+}
+
+/// A sampled OPD batch's student loss (by `loss`), step loss and flattened `up` gradients,
+/// first whole and then in micro-batches of one sample, for a student seeded `student_seed`.
+#[allow(clippy::type_complexity)]
+fn whole_and_micro_batches(p: &Pipeline<B>, student_seed: u64) -> (f64, f64, Vec<f32>, f64, f64, Vec<f32>) {
+    let device = Default::default();
     let base_ad = <flow_opd::model::Mmdit<AD> as AutodiffModule<AD>>::from_inner(p.model.transformer.clone()).no_grad();
-    let teachers = two_teachers(&p, &device);
+    let teachers = two_teachers(p, &device);
     let whole: OpdConfig = toml::from_str(OPD).unwrap();
-    let mut trainer = opd_trainer::<AD>(p.clone(), None, two_teachers(&p, &device), whole.clone(), &device).unwrap();
+    let mut trainer = opd_trainer::<AD>(p.clone(), None, two_teachers(p, &device), whole.clone(), &device).unwrap();
     let ro = trainer.sample(&device).unwrap();
-    let student = flow_opd::train::trainable(<LoraAdapter<AD> as AutodiffModule<AD>>::from_inner(teacher(&p.model.transformer, 9, &device)));
+    let student = flow_opd::train::trainable(<LoraAdapter<AD> as AutodiffModule<AD>>::from_inner(teacher(&p.model.transformer, student_seed, &device)));
     let batch = OpdBatch { trajectory: &ro.trajectory, cond: &ro.cond, negative: &ro.negative, route: teachers.route(&ro.tasks()).unwrap() };
     let run = |micro_batch: Option<usize>| {
         let mut config = whole.clone();
@@ -166,13 +211,7 @@ fn micro_batches_give_the_whole_batch_loss_and_gradients() {
     };
     let (loss_whole, step_whole, grads_whole) = run(None);
     let (loss_micro, step_micro, grads_micro) = run(Some(1));
-    assert!(loss_whole > 0.0 && grads_whole.iter().any(|g| *g != 0.0));
-    assert!((loss_micro - loss_whole).abs() <= 1e-5 * loss_whole, "{loss_micro} vs {loss_whole}");
-    assert!((step_micro - step_whole).abs() <= 1e-5 * step_whole && (step_whole - loss_whole).abs() <= 1e-4 * loss_whole);
-    let scale = grads_whole.iter().map(|g| g.abs()).fold(0f32, f32::max);
-    let diff = grads_whole.iter().zip(&grads_micro).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-    assert_eq!(grads_whole.len(), grads_micro.len());
-    assert!(diff <= 1e-4 * scale, "gradient difference {diff} (scale {scale})");
+    (loss_whole, step_whole, grads_whole, loss_micro, step_micro, grads_micro)
 }
 
 /// The student's loss and gradients of `config` on `batch`, on autodiff backend `A`.

@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-mod common;
+use crate::common;
 
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::{Tensor, TensorData};

@@ -5,7 +5,7 @@
 //! 1e-3 (and one 8-bit level); `flow-opd sample` writes PNGs of the requested size from the
 //! folder; a folder missing a component is refused with its path.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

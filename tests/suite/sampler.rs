@@ -3,7 +3,7 @@
 //! the zero-noise trajectory, and classifier-free guidance combines the two halves as
 //! `v_u + g (v_c - v_u)` with per-sample adapters routed the same in both halves.
 
-mod common;
+use crate::common;
 
 use burn::backend::Flex;
 use burn::tensor::Tensor;

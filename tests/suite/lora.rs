@@ -2,7 +2,7 @@
 //! tiny SD3.5 model): PEFT and diffusers file layouts, per-sample routing in one batch, exact
 //! and factor-averaging merges, folding into the base, saving, and which weights get gradients.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

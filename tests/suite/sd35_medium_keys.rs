@@ -10,7 +10,7 @@ use flow_opd::model::MmditConfig;
 use flow_opd::model::weights::manifest;
 
 fn reference() -> BTreeMap<String, Vec<usize>> {
-    let text = include_str!("data/sd35_medium_transformer_keys.tsv");
+    let text = include_str!("../data/sd35_medium_transformer_keys.tsv");
     text.lines()
         .filter(|l| !l.trim().is_empty())
         .map(|line| {

@@ -8,7 +8,7 @@
 //! the tables, `{tmp}` is a temporary folder holding the files [`setup`] makes and `{ocr_*}` the
 //! address of a fake reward server giving that bad reply.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Command;
@@ -226,7 +226,7 @@ fn every_bad_input_is_refused_with_a_message_naming_it() {
     let mut failures = Vec::new();
     for (what, args, expect) in &cases {
         let (code, stderr) = run(args);
-        // The messages docs/bad_input.md quotes (`cargo test --test bad_input -- --nocapture`).
+        // The messages docs/bad_input.md quotes (`cargo test --test suite bad_input:: -- --nocapture`).
         println!("{what}\t{code:?}\t{}", stderr.trim().replace('\n', " / "));
         let missing: Vec<&String> = expect.iter().filter(|e| !stderr.contains(e.as_str())).collect();
         if code == Some(0) || code == Some(101) || code.is_none() || stderr.contains("panicked") || !missing.is_empty() {

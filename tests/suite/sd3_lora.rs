@@ -5,7 +5,7 @@
 //! CFG 4.5; flow-opd's pipeline with the same adapter (either file of the folder) and latents
 //! gives the same decoded images within 1e-4 relative L2.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

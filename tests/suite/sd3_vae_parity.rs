@@ -5,7 +5,7 @@
 //! given latents, each within 1e-4 relative L2 in f32; the real SD3 key set; and the errors of
 //! a bad weight file.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -105,7 +105,7 @@ fn parse_shape(text: &str) -> Vec<usize> {
 #[test]
 fn sd3_preset_has_exactly_the_real_checkpoint_keys() {
     // tests/data/sd3_vae_keys.tsv: the stabilityai/stable-diffusion-3.5-medium vae's header.
-    let reference: BTreeMap<String, Vec<usize>> = include_str!("data/sd3_vae_keys.tsv")
+    let reference: BTreeMap<String, Vec<usize>> = include_str!("../data/sd3_vae_keys.tsv")
         .lines()
         .filter(|l| !l.trim().is_empty())
         .map(|l| {

@@ -4,7 +4,7 @@
 //! the f32 model to the storage format's precision — forward, adapted forward, and the
 //! adapter's gradients — on flex and on wgpu.
 
-mod common;
+use crate::common;
 
 use burn::backend::{Autodiff, Flex};
 use burn::module::{AutodiffModule, Module};

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-mod common;
+use crate::common;
 
 use burn::backend::{Autodiff, Flex};
 use flow_opd::model::lora::LoraAdapter;

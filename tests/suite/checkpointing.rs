@@ -4,7 +4,7 @@
 //! over a frozen base, and full-weight training), and the graph must hold less memory between
 //! the forward and the backward.
 
-mod common;
+use crate::common;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicIsize, Ordering};

@@ -5,7 +5,7 @@
 //! is an error, and `model export --adapter` folds the adapter into the weights (its forward
 //! equals peft's adapted forward, `tools/make_flow_fixtures.py`).
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -5,7 +5,7 @@
 //! and the model and teachers given as recipe inputs (`--model`, `--teachers`), then the eval
 //! stage on test prompts from a file with the remote reward.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

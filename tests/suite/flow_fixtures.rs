@@ -2,7 +2,7 @@
 //! (issue 3, acceptance 1-2): diffusers' `FlowMatchEulerDiscreteScheduler` sigmas/timesteps,
 //! and SDE / CPS means, samples and log-probs computed from the formulas in float64.
 
-mod common;
+use crate::common;
 
 use burn::backend::Flex;
 use burn::tensor::{Tensor, TensorData};

@@ -4,7 +4,7 @@
 //! and in order. Also: batch splitting, retries after a transient 503, timeouts, malformed
 //! replies, a wrong number of scores, error statuses and a server that is not running.
 
-mod common;
+use crate::common;
 
 use std::net::TcpListener;
 use std::time::{Duration, Instant};

@@ -3,7 +3,7 @@
 //! `tools/make_sd3_text_fixtures.py` (`tests/fixtures/sd3_tiny/`, references in
 //! `tests/fixtures/sd3_text/`).
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-mod common;
+use crate::common;
 
 use burn::backend::{Autodiff, Flex};
 use flow_opd::model::lora::load_lora;

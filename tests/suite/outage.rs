@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-mod common;
+use crate::common;
 
 use burn::backend::Flex;
 use common::fake_server::{FakeServer, Reply, Seen, mean_pixel_scores};
