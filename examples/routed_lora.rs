@@ -20,7 +20,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let ocr = load_lora(Path::new("models/teachers/ocr"), model, &device)?; // PEFT or diffusers layout
     let geneval = load_lora(Path::new("models/teachers/geneval"), model, &device)?;
 
-    let prompts = ["a sign that says \"OPD\"", "two red circles"];
+    let prompts = ["a sign that says \"OK\"", "two red circles"];
     let cond = pipeline.encode_prompts(&prompts, &device);
     let [c, h, w] = pipeline.latent_shape();
     let x: Tensor<Flex, 4> = SeededNoise::new(0).sample([2, c, h, w], &device);
