@@ -65,6 +65,12 @@ impl Glyph {
     pub fn is_ink(&self, x: usize, y: usize) -> bool {
         self.ink[y * GLYPH_WIDTH + x]
     }
+
+    /// Whether pixel `(x, y)` of the glyph as the world draws it ([`TEXT_GLYPH_WIDTH`] x
+    /// [`TEXT_HEIGHT`], each font pixel a [`TEXT_SCALE`] x [`TEXT_SCALE`] block) is ink.
+    pub fn is_drawn_ink(&self, x: usize, y: usize) -> bool {
+        self.is_ink(x / TEXT_SCALE, y / TEXT_SCALE)
+    }
 }
 
 /// A fixed-size bitmap font.
@@ -156,14 +162,13 @@ impl Font {
     /// set to `ink`. Pixels outside the image are clipped; characters the font lacks draw as
     /// blank cells.
     pub fn draw(&self, image: &mut Image32, text: &str, x: i32, y: i32, ink: Rgb) {
-        let s = TEXT_SCALE as i32;
         for (i, ch) in text.chars().enumerate() {
             let Some(glyph) = self.glyph(ch) else { continue };
             let left = x + (i * TEXT_PITCH) as i32;
             for py in y..y + (TEXT_HEIGHT as i32) {
                 for px in left..left + TEXT_GLYPH_WIDTH as i32 {
                     let inside = (0..IMAGE_SIZE as i32).contains(&px) && (0..IMAGE_SIZE as i32).contains(&py);
-                    if inside && glyph.is_ink(((px - left) / s) as usize, ((py - y) / s) as usize) {
+                    if inside && glyph.is_drawn_ink((px - left) as usize, (py - y) as usize) {
                         image.set(px as usize, py as usize, ink);
                     }
                 }

@@ -15,7 +15,7 @@
 //!    still misses more than [`MAX_CELL_ERROR`] of its pixels. An image with more than
 //!    [`MAX_STRAY_INK`] mean ink outside the line is not text on paper and reads as empty.
 
-use crate::world::font::{Font, Glyph, TEXT_GLYPH_WIDTH, TEXT_HEIGHT, TEXT_PITCH, TEXT_SCALE, text_width};
+use crate::world::font::{Font, Glyph, TEXT_GLYPH_WIDTH, TEXT_HEIGHT, TEXT_PITCH, text_width};
 use crate::world::image::{IMAGE_SIZE, Image32, PIXELS};
 
 /// Minimum luminance difference between ink and paper for text to be read.
@@ -31,11 +31,11 @@ pub const MAX_STRAY_INK: f32 = 0.1;
 
 const CELL_PIXELS: usize = TEXT_GLYPH_WIDTH * TEXT_HEIGHT;
 
-/// A glyph as the world draws it ([`TEXT_SCALE`] x [`TEXT_SCALE`] blocks), row-major 0/1.
+/// A glyph as the world draws it ([`Glyph::is_drawn_ink`]), row-major 0/1.
 fn scaled(glyph: &Glyph) -> [f32; CELL_PIXELS] {
     std::array::from_fn(|i| {
         let (x, y) = (i % TEXT_GLYPH_WIDTH, i / TEXT_GLYPH_WIDTH);
-        f32::from(glyph.is_ink(x / TEXT_SCALE, y / TEXT_SCALE))
+        f32::from(glyph.is_drawn_ink(x, y))
     })
 }
 
