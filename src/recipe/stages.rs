@@ -188,6 +188,7 @@ impl<B: Backend, C: CheckpointStrategy, O: Optimizer<LoraAdapter<Autodiff<B, C>>
             ("kl".into(), stats.kl),
             ("old_decay".into(), stats.decay),
             ("zero_std_fraction".into(), stats.groups.zero_std_fraction),
+            ("zero_std_low_fraction".into(), stats.groups.zero_std_low_fraction),
             ("within_group_share".into(), stats.groups.within_share),
             ("partition".into(), stats.partition as f64),
         ];
@@ -222,6 +223,7 @@ impl<B: Backend, C: CheckpointStrategy, O: Optimizer<LoraAdapter<Autodiff<B, C>>
             ("policy_loss".into(), stats.policy_loss),
             ("clip_fraction".into(), stats.clip_fraction),
             ("zero_std_fraction".into(), stats.groups.zero_std_fraction),
+            ("zero_std_low_fraction".into(), stats.groups.zero_std_low_fraction),
             ("within_group_share".into(), stats.groups.within_share),
             ("partition".into(), stats.partition as f64),
         ];

@@ -78,6 +78,11 @@ pub struct GroupSpread {
     /// Groups whose rewards are all equal (zero advantages, no policy gradient; Flow-GRPO's
     /// `zero_std_ratio`).
     pub zero_std_fraction: f64,
+    /// The part of `zero_std_fraction` whose common reward is below the iteration's mean: prompts
+    /// the policy fails on every sample. Group-relative advantages give them no gradient, so only
+    /// what is learnt on other prompts can lift them; when this share stays while the rest of
+    /// the zero-std groups grow, training is sharpening what the policy already sometimes does.
+    pub zero_std_low_fraction: f64,
     /// Mean within-group variance over the variance of all rewards: the share of the reward's
     /// spread that the policy gradient credits to the sampler's noise (the rest tells prompts
     /// apart). Zero when every reward is equal.
@@ -90,8 +95,11 @@ pub fn group_spread(rewards: &[f64], group_size: usize) -> GroupSpread {
     let groups = (rewards.len() / group_size).max(1) as f64;
     let variances: Vec<f64> = rewards.chunks(group_size).map(|g| population_std(g).powi(2)).collect();
     let total = population_std(rewards).powi(2);
+    let mean = rewards.iter().sum::<f64>() / rewards.len().max(1) as f64;
+    let flat: Vec<f64> = rewards.chunks(group_size).zip(&variances).filter(|(_, v)| **v < 1e-12).map(|(g, _)| g[0]).collect();
     GroupSpread {
-        zero_std_fraction: variances.iter().filter(|v| **v < 1e-12).count() as f64 / groups,
+        zero_std_fraction: flat.len() as f64 / groups,
+        zero_std_low_fraction: flat.iter().filter(|r| **r < mean - 1e-12).count() as f64 / groups,
         within_share: if total < 1e-12 { 0.0 } else { variances.iter().sum::<f64>() / groups / total },
     }
 }
@@ -151,13 +159,19 @@ mod tests {
         let s = group_spread(&[1.0, 3.0, 2.0, 2.0, 0.0, 4.0], 2);
         assert!((s.zero_std_fraction - 1.0 / 3.0).abs() < 1e-12);
         assert!((s.within_share - 1.0).abs() < 1e-12, "{s:?}");
-        // Groups [0, 0], [1, 1]: all spread is between prompts.
-        assert_eq!(group_spread(&[0.0, 0.0, 1.0, 1.0], 2), GroupSpread { zero_std_fraction: 1.0, within_share: 0.0 });
+        // [2, 2] sits at the mean 2, not below it.
+        assert_eq!(s.zero_std_low_fraction, 0.0);
+        // Groups [0, 0], [1, 1]: all spread is between prompts; [0, 0] is below the mean 1/2.
+        assert_eq!(group_spread(&[0.0, 0.0, 1.0, 1.0], 2), GroupSpread { zero_std_fraction: 1.0, zero_std_low_fraction: 0.5, within_share: 0.0 });
+        // Groups [0, 0], [0, 1], [1, 1], [1, 1] (mean 5/8): one of the three flat groups fails every sample.
+        let s = group_spread(&[0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0], 2);
+        assert!(s.zero_std_fraction == 0.75 && s.zero_std_low_fraction == 0.25, "{s:?}");
         // Groups [0, 1], [1, 1]: within variances 1/4 and 0 (mean 1/8); total: mean 3/4, variance 3/16.
         let s = group_spread(&[0.0, 1.0, 1.0, 1.0], 2);
         assert!((s.within_share - (1.0 / 8.0) / (3.0 / 16.0)).abs() < 1e-12 && s.zero_std_fraction == 0.5);
-        // No spread at all.
-        assert_eq!(group_spread(&[0.5; 4], 4), GroupSpread { zero_std_fraction: 1.0, within_share: 0.0 });
+        assert_eq!(s.zero_std_low_fraction, 0.0);
+        // No spread at all: the one group is at the mean, not below it.
+        assert_eq!(group_spread(&[0.5; 4], 4), GroupSpread { zero_std_fraction: 1.0, zero_std_low_fraction: 0.0, within_share: 0.0 });
     }
 
     type AD = Autodiff<Flex>;

@@ -75,7 +75,7 @@ fn two_grpo_iterations_change_the_adapter_and_log_metrics() {
         for key in ["reward", "kl", "policy_loss", "clip_fraction"] {
             assert!(m[key].as_f64().is_some_and(f64::is_finite), "{key} in {m:?}");
         }
-        for key in ["zero_std_fraction", "within_group_share"] {
+        for key in ["zero_std_fraction", "zero_std_low_fraction", "within_group_share"] {
             assert!(m[key].as_f64().is_some_and(|v| (0.0..=1.0).contains(&v)), "{key} in {m:?}");
         }
     }
